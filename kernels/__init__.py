@@ -1,0 +1,8 @@
+"""fusedtune.kernels: fused Triton LoRA and quantized-weight matmuls, with pure-torch references.
+
+This package never imports ``fusedtune.trainer``.
+"""
+
+from .modules import Backend, LoRALinear
+
+__all__ = ["Backend", "LoRALinear"]
