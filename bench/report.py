@@ -1,0 +1,113 @@
+"""Benchmark records: who measured what, where. Every result file names the device and the versions.
+
+Used by every benchmark in ``bench/``: ``environment()`` describes the machine, ``write_results()``
+writes ``bench/results/<name>-<device>.json`` and a Markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def device_name() -> str:
+    """The CUDA card's name, or ``cpu-<processor>-<n>cores``."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def device_slug() -> str:
+    """A file-name-safe short name of the device: ``h100``, ``cpu``..."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    m = re.search(r"(h100|h200|a100|l40s|l4|a10g|4090|3090)", name)
+    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment() -> dict:
+    """Device, library versions and commit, recorded with every result."""
+    return {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Rows of dicts as a Markdown table over ``columns`` (floats to 4 significant digits)."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str, rows: Sequence[dict], columns: Sequence[str], out_dir: Path | str | None = None
+) -> Path:
+    """Write ``<name>-<device>.json`` and ``.md`` under ``out_dir`` (default ``bench/results``).
+
+    Returns:
+        The path of the JSON file.
+    """
+    out = Path(out_dir) if out_dir else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    stem = out / f"{name}-{device_slug()}"
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": list(rows)}, indent=2))
+    header = f"# {name}\n\nMeasured on **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
+    header += f"bitsandbytes {env['bitsandbytes']}, commit {env['commit']}, {env['date']}.\n\n"
+    stem.with_suffix(".md").write_text(header + markdown_table(rows, columns) + "\n")
+    return stem.with_suffix(".json")
