@@ -12,10 +12,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # The repository is not pip-installed there: map the fusedtune.* names onto the source folders.
 python3 - <<'PY'
-import pathlib, site, sys
+import pathlib
 root = pathlib.Path.cwd()
-d = pathlib.Path("/tmp/ftsite/fusedtune"); d.mkdir(parents=True, exist_ok=True)
-(d / "__init__.py").write_text(f"__path__ = [{str(root)!r} + '/_none']\n")
+d = pathlib.Path("/tmp/ftsite/fusedtune")  # a namespace package: no __init__.py
+d.mkdir(parents=True, exist_ok=True)
 for name in ("kernels", "trainer"):
     link = d / name
     if not link.exists():
