@@ -29,10 +29,10 @@ run: $(STAMP)
 	$(BIN)/trainer run $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -P -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -P -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -43,7 +43,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest bench -q $(ARGS)
+	$(BIN)/python -P -m pytest bench -q $(ARGS)
 
 bench-gpu:
 	bash bench/gpu.sh

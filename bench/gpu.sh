@@ -24,9 +24,9 @@ PY
 export PYTHONPATH=/tmp/ftsite:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu-info.txt"
 status=0
-timeout 240 python3 -m pytest -q tests -m "gpu or not slow" -x --junitxml="$OUT/gpu-tests.xml" 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt" || status=1
+timeout 240 python3 -P -m pytest -q tests -m "gpu or not slow" -x --junitxml="$OUT/gpu-tests.xml" 2>&1 | tail -40 | tee "$OUT/gpu-tests.txt" || status=1
 for bench in bench/gpu_*.py; do
   [ -e "$bench" ] || continue
-  timeout 300 python3 "$bench" --out "$OUT" 2>&1 | tail -60 | tee -a "$OUT/gpu-bench.txt" || status=1
+  timeout 300 python3 -P "$bench" --out "$OUT" 2>&1 | tail -60 | tee -a "$OUT/gpu-bench.txt" || status=1
 done
 exit $status

@@ -1,0 +1,77 @@
+"""Config loading: strict schema, overrides, one-line errors naming the field or file:line."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusedtune.trainer.config import Config, load_config
+from fusedtune.trainer.errors import ConfigError
+
+
+def test_default_config_resolves():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.method == "lora" and cfg.data.task == "dates"
+    assert load_config(None, ["lora.rank=8"]).lora.rank == 8
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(
+        None, ["optim.lr=3e-4", "lora.target_modules=[q_proj, v_proj]", "optim.max_grad_norm=null"]
+    )
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.optim.max_grad_norm is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optim.lrr=1"], "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (["train.lr=1"], "did you mean 'optim.lr'?"),
+        (["trian.steps=1"], "did you mean 'train'?"),
+        (["optim.lr=-1"], "optim.lr: Input should be greater than 0"),
+        (["optim.lr=0"], "optim.lr: Input should be greater than 0"),
+        (["train.micro_batch_size=0"], "train.micro_batch_size: Input should be greater than or equal to 1"),
+        (["lora.rank=abc"], "lora.rank: Input should be a valid integer"),
+        (["method=foo"], "method: Input should be 'lora', 'qlora', 'full' or 'partial'"),
+        (["data.task=null"], "set data.train (a file) or data.task"),
+        (["method=partial"], "method 'partial' needs partial.patterns"),
+        (["optim.betas=[0.9, 1.5]"], "optim.betas must lie in [0, 1)"),
+        (["lora.dropout=1.0"], "lora.dropout: Input should be less than 1"),
+        (["novalue"], "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    msg = str(err.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_duplicate_yaml_key_names_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: lora\nmodel:\n  dtype: fp32\nmethod: full\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:4: duplicate key 'method' \(first at line 1\)"):
+        load_config(path)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("method: lora\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["lora.rank=4", "train.max_steps=3"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg and again.digest() == cfg.digest()

@@ -1,0 +1,317 @@
+"""The run's configuration: one YAML file plus dotted ``key=value`` overrides, resolved once.
+
+The schema is strict (pydantic, ``extra="forbid"``): an unknown key is an error with a "did you mean",
+a wrong type or an out-of-range value names its dotted field. Every later stage receives the one
+resolved :class:`Config` and never re-reads the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Strict):
+    """Which causal LM to fine-tune and how to hold it."""
+
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="local directory, a hub id in the local cache, or the built-in 'smollm2-135m-instruct'",
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a CUDA card that supports it, else fp32"
+    )
+    trust_remote_code: bool = False
+    allow_download: bool = Field(False, description="let a hub id be downloaded (off: offline only)")
+    gradient_checkpointing: bool = False
+
+
+class LoRAConfig(_Strict):
+    """Low-rank adapter on the target Linear layers (methods lora and qlora)."""
+
+    rank: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None,
+        description="module-name suffixes (e.g. q_proj, v_proj); null: every Linear in the transformer blocks",
+    )
+
+
+class QuantConfig(_Strict):
+    """How the frozen base Linear weights are stored for method qlora."""
+
+    quant_type: Literal["nf4", "fp4", "int8"] = "nf4"
+    double_quant: bool = True
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+
+
+class PartialConfig(_Strict):
+    """Method partial: only parameters whose names match one of these regular expressions train."""
+
+    patterns: list[str] = Field(default_factory=list, description="e.g. ['bias', 'norm', 'layers\\.23\\.']")
+    last_n_layers: int | None = Field(
+        None, ge=1, description="also train every parameter of the last N blocks"
+    )
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how they become token ids."""
+
+    task: Literal["dates"] | None = Field(
+        None, description="a built-in generated task (train and eval sets, with an accuracy metric)"
+    )
+    train: str | None = Field(None, description="training file: .jsonl/.json (or any local datasets format)")
+    eval: str | None = Field(None, description="held-out file, same format")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="split this share of train off as eval")
+    num_train: int = Field(1024, ge=1, description="built-in task: training examples")
+    num_eval: int = Field(64, ge=1, description="built-in task: held-out examples")
+    format: Literal["auto", "text", "alpaca", "messages"] = "auto"
+    max_seq_len: int = Field(512, ge=8)
+    overlength: Literal["truncate", "drop", "error"] = "truncate"
+    completion_only: bool = Field(True, description="loss on the response tokens only")
+    packing: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.task is None and self.train is None:
+            raise ValueError("set data.train (a file) or data.task (a built-in task)")
+        if self.task is not None and self.train is not None:
+            raise ValueError("set only one of data.train and data.task")
+        return self
+
+
+class OptimConfig(_Strict):
+    """Optimizer over the trainable parameters only, and its schedule."""
+
+    name: Literal["adamw8bit", "paged_adamw8bit", "adamw32bit", "adamw_torch"] = "adamw8bit"
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="null disables clipping")
+
+    @model_validator(mode="after")
+    def _betas(self) -> OptimConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """The loop: how many steps, how big, how often to log and evaluate."""
+
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; null: run `epochs` epochs")
+    epochs: float = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+    eval_every: int | None = Field(
+        None, ge=1, description="also evaluate every N steps (always at start/end)"
+    )
+    max_consecutive_nonfinite: int = Field(
+        5,
+        ge=1,
+        description="abort after this many optimizer steps skipped in a row for a non-finite loss/grad",
+    )
+    progress: bool = True
+
+
+class Config(_Strict):
+    """A whole ``trainer run``."""
+
+    method: Literal["lora", "qlora", "full", "partial"] = "lora"
+    kernels: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="auto: triton on CUDA, torch elsewhere"
+    )
+    output_dir: str = "runs/default"
+    overwrite: bool = Field(False, description="allow writing into a non-empty output_dir")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    partial: PartialConfig = Field(default_factory=PartialConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig(task="dates"))
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> Config:
+        if self.method == "partial" and not (self.partial.patterns or self.partial.last_n_layers):
+            raise ValueError("method 'partial' needs partial.patterns or partial.last_n_layers")
+        return self
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (what ``--print-config`` shows and the run directory keeps)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: YAML (duplicate keys are errors) + overrides -> validated Config
+# ---------------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of silently keeping the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
+                    f"(first at line {seen[key] + 1})"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {e.problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _sections() -> list[tuple[str, type[BaseModel]]]:
+    out = []
+    for name, field in Config.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.append((name, ann))
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    if first["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        msg = f"unknown key '{dotted}'"
+        hint = difflib.get_close_matches(key, _fields_at(loc), n=1)
+        if hint:
+            prefix = ".".join(str(p) for p in loc[:-1])
+            msg += f" (did you mean '{prefix + '.' if prefix else ''}{hint[0]}'?)"
+        else:
+            elsewhere = [f"{name}.{key}" for name, sub in _sections() if key in sub.model_fields]
+            if elsewhere:
+                msg += f" (did you mean '{elsewhere[0]}'?)"
+    else:
+        got = first.get("input")
+        text = first["msg"]
+        if text.startswith("Value error, "):
+            text = text[len("Value error, ") :]
+        msg = f"{dotted}: {text}" if dotted else text
+        if dotted and not isinstance(got, dict) and got is not None:
+            msg += f" (got {got!r})"
+    more = len(err.errors()) - 1
+    if more:
+        msg += f" [+{more} more]"
+    return f"{source}: {msg}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the embedded default), apply ``key=value`` overrides, validate.
+
+    Args:
+        path: the YAML file; ``None`` means the embedded default (``trainer/configs/default.yaml``).
+        overrides: dotted ``key=value`` strings, applied in order over the file.
+
+    Returns:
+        The resolved :class:`Config`.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, duplicate key, unknown key, bad type or value.
+    """
+    if path is None:
+        source = f"<default:{DEFAULT_CONFIG}>"
+        ref = resources.files("fusedtune.trainer.configs").joinpath(DEFAULT_CONFIG)
+        with resources.as_file(ref) as p:
+            tree = _read_yaml(Path(p))
+    else:
+        source = str(path)
+        tree = _read_yaml(Path(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None

@@ -1,0 +1,1 @@
+"""Shipped example configs; ``default.yaml`` is what ``trainer run`` with no arguments runs."""
