@@ -1,0 +1,351 @@
+"""Fused LoRA linear (kernels/lora.py) against the pure-torch reference, under Triton's interpreter on CPU.
+
+The oracle is ``reference.lora_linear`` evaluated in float64 on the same (rounded) inputs: the kernels
+accumulate in fp32 and round once, so their distance to the exact result is what TOLERANCES bounds.
+Shapes are tiny: every kernel launch costs Python time per program under the interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from utils import assert_close
+
+from fusedtune.kernels import LoRALinear, reference
+from fusedtune.kernels import lora as lora_mod
+from fusedtune.kernels.lora import LoRAConfig, lora_backward, lora_forward, lora_linear
+
+ALIGNED = (64, 64, 128)  # M, K, N: multiples of the interpreter's tiles
+ODD = (5, 123, 77)
+
+
+def make_problem(m, k, n, r, dtype, *, bias=False, batch=None, seed=0):
+    """x [(batch,) m, k], W [n, k], A [r, k], B [n, r], bias [n], scaled so outputs and grads are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, m, k) if batch else (m, k)
+    x = torch.randn(shape, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    a = torch.randn(r, k, generator=g) / k**0.5
+    b = torch.randn(n, r, generator=g) / r**0.5
+    bb = torch.randn(n, generator=g) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(x), cast(w), cast(a), cast(b), cast(bb)
+
+
+def reference_grads(x, w, a, b, bias, scale, grad_y, mask=None, p=0.0):
+    """Output and (dX, dA, dB) of the reference in float64 on the given inputs."""
+    xd, ad, bd = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y = reference.lora_linear(
+        xd,
+        w.double(),
+        ad,
+        bd,
+        scale,
+        bias=None if bias is None else bias.double(),
+        dropout_mask=mask,
+        dropout_p=p,
+    )
+    y.backward(grad_y.double())
+    return y.detach(), xd.grad, ad.grad, bd.grad
+
+
+CASES = [
+    # (m, k, n), rank, bias, dropout_p, batch (3-D input when set)
+    pytest.param(ALIGNED, 8, False, 0.0, None, id="aligned-r8"),
+    pytest.param(ALIGNED, 16, True, 0.25, 2, id="aligned-r16-bias-dropout-3d"),
+    pytest.param(ALIGNED, 64, True, 0.0, None, id="aligned-r64-bias"),
+    pytest.param(ODD, 8, True, 0.1, None, id="odd-r8-bias-dropout"),
+    pytest.param(ODD, 16, False, 0.0, 3, id="odd-r16-3d"),
+    pytest.param(ODD, 64, False, 0.5, 2, id="odd-r64-dropout-3d"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("mkn", "rank", "has_bias", "p", "batch"), CASES)
+def test_lora_linear_matches_reference(mkn, rank, has_bias, p, batch, dtype):
+    m, k, n = mkn
+    x, w, a, b, bias = make_problem(m, k, n, rank, dtype, bias=has_bias, batch=batch)
+    scale, seed = 2.0, 1234
+    x.requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+    y = lora_linear(x, w, a, b, scale, bias=bias, dropout_p=p, dropout_seed=seed)
+    grad_y = torch.randn(y.shape).to(dtype)
+    y.backward(grad_y)
+
+    mask = None
+    if p > 0:
+        mask = reference.dropout_keep_mask(seed, x[..., 0].numel(), k, p).view(x.shape)
+    ref_y, ref_dx, ref_da, ref_db = reference_grads(x, w, a, b, bias, scale, grad_y, mask, p)
+    assert y.dtype == dtype and y.shape == ref_y.shape
+    assert_close(y, ref_y, dtype, "Y")
+    assert_close(x.grad, ref_dx, dtype, "dX")
+    assert_close(a.grad, ref_da, dtype, "dA")
+    assert_close(b.grad, ref_db, dtype, "dB")
+
+
+@pytest.mark.parametrize("rank", [3, 256])
+def test_rank_extremes(rank):
+    """A rank that is no power of two, and the largest supported (several r-tiles per row)."""
+    x, w, a, b, bias = make_problem(9, 40, 24, rank, torch.float32, bias=True)
+    for t in (x, a, b):
+        t.requires_grad_()
+    y = lora_linear(x, w, a, b, 0.5, bias=bias, dropout_p=0.2, dropout_seed=5)
+    grad_y = torch.randn(y.shape)
+    y.backward(grad_y)
+    mask = reference.dropout_keep_mask(5, 9, 40, 0.2)
+    ref = reference_grads(x, w, a, b, bias, 0.5, grad_y, mask, 0.2)
+    for name, got, exp in zip(("Y", "dX", "dA", "dB"), (y, x.grad, a.grad, b.grad), ref):
+        assert_close(got, exp, torch.float32, name)
+
+
+def test_strided_inputs_and_lora_dtype():
+    """Non-contiguous x and W, and A/B kept in fp32 under fp16 activations (LoRALinear's lora_dtype)."""
+    x_big, w_big, a, b, _ = make_problem(12, 2 * 48, 2 * 20, 8, torch.float16)
+    x = x_big[:, ::2]  # column stride 2
+    w = w_big[::2, :48].t().contiguous().t()  # column-major
+    a, b = a[:, :48].float().contiguous(), b[:20].float()
+    assert not x.is_contiguous() and not w.is_contiguous()
+    x.requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+    y = lora_linear(x, w, a, b, 1.5)
+    grad_y = torch.randn(y.shape).half()
+    y.backward(grad_y)
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32 and x.grad.dtype == torch.float16
+    # The torch path casts A, B to the activation dtype first; so do the kernels' tiles.
+    ref = reference_grads(x, w, a.half(), b.half(), None, 1.5, grad_y)
+    for name, got, exp in zip(("Y", "dX", "dA", "dB"), (y, x.grad, a.grad, b.grad), ref):
+        assert_close(got, exp, torch.float16, name)
+
+
+def test_gradcheck_float64():
+    """The interpreter runs the kernels in fp64 (fp64 tl.dot), so autograd's numerical check applies."""
+    x, w, a, b, bias = make_problem(3, 7, 5, 2, torch.float64, bias=True, batch=2)
+    for t in (x, a, b):
+        t.requires_grad_()
+    fn = lambda x, a, b: lora_linear(x, w, a, b, 1.7, bias=bias, dropout_p=0.3, dropout_seed=11)
+    assert torch.autograd.gradcheck(fn, (x, a, b), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+class _LaunchCounter:
+    """Stands in for a @triton.jit kernel: counts launches and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    def install(name):
+        counter = _LaunchCounter(getattr(lora_mod, name))
+        monkeypatch.setattr(lora_mod, name, counter)
+        return counter
+
+    return install
+
+
+def test_needs_input_grad_skips_dx(count_launches):
+    """The first layer's input needs no gradient: no dX kernel runs, dA and dB are still right."""
+    dx_kernel = count_launches("_lora_bwd_dx_kernel")
+    da_kernel = count_launches("_lora_bwd_da_kernel")
+    x, w, a, b, _ = make_problem(*ODD, 8, torch.float32)
+    a.requires_grad_()
+    b.requires_grad_()
+    y = lora_linear(x, w, a, b, 2.0)
+    grad_y = torch.randn(y.shape)
+    y.backward(grad_y)
+    assert x.grad is None
+    assert dx_kernel.launches == 0 and da_kernel.launches == 1
+    _, _, ref_da, ref_db = reference_grads(x, w, a, b, None, 2.0, grad_y)
+    assert_close(a.grad, ref_da, torch.float32, "dA")
+    assert_close(b.grad, ref_db, torch.float32, "dB")
+
+    # And the other way: frozen A, trainable input: dX and dB only.
+    x.requires_grad_()
+    a.requires_grad_(False)
+    a.grad = None
+    lora_linear(x, w, a, b, 2.0).backward(grad_y)
+    assert a.grad is None and x.grad is not None
+    assert dx_kernel.launches == 1 and da_kernel.launches == 1
+
+
+def test_saves_nothing_of_size_m_by_n():
+    """The autograd node keeps X, W, A, B and S' [M, r]; no [M, N] tensor (and no X when A is frozen)."""
+    m, k, n, r = 6, 20, 48, 8
+    x, w, a, b, bias = make_problem(m, k, n, r, torch.float32, bias=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    for a_trainable in (True, False):
+        saved.clear()
+        a.requires_grad_(a_trainable)
+        b.requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lora_linear(x, w, a, b, 1.0, bias=bias)
+        expected = {(n, k), (r, k), (n, r), (m, r)} | ({(m, k)} if a_trainable else set())
+        assert set(saved) == expected, saved
+
+
+def test_dropout_mask_is_seeded():
+    """Same seed, same output; another seed, another mask; the kept fraction is about 1 - p."""
+    x, w, a, b, _ = make_problem(8, 32, 16, 8, torch.float32)
+    y1 = lora_linear(x, w, a, b, 4.0, dropout_p=0.5, dropout_seed=1)
+    y2 = lora_linear(x, w, a, b, 4.0, dropout_p=0.5, dropout_seed=1)
+    y3 = lora_linear(x, w, a, b, 4.0, dropout_p=0.5, dropout_seed=2)
+    assert torch.equal(y1, y2)
+    assert not torch.allclose(y1, y3)
+    keep = reference.dropout_keep_mask(3, 256, 256, 0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+    assert reference.dropout_keep_mask(3, 4, 4, 0.0).all()
+
+
+def test_launchers_validate():
+    x, w, a, b, _ = make_problem(4, 16, 8, 4, torch.float32)
+    cfg = LoRAConfig(scale=1.0)
+    with pytest.raises(ValueError, match="in_features"):
+        lora_forward(x[:, :8], w, a, b, None, cfg)
+    with pytest.raises(ValueError, match="lora_b"):
+        lora_forward(x, w, a, b.t(), None, cfg)
+    with pytest.raises(TypeError, match="weight dtype"):
+        lora_forward(x, w.half(), a, b, None, cfg)
+    with pytest.raises(ValueError, match="rank"):
+        lora_forward(x, w, torch.zeros(257, 16), torch.zeros(8, 257), None, cfg)
+    with pytest.raises(ValueError, match="dA needs"):
+        lora_backward(torch.zeros(4, 8), None, w, a, b, None, cfg)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, w, a, b, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, w.requires_grad_(), a, b, 1.0)
+
+
+def test_empty_batch():
+    x, w, a, b, _ = make_problem(1, 16, 8, 4, torch.float32)
+    x = x[:0].requires_grad_()
+    a.requires_grad_()
+    y = lora_linear(x, w, a, b, 1.0)
+    y.sum().backward()
+    assert y.shape == (0, 8) and x.grad.shape == (0, 16)
+    assert torch.equal(a.grad, torch.zeros_like(a))
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRALinear
+# ---------------------------------------------------------------------------------------------------
+
+
+def _trained_module(backend, dropout=0.0, bias=True, seed=0):
+    torch.manual_seed(seed)
+    module = LoRALinear(40, 24, rank=8, alpha=16, dropout=dropout, bias=bias, backend=backend)
+    nn.init.normal_(module.weight, std=0.1)
+    if bias:
+        nn.init.normal_(module.bias)
+    nn.init.normal_(module.lora_B, std=0.3)  # B = 0 at init would hide the adapter
+    return module
+
+
+def test_module_triton_matches_torch_backend():
+    torch_mod = _trained_module("torch")
+    triton_mod = _trained_module("triton")
+    x = torch.randn(2, 5, 40)
+    outs = []
+    for module in (torch_mod, triton_mod):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xi.grad, module.lora_A.grad, module.lora_B.grad))
+        assert module.weight.grad is None and module.bias.grad is None
+    for name, got, exp in zip(("Y", "dX", "dA", "dB"), outs[1], outs[0]):
+        assert_close(got, exp, torch.float32, name)
+
+
+def test_module_dropout_only_in_training():
+    module = _trained_module("triton", dropout=0.5)
+    x = torch.randn(6, 40)
+    module.eval()
+    y_eval = module(x)
+    assert_close(y_eval, _trained_module("torch", dropout=0.5).eval()(x), torch.float32, "eval")
+    module.train()
+    assert not torch.allclose(module(x), y_eval)
+
+
+def test_from_linear_and_merge():
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 24)
+    module = LoRALinear.from_linear(linear, rank=8, alpha=16, backend="triton", lora_dtype=torch.float32)
+    assert module.weight.data_ptr() == linear.weight.data_ptr() and not module.weight.requires_grad
+    assert module.bias.data_ptr() == linear.bias.data_ptr() and not module.bias.requires_grad
+    assert module.lora_A.requires_grad and module.lora_B.requires_grad
+    x = torch.randn(7, 40)
+    with torch.no_grad():
+        assert_close(module(x), linear(x), torch.float32, "B = 0 at init")
+        module.lora_B.normal_(std=0.3)
+        merged = module.merge()
+        assert_close(merged(x), module(x), torch.float32, "merged")
+        assert not torch.allclose(merged(x), linear(x))
+
+
+def test_module_matches_peft_lora_layer():
+    """Same base Linear, same A and B: our module's output equals PEFT's ``lora.Linear``."""
+    peft_lora = pytest.importorskip("peft.tuners.lora")
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24)
+    rank, alpha = 8, 16
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0)
+    peft_layer = peft_lora.Linear(base, "default", config=cfg, r=rank, lora_alpha=alpha)
+    with torch.no_grad():
+        peft_layer.lora_B["default"].weight.normal_(std=0.3)
+    ours = LoRALinear.from_linear(base, rank=rank, alpha=alpha, backend="triton")
+    with torch.no_grad():
+        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
+    assert ours.scaling == peft_layer.scaling["default"]
+    x = torch.randn(3, 4, 40)
+    with torch.no_grad():
+        assert_close(ours(x), peft_layer(x), torch.float32, "vs PEFT")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_bf16_on_gpu(dropout):
+    """bf16 needs real tensor cores: the interpreter's bf16 arithmetic is not IEEE."""
+    dtype, dev = torch.bfloat16, "cuda"
+    x, w, a, b, bias = (
+        None if t is None else t.to(dev) for t in make_problem(300, 256, 384, 16, dtype, bias=True)
+    )
+    for t in (x, a, b):
+        t.requires_grad_()
+    y = lora_linear(x, w, a, b, 2.0, bias=bias, dropout_p=dropout, dropout_seed=3)
+    grad_y = torch.randn(y.shape, device=dev).to(dtype)
+    y.backward(grad_y)
+    mask = reference.dropout_keep_mask(3, 300, 256, dropout, device=dev) if dropout else None
+    ref = reference_grads(x, w, a, b, bias, 2.0, grad_y, mask, dropout)
+    for name, got, exp in zip(("Y", "dX", "dA", "dB"), (y, x.grad, a.grad, b.grad), ref):
+        assert_close(got, exp, dtype, name)
+
+
+@pytest.mark.gpu
+def test_fp32_and_fp16_on_gpu():
+    """The compiled kernels (autotuned GEMMs, split reductions with atomics) on a mid-size problem."""
+    for dtype in (torch.float32, torch.float16):
+        x, w, a, b, bias = (
+            None if t is None else t.to("cuda") for t in make_problem(1000, 520, 700, 64, dtype, bias=True)
+        )
+        for t in (x, a, b):
+            t.requires_grad_()
+        y = lora_linear(x, w, a, b, 0.5, bias=bias)
+        grad_y = torch.randn(y.shape, device="cuda").to(dtype)
+        y.backward(grad_y)
+        ref = reference_grads(x, w, a, b, bias, 0.5, grad_y)
+        for name, got, exp in zip(("Y", "dX", "dA", "dB"), (y, x.grad, a.grad, b.grad), ref):
+            assert_close(got, exp, dtype, name)
