@@ -1,0 +1,127 @@
+"""Methods: exactly the right parameters train; frozen ones get no grad and no optimizer state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fusedtune.kernels import LoRALinear
+from fusedtune.trainer import memory
+from fusedtune.trainer.adapt import apply_method, block_linears
+from fusedtune.trainer.config import load_config
+from fusedtune.trainer.errors import ConfigError
+from fusedtune.trainer.optim import build_optimizer, trainable_parameters
+
+CPU = torch.device("cpu")
+
+
+def _model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _cfg(*overrides):
+    return load_config(None, ["kernels=torch", *overrides])
+
+
+def _lora_params(model, rank):
+    return sum(rank * (lin.in_features + lin.out_features) for lin in block_linears(model).values())
+
+
+def test_lora_trains_exactly_the_adapters(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    expected = _lora_params(model, 8)
+    n_block_linears = len(block_linears(model))
+    report = apply_method(model, _cfg("lora.rank=8"), CPU)
+    trainable = trainable_parameters(model)
+    assert sum(p.numel() for _, p in trainable) == expected
+    assert all(n.endswith(("lora_A", "lora_B")) for n, _ in trainable)
+    assert len(report.adapted) == n_block_linears == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert report.fused == [] and len(report.not_fused) == n_block_linears
+    assert all("kernels=torch" in why for why in report.not_fused.values())
+    assert not isinstance(model.lm_head, LoRALinear)
+
+
+def test_lora_target_modules_subset(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    report = apply_method(model, _cfg("lora.rank=4", "lora.target_modules=[q_proj, v_proj]"), CPU)
+    assert sorted(n.rsplit(".", 1)[-1] for n in report.adapted) == ["q_proj", "q_proj", "v_proj", "v_proj"]
+    # q: 64->64, v: 64->32 (2 kv heads of 16): r * (in + out) each, two layers
+    assert sum(p.numel() for _, p in trainable_parameters(model)) == 2 * 4 * ((64 + 64) + (64 + 32))
+
+
+def test_full_trains_everything(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    total = sum(p.numel() for p in model.parameters())
+    apply_method(model, _cfg("method=full"), CPU)
+    assert sum(p.numel() for _, p in trainable_parameters(model)) == total
+
+
+def test_partial_patterns_and_last_layers(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    apply_method(model, _cfg("method=partial", "partial.patterns=[norm]"), CPU)
+    names = [n for n, _ in trainable_parameters(model)]
+    assert names and all("norm" in n for n in names)
+    assert len(names) == 2 * 2 + 1  # input/post-attention norm per layer + final norm
+
+    model = _model(tiny_model_dir)
+    apply_method(model, _cfg("method=partial", "partial.last_n_layers=1"), CPU)
+    names = [n for n, _ in trainable_parameters(model)]
+    assert names and all(n.startswith("model.layers.1.") for n in names)
+    assert sum(p.numel() for _, p in trainable_parameters(model)) == sum(
+        p.numel() for p in model.model.layers[1].parameters()
+    )
+
+
+def test_partial_bias_only(tiny_model_dir_bias):
+    model = _model(tiny_model_dir_bias)
+    apply_method(model, _cfg("method=partial", "partial.patterns=['\\.bias$']"), CPU)
+    trainable = trainable_parameters(model)
+    assert trainable and all(n.endswith(".bias") for n, _ in trainable)
+    assert sum(p.numel() for _, p in trainable) == sum(m.bias.numel() for m in block_linears(model).values())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lora.target_modules=[nope_proj]"], "lora.target_modules: ['nope_proj'] match no Linear layer"),
+        (["lora.rank=33", "lora.target_modules=[v_proj]"], "lora.rank: 33 is larger than layer"),
+        (["method=partial", "partial.patterns=[zzz]"], "partial.patterns: 'zzz' matches no parameter"),
+        (["method=partial", "partial.patterns=['(']"], "partial.patterns: invalid regular expression"),
+    ],
+)
+def test_bad_targets(tiny_model_dir, overrides, message):
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+    ):
+        apply_method(_model(tiny_model_dir), _cfg(*overrides), CPU)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "paged_adamw8bit", "adamw32bit", "adamw_torch"])
+@pytest.mark.parametrize("method", ["lora", "full", "partial"])
+def test_only_trainable_parameters_carry_grad_and_state(tiny_model_dir, optimizer, method):
+    """Bytes of optimizer state == the bytes expected for the trainable parameters alone."""
+    model = _model(tiny_model_dir)
+    extra = ["partial.patterns=[embed_tokens, norm]"] if method == "partial" else []
+    cfg = _cfg(f"method={method}", f"optim.name={optimizer}", "lora.rank=8", *extra)
+    apply_method(model, cfg, CPU)
+    opt = build_optimizer(model, cfg.optim)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen or method == "full"
+    assert all(p.grad is None for _, p in frozen), "a frozen parameter received a gradient"
+    trainable = [p for _, p in trainable_parameters(model)]
+    assert all(p.grad is not None for p in trainable)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+    state_params = set(map(id, opt.state.keys()))
+    assert state_params == set(map(id, trainable))
+    assert memory.optimizer_state_bytes(opt) == memory.expected_optimizer_state_bytes(trainable, optimizer)
+    assert all(p.grad is None for _, p in frozen)
+    if method == "full" and optimizer in ("adamw8bit", "paged_adamw8bit"):
+        # the embedding (400 x 64) is over bitsandbytes' 4096-element threshold: 8-bit state
+        emb = model.get_input_embeddings().weight
+        assert opt.state[emb]["state1"].dtype == torch.uint8

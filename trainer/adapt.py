@@ -1,0 +1,230 @@
+"""Choose what trains: LoRA / QLoRA adapters, every parameter (full) or parameters chosen by name.
+
+After :func:`apply_method`, exactly the trainable parameters have ``requires_grad=True``; everything
+else is frozen and so never receives a ``.grad`` and never enters the optimizer. The returned
+:class:`AdaptReport` says which layers took the fused kernel path, and why any did not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fusedtune.kernels import LoRALinear
+
+from .config import Config
+from .errors import ConfigError
+
+# A Linear is "in a transformer block" when its name has an integer index component: model.layers.3.mlp
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+# The fused LoRA kernel's supported ranks and dtypes (kernels/lora.py).
+FUSED_MAX_RANK = 256
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class AdaptReport:
+    """What :func:`apply_method` did, for the run's log and summary."""
+
+    method: str
+    backend: str
+    backend_reason: str
+    adapted: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)
+    not_fused: dict[str, str] = field(default_factory=dict)  # layer name -> why not
+    quantized: list[str] = field(default_factory=list)
+    trainable_names: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """Human-readable lines: what got adapted, fused, and what did not and why."""
+        out = [f"method {self.method}: {len(self.trainable_names)} trainable tensors"]
+        if self.adapted:
+            out.append(
+                f"kernels {self.backend} ({self.backend_reason}): {len(self.fused)}/{len(self.adapted)} "
+                "adapted layers on the fused Triton path"
+            )
+            if self.quantized:
+                out.append(f"{len(self.quantized)} frozen Linear weights quantized")
+            for name, why in self.not_fused.items():
+                out.append(f"  not fused: {name}: {why}")
+        return out
+
+
+def choose_backend(kernels: str) -> tuple[str, str]:
+    """Resolve ``kernels: auto | triton | torch`` to a backend and the reason for it."""
+    cuda = torch.cuda.is_available()
+    if kernels == "auto":
+        return ("triton", "auto: CUDA device present") if cuda else ("torch", "auto: no CUDA device")
+    if kernels == "triton" and not cuda:
+        return "triton", "kernels=triton without CUDA: Triton interpreter, correct but slow"
+    return kernels, f"kernels={kernels}"
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside the transformer blocks (names with an integer layer index)."""
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and _BLOCK_INDEX.search(name)
+    }
+
+
+def select_targets(model: nn.Module, target_modules: list[str] | None) -> dict[str, nn.Linear]:
+    """The Linear layers to adapt: all block Linears, or those whose name ends with a target.
+
+    Raises:
+        ConfigError: targets that match no Linear layer.
+    """
+    if target_modules is None:
+        targets = block_linears(model)
+        if not targets:
+            raise ConfigError("lora.target_modules: the model has no Linear layers inside indexed blocks")
+        return targets
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = {n: m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in target_modules)}
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linears)]
+    if unmatched:
+        leafs = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ConfigError(
+            f"lora.target_modules: {unmatched} match no Linear layer (available: {', '.join(leafs)})"
+        )
+    return targets
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def _why_not_fused(linear: nn.Linear, rank: int, backend: str, reason: str) -> str | None:
+    if backend != "triton":
+        return reason
+    if linear.weight.dtype not in FUSED_DTYPES:
+        return f"weight dtype {linear.weight.dtype} is not fp32/fp16/bf16"
+    if rank > FUSED_MAX_RANK:
+        return f"rank {rank} > {FUSED_MAX_RANK}, the fused kernel's limit"
+    return None
+
+
+def _check_rank(name: str, linear: nn.Linear, rank: int) -> None:
+    if rank > min(linear.in_features, linear.out_features):
+        raise ConfigError(
+            f"lora.rank: {rank} is larger than layer {name} "
+            f"({linear.in_features}->{linear.out_features}); use at most {min(linear.in_features, linear.out_features)}"
+        )
+
+
+def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptReport:
+    """Freeze, adapt or quantize ``model`` in place according to ``cfg.method``.
+
+    Args:
+        model: the loaded causal LM (for qlora still on the CPU: each Linear is quantized and moved
+            to ``device`` one at a time, so the whole model never sits unquantized on the GPU).
+        cfg: the resolved config.
+        device: the training device.
+
+    Returns:
+        An :class:`AdaptReport`.
+
+    Raises:
+        ConfigError: targets or patterns that match nothing, a rank larger than a layer.
+    """
+    backend, reason = choose_backend(cfg.kernels)
+    report = AdaptReport(method=cfg.method, backend=backend, backend_reason=reason)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    if cfg.method in ("lora", "qlora"):
+        lc = cfg.lora
+        targets = select_targets(model, lc.target_modules)
+        for name, linear in targets.items():
+            _check_rank(name, linear, lc.rank)
+        for name, linear in targets.items():
+            why = _why_not_fused(linear, lc.rank, backend, reason)
+            layer_backend = "triton" if why is None else "torch"
+            if cfg.method == "lora" and _is_bnb_quantized(linear):
+                raise ConfigError(
+                    f"method: {name} is bitsandbytes-quantized; use method: qlora for this checkpoint"
+                )
+            if cfg.method == "lora":
+                new = LoRALinear.from_linear(linear, lc.rank, lc.alpha, lc.dropout, backend=layer_backend)
+            else:
+                new = _quantize_linear(linear, cfg, layer_backend, device)
+                report.quantized.append(name)
+            _set_module(model, name, new)
+            report.adapted.append(name)
+            if why is None:
+                report.fused.append(name)
+            else:
+                report.not_fused[name] = why
+        if cfg.method == "qlora":
+            model.to(device)  # the rest (embeddings, norms, head) after the Linears are packed
+    elif cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif cfg.method == "partial":
+        _select_partial(model, cfg)
+    report.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not report.trainable_names:
+        raise ConfigError(f"method {cfg.method}: no parameter is left trainable")
+    return report
+
+
+def _quantize_linear(linear: nn.Linear, cfg: Config, backend: str, device: torch.device) -> nn.Module:
+    """QLoRA: pack one frozen Linear weight on ``device`` and put LoRA on top of it."""
+    from fusedtune.kernels import QuantLoRALinear
+
+    lc, qc = cfg.lora, cfg.quant
+    if _is_bnb_quantized(linear):  # an already bnb-quantized checkpoint: take the packed data over
+        return QuantLoRALinear.from_bnb(
+            linear.to(device), lc.rank, lc.alpha, dropout=lc.dropout, backend=backend
+        )
+    linear = linear.to(device)
+    return QuantLoRALinear.from_linear(
+        linear,
+        lc.rank,
+        lc.alpha,
+        dropout=lc.dropout,
+        quant_type=qc.quant_type,
+        blocksize=qc.blocksize,
+        double_quant=qc.double_quant,
+        backend=backend,
+    )
+
+
+def _is_bnb_quantized(linear: nn.Module) -> bool:
+    """True for bitsandbytes' Linear4bit / Linear8bitLt (both subclass nn.Linear)."""
+    cls = type(linear)
+    return cls.__module__.startswith("bitsandbytes") and cls.__name__ in (
+        "Linear4bit",
+        "Linear8bitLt",
+        "LinearNF4",
+        "LinearFP4",
+    )
+
+
+def _select_partial(model: nn.Module, cfg: Config) -> None:
+    pc = cfg.partial
+    try:
+        patterns = [re.compile(p) for p in pc.patterns]
+    except re.error as e:
+        raise ConfigError(f"partial.patterns: invalid regular expression {e.pattern!r} ({e})") from None
+    names = [n for n, _ in model.named_parameters()]
+    for pat in patterns:
+        if not any(pat.search(n) for n in names):
+            raise ConfigError(f"partial.patterns: {pat.pattern!r} matches no parameter name")
+    last_blocks: set[str] = set()
+    if pc.last_n_layers:
+        indices = sorted({int(m.group(1)) for n in names if (m := _BLOCK_INDEX.search(n))})
+        if not indices:
+            raise ConfigError("partial.last_n_layers: the model has no indexed blocks")
+        last_blocks = {str(i) for i in indices[-pc.last_n_layers :]}
+    for name, p in model.named_parameters():
+        m = _BLOCK_INDEX.search(name)
+        in_last = bool(m and m.group(1) in last_blocks)
+        if in_last or any(pat.search(name) for pat in patterns):
+            p.requires_grad_(True)

