@@ -3,6 +3,7 @@
 This package never imports ``fusedtune.trainer``.
 """
 
+from .lora import LoRAConfig, lora_linear
 from .modules import Backend, LoRALinear
 
-__all__ = ["Backend", "LoRALinear"]
+__all__ = ["Backend", "LoRAConfig", "LoRALinear", "lora_linear"]
