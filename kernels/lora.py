@@ -473,16 +473,26 @@ def _gemm_configs() -> list:
 
 
 _TUNED: dict[str, object] = {}
+# Below this many multiply-adds a GEMM launches with _GPU_SMALL_GEMM instead of being autotuned: tuning
+# costs a compile per config and seconds of benchmarking, which small layers (and tests) never earn back.
+_AUTOTUNE_MIN_MACS = 1 << 30
+_GPU_SMALL_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
 
 
-def _gemm_launcher(name: str):
-    """The kernel ``name`` as launched: autotuned on a GPU, plain (fixed tiles) under the interpreter."""
+def _gemm_launcher(name: str, macs: int) -> tuple[object, dict]:
+    """The big GEMM kernel ``name`` as launched, with the meta-parameters the caller must pass.
+
+    Fixed tiles under the interpreter and for small problems; on a GPU above ``_AUTOTUNE_MIN_MACS``,
+    autotuned over ``_gemm_configs()`` (keyed on M, N, K and the dtypes).
+    """
     kernel = globals()[name]
     if interpreter_active():
-        return kernel
+        return kernel, dict(_INTERPRETER_GEMM)
+    if macs < _AUTOTUNE_MIN_MACS:
+        return kernel, dict(_GPU_SMALL_GEMM)
     if name not in _TUNED:
         _TUNED[name] = triton.autotune(configs=_gemm_configs(), key=["M", "N", "K"])(kernel)
-    return _TUNED[name]
+    return _TUNED[name], {}
 
 
 def _dtypes(x: torch.Tensor) -> dict:
@@ -606,8 +616,7 @@ def lora_forward(
         config.scale / (1.0 - p), config.seed, dropout_threshold(p),
         HAS_DROPOUT=config.has_dropout, **down_meta, **dt,
     )  # fmt: skip
-    kernel = _gemm_launcher("_lora_fwd_kernel")
-    meta = {} if not interpreter_active() else dict(_INTERPRETER_GEMM)
+    kernel, meta = _gemm_launcher("_lora_fwd_kernel", m * n * (k + r))
     grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(n, META["BLOCK_N"]),)
     kernel[grid](
         x, weight, s, lora_b, bias if bias is not None else x, y, m, n, k, r,
@@ -708,8 +717,7 @@ def lora_backward(
     # dX = [dY | dS'] · [W ; A], the dS' A half masked by keep.
     if need_dx:
         dx = torch.empty((m, k), device=dev, dtype=grad_y.dtype)
-        kernel = _gemm_launcher("_lora_bwd_dx_kernel")
-        meta = {} if not interpreter_active() else dict(_INTERPRETER_GEMM)
+        kernel, meta = _gemm_launcher("_lora_bwd_dx_kernel", m * k * (n + r))
         grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(k, META["BLOCK_N"]),)
         kernel[grid](
             grad_y, weight, ds32, lora_a, dx, m, n, k, r,

@@ -2,7 +2,8 @@
 
 The oracle is ``reference.lora_linear`` evaluated in float64 on the same (rounded) inputs: the kernels
 accumulate in fp32 and round once, so their distance to the exact result is what TOLERANCES bounds.
-Shapes are tiny: every kernel launch costs Python time per program under the interpreter.
+Shapes are tiny: every kernel launch costs Python time per program under the interpreter. On a CUDA
+machine (bench/gpu.sh) the same tests run on the GPU with the compiled kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fusedtune.kernels import LoRALinear, reference
 from fusedtune.kernels import lora as lora_mod
 from fusedtune.kernels.lora import LoRAConfig, lora_backward, lora_forward, lora_linear
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ALIGNED = (64, 64, 128)  # M, K, N: multiples of the interpreter's tiles
 ODD = (5, 123, 77)
 
@@ -29,7 +31,7 @@ def make_problem(m, k, n, r, dtype, *, bias=False, batch=None, seed=0):
     a = torch.randn(r, k, generator=g) / k**0.5
     b = torch.randn(n, r, generator=g) / r**0.5
     bb = torch.randn(n, generator=g) if bias else None
-    cast = lambda t: None if t is None else t.to(dtype)
+    cast = lambda t: None if t is None else t.to(device=DEVICE, dtype=dtype)
     return cast(x), cast(w), cast(a), cast(b), cast(bb)
 
 
@@ -71,12 +73,12 @@ def test_lora_linear_matches_reference(mkn, rank, has_bias, p, batch, dtype):
     a.requires_grad_()
     b.requires_grad_()
     y = lora_linear(x, w, a, b, scale, bias=bias, dropout_p=p, dropout_seed=seed)
-    grad_y = torch.randn(y.shape).to(dtype)
+    grad_y = torch.randn(y.shape).to(DEVICE, dtype)
     y.backward(grad_y)
 
     mask = None
     if p > 0:
-        mask = reference.dropout_keep_mask(seed, x[..., 0].numel(), k, p).view(x.shape)
+        mask = reference.dropout_keep_mask(seed, x[..., 0].numel(), k, p, DEVICE).view(x.shape)
     ref_y, ref_dx, ref_da, ref_db = reference_grads(x, w, a, b, bias, scale, grad_y, mask, p)
     assert y.dtype == dtype and y.shape == ref_y.shape
     assert_close(y, ref_y, dtype, "Y")
@@ -92,9 +94,9 @@ def test_rank_extremes(rank):
     for t in (x, a, b):
         t.requires_grad_()
     y = lora_linear(x, w, a, b, 0.5, bias=bias, dropout_p=0.2, dropout_seed=5)
-    grad_y = torch.randn(y.shape)
+    grad_y = torch.randn(y.shape, device=DEVICE)
     y.backward(grad_y)
-    mask = reference.dropout_keep_mask(5, 9, 40, 0.2)
+    mask = reference.dropout_keep_mask(5, 9, 40, 0.2, DEVICE)
     ref = reference_grads(x, w, a, b, bias, 0.5, grad_y, mask, 0.2)
     for name, got, exp in zip(("Y", "dX", "dA", "dB"), (y, x.grad, a.grad, b.grad), ref):
         assert_close(got, exp, torch.float32, name)
@@ -111,7 +113,7 @@ def test_strided_inputs_and_lora_dtype():
     a.requires_grad_()
     b.requires_grad_()
     y = lora_linear(x, w, a, b, 1.5)
-    grad_y = torch.randn(y.shape).half()
+    grad_y = torch.randn(y.shape, device=DEVICE).half()
     y.backward(grad_y)
     assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32 and x.grad.dtype == torch.float16
     # The torch path casts A, B to the activation dtype first; so do the kernels' tiles.
@@ -130,7 +132,7 @@ def test_gradcheck_float64():
 
 
 class _LaunchCounter:
-    """Stands in for a @triton.jit kernel: counts launches and forwards them."""
+    """Stands in for a kernel (jitted or autotuned): counts launches and forwards them."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, 0
@@ -140,28 +142,30 @@ class _LaunchCounter:
         return self.kernel[grid]
 
 
-@pytest.fixture
-def count_launches(monkeypatch):
-    def install(name):
-        counter = _LaunchCounter(getattr(lora_mod, name))
-        monkeypatch.setattr(lora_mod, name, counter)
-        return counter
-
-    return install
-
-
-def test_needs_input_grad_skips_dx(count_launches):
+def test_needs_input_grad_skips_dx(monkeypatch):
     """The first layer's input needs no gradient: no dX kernel runs, dA and dB are still right."""
-    dx_kernel = count_launches("_lora_bwd_dx_kernel")
-    da_kernel = count_launches("_lora_bwd_da_kernel")
+    da_kernel = _LaunchCounter(lora_mod._lora_bwd_da_kernel)
+    monkeypatch.setattr(lora_mod, "_lora_bwd_da_kernel", da_kernel)
+    dx_kernel = None
+    gemm_launcher = lora_mod._gemm_launcher
+
+    def counting_launcher(name, macs):
+        nonlocal dx_kernel
+        kernel, meta = gemm_launcher(name, macs)
+        if name == "_lora_bwd_dx_kernel":
+            dx_kernel = dx_kernel or _LaunchCounter(kernel)
+            return dx_kernel, meta
+        return kernel, meta
+
+    monkeypatch.setattr(lora_mod, "_gemm_launcher", counting_launcher)
     x, w, a, b, _ = make_problem(*ODD, 8, torch.float32)
     a.requires_grad_()
     b.requires_grad_()
     y = lora_linear(x, w, a, b, 2.0)
-    grad_y = torch.randn(y.shape)
+    grad_y = torch.randn(y.shape, device=DEVICE)
     y.backward(grad_y)
     assert x.grad is None
-    assert dx_kernel.launches == 0 and da_kernel.launches == 1
+    assert dx_kernel is None and da_kernel.launches == 1
     _, _, ref_da, ref_db = reference_grads(x, w, a, b, None, 2.0, grad_y)
     assert_close(a.grad, ref_da, torch.float32, "dA")
     assert_close(b.grad, ref_db, torch.float32, "dB")
@@ -218,9 +222,9 @@ def test_launchers_validate():
     with pytest.raises(TypeError, match="weight dtype"):
         lora_forward(x, w.half(), a, b, None, cfg)
     with pytest.raises(ValueError, match="rank"):
-        lora_forward(x, w, torch.zeros(257, 16), torch.zeros(8, 257), None, cfg)
+        lora_forward(x, w, torch.zeros(257, 16, device=DEVICE), torch.zeros(8, 257, device=DEVICE), None, cfg)
     with pytest.raises(ValueError, match="dA needs"):
-        lora_backward(torch.zeros(4, 8), None, w, a, b, None, cfg)
+        lora_backward(torch.zeros(4, 8, device=DEVICE), None, w, a, b, None, cfg)
     with pytest.raises(ValueError, match="dropout_p"):
         lora_linear(x, w, a, b, 1.0, dropout_p=1.0)
     with pytest.raises(ValueError, match="frozen"):
@@ -244,7 +248,7 @@ def test_empty_batch():
 
 def _trained_module(backend, dropout=0.0, bias=True, seed=0):
     torch.manual_seed(seed)
-    module = LoRALinear(40, 24, rank=8, alpha=16, dropout=dropout, bias=bias, backend=backend)
+    module = LoRALinear(40, 24, rank=8, alpha=16, dropout=dropout, bias=bias, backend=backend, device=DEVICE)
     nn.init.normal_(module.weight, std=0.1)
     if bias:
         nn.init.normal_(module.bias)
@@ -255,7 +259,7 @@ def _trained_module(backend, dropout=0.0, bias=True, seed=0):
 def test_module_triton_matches_torch_backend():
     torch_mod = _trained_module("torch")
     triton_mod = _trained_module("triton")
-    x = torch.randn(2, 5, 40)
+    x = torch.randn(2, 5, 40, device=DEVICE)
     outs = []
     for module in (torch_mod, triton_mod):
         xi = x.clone().requires_grad_()
@@ -269,7 +273,7 @@ def test_module_triton_matches_torch_backend():
 
 def test_module_dropout_only_in_training():
     module = _trained_module("triton", dropout=0.5)
-    x = torch.randn(6, 40)
+    x = torch.randn(6, 40, device=DEVICE)
     module.eval()
     y_eval = module(x)
     assert_close(y_eval, _trained_module("torch", dropout=0.5).eval()(x), torch.float32, "eval")
@@ -279,12 +283,12 @@ def test_module_dropout_only_in_training():
 
 def test_from_linear_and_merge():
     torch.manual_seed(0)
-    linear = nn.Linear(40, 24)
+    linear = nn.Linear(40, 24, device=DEVICE)
     module = LoRALinear.from_linear(linear, rank=8, alpha=16, backend="triton", lora_dtype=torch.float32)
     assert module.weight.data_ptr() == linear.weight.data_ptr() and not module.weight.requires_grad
     assert module.bias.data_ptr() == linear.bias.data_ptr() and not module.bias.requires_grad
     assert module.lora_A.requires_grad and module.lora_B.requires_grad
-    x = torch.randn(7, 40)
+    x = torch.randn(7, 40, device=DEVICE)
     with torch.no_grad():
         assert_close(module(x), linear(x), torch.float32, "B = 0 at init")
         module.lora_B.normal_(std=0.3)
@@ -299,7 +303,7 @@ def test_module_matches_peft_lora_layer():
     from peft import LoraConfig
 
     torch.manual_seed(0)
-    base = nn.Linear(40, 24)
+    base = nn.Linear(40, 24, device=DEVICE)
     rank, alpha = 8, 16
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0)
     peft_layer = peft_lora.Linear(base, "default", config=cfg, r=rank, lora_alpha=alpha)
@@ -310,7 +314,7 @@ def test_module_matches_peft_lora_layer():
         ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
         ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
     assert ours.scaling == peft_layer.scaling["default"]
-    x = torch.randn(3, 4, 40)
+    x = torch.randn(3, 4, 40, device=DEVICE)
     with torch.no_grad():
         assert_close(ours(x), peft_layer(x), torch.float32, "vs PEFT")
 
@@ -320,9 +324,7 @@ def test_module_matches_peft_lora_layer():
 def test_bf16_on_gpu(dropout):
     """bf16 needs real tensor cores: the interpreter's bf16 arithmetic is not IEEE."""
     dtype, dev = torch.bfloat16, "cuda"
-    x, w, a, b, bias = (
-        None if t is None else t.to(dev) for t in make_problem(300, 256, 384, 16, dtype, bias=True)
-    )
+    x, w, a, b, bias = make_problem(300, 256, 384, 16, dtype, bias=True)
     for t in (x, a, b):
         t.requires_grad_()
     y = lora_linear(x, w, a, b, 2.0, bias=bias, dropout_p=dropout, dropout_seed=3)
@@ -338,9 +340,7 @@ def test_bf16_on_gpu(dropout):
 def test_fp32_and_fp16_on_gpu():
     """The compiled kernels (autotuned GEMMs, split reductions with atomics) on a mid-size problem."""
     for dtype in (torch.float32, torch.float16):
-        x, w, a, b, bias = (
-            None if t is None else t.to("cuda") for t in make_problem(1000, 520, 700, 64, dtype, bias=True)
-        )
+        x, w, a, b, bias = make_problem(1000, 520, 700, 64, dtype, bias=True)
         for t in (x, a, b):
             t.requires_grad_()
         y = lora_linear(x, w, a, b, 0.5, bias=bias)
