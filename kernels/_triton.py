@@ -17,7 +17,15 @@ if not torch.cuda.is_available():
 import triton
 import triton.language as tl
 
-__all__ = ["TORCH_TO_TL", "cdiv", "interpreter_active", "next_power_of_2", "tl", "triton"]
+__all__ = [
+    "TORCH_TO_TL",
+    "cdiv",
+    "exact_fp_options",
+    "interpreter_active",
+    "next_power_of_2",
+    "tl",
+    "triton",
+]
 
 TORCH_TO_TL = {
     torch.float32: tl.float32,
@@ -39,3 +47,13 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def exact_fp_options() -> dict:
+    """Launch options that keep each fp32 ``a * b + c`` as two roundings (no FMA contraction).
+
+    Needed where a kernel must be bit-exact against a reference that rounds after every multiply
+    (bitsandbytes' CPU code): Triton contracts ``mul + add`` into FMA on GPUs by default. The
+    interpreter never contracts and does not take the option.
+    """
+    return {} if interpreter_active() else {"enable_fp_fusion": False}

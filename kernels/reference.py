@@ -6,6 +6,8 @@ paths are checked against these functions, and ``kernels: torch`` runs them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -99,3 +101,248 @@ def dropout_keep_mask(
     """
     offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
     return (philox_randint(seed, offsets) >> 8) >= dropout_threshold(p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized weights: NF4 / FP4 in bitsandbytes' layout, bnb's blockwise 8-bit (double quant), int8 rows
+#
+# These replay bitsandbytes' CPU arithmetic step for step (bnb 0.50: the torch "default" ops for 4-bit
+# quantize, the C++ CPU library for blockwise 8-bit quantize and for dequantize), so that they are
+# bit-exact against ``bitsandbytes.functional`` on CPU. The Triton kernels in ``quant.py`` follow them.
+# ---------------------------------------------------------------------------------------------------
+
+# bitsandbytes' NF4 table (``get_4bit_type("nf4")``): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_CODE_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+# bitsandbytes' FP4 (e2m1, bias 2) in bit-pattern order, before the division by its max (12).
+FP4_CODE_VALUES = (
+    0.0,
+    0.0625,
+    8.0,
+    12.0,
+    4.0,
+    6.0,
+    2.0,
+    3.0,
+    -0.0,
+    -0.0625,
+    -8.0,
+    -12.0,
+    -4.0,
+    -6.0,
+    -2.0,
+    -3.0,
+)
+
+QUANT_4BIT_TYPES = ("nf4", "fp4")
+DYNAMIC_BLOCKSIZE = 256  # bnb's blocksize for the nested (double) quantization of the absmax vector
+_LUT_SIZE = 65536  # bnb's CPU 8-bit quantizer: [-1, 1] discretised into 65536 bins
+
+
+def code_4bit(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16-entry fp32 code table of ``quant_type``, exactly ``bitsandbytes.functional.get_4bit_type``."""
+    if quant_type == "nf4":
+        values = NF4_CODE_VALUES
+    elif quant_type == "fp4":
+        values = FP4_CODE_VALUES
+    else:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    code = torch.tensor(values, dtype=torch.float32)
+    code = code / code.abs().max()
+    return code.to(device) if device is not None else code
+
+
+def quantize_4bit_bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decision bounds of bnb's 4-bit quantizer: 15 sorted midpoints, and sorted rank -> code index.
+
+    A scaled value ``x`` gets rank ``#{bounds < x}`` (``torch.bucketize``, ties go to the lower code),
+    then code index ``order[rank]``. NF4 is sorted (``order`` is the identity); FP4 is in bit order.
+    """
+    code = code_4bit(quant_type)
+    order = torch.argsort(code, stable=True)
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2
+    return bounds, order.to(torch.int32)
+
+
+def dynamic_code(device: torch.device | str | None = None) -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (``create_dynamic_map()``): 256 sorted fp32 values."""
+    data: list[float] = []
+    for i in range(7):  # exponent 10^-6 .. 10^0, 2^i fraction values each, both signs
+        boundaries = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    code = torch.tensor(sorted(data), dtype=torch.float32)
+    return code.to(device) if device is not None else code
+
+
+def blockwise_lut(code: torch.Tensor) -> torch.Tensor:
+    """bnb's CPU lookup table for 8-bit blockwise quantization: bin index -> code index (uint8 [65536]).
+
+    Bin ``i`` stands for ``v_i = -1 + 2i / 65535`` and maps to the first code whose upper midpoint is not
+    below ``v_i``. This is how bnb quantizes on CPU (not an exact nearest-code search).
+    """
+    code = code.detach().float().cpu()
+    mid = 0.5 * (code[:-1] + code[1:])
+    v = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / float(_LUT_SIZE - 1)
+    return torch.searchsorted(mid, v, side="left").to(torch.uint8)
+
+
+def quantize_4bit(
+    w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 4-bit quantization of the flattened ``w``, as ``bitsandbytes.functional.quantize_4bit``.
+
+    Args:
+        w: any-shape fp32/fp16/bf16 tensor; blocks of ``blocksize`` run over ``w.reshape(-1)``.
+        blocksize: elements per absmax block (even).
+        quant_type: ``"nf4"`` or ``"fp4"``.
+
+    Returns:
+        ``(packed, absmax)``: uint8 ``[(numel + 1) // 2]`` with element ``2i`` in the high nibble of
+        byte ``i`` (the odd tail padded with the code of 0), and fp32 absmax ``[ceil(numel / blocksize)]``.
+    """
+    bounds, order = quantize_4bit_bounds(quant_type)
+    bounds, order = bounds.to(w.device), order.to(w.device)
+    flat = w.reshape(-1).float()
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    body = flat[:full].reshape(full // blocksize, blocksize)
+    absmax = body.abs().max(dim=-1)[0] if full else flat.new_empty(0)
+    # bnb: full blocks multiply by the reciprocal, the short tail block divides (both fp32, same rounding)
+    scaled = torch.clamp(body * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        tail_max = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_max, -1, 1)])
+    if n % 2:
+        scaled = F.pad(scaled, (0, 1))
+    q = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
+    return (q[0::2] << 4) | q[1::2], absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_4bit`: ``code[q] · absmax[block]`` in fp32, then cast to ``dtype``.
+
+    Args:
+        packed: uint8 codes, any shape with ``(numel(shape) + 1) // 2`` elements (bnb stores ``[n, 1]``).
+        absmax: fp32 per-block scales (already decoded if double-quantized).
+        shape: shape of the dequantized tensor.
+        blocksize, quant_type: as quantized.
+        dtype: output dtype.
+
+    Returns:
+        The dequantized tensor of ``shape`` and ``dtype``.
+    """
+    code = code_4bit(quant_type, packed.device)
+    n = math.prod(shape)
+    b = packed.reshape(-1).view(torch.uint8).long()
+    q = torch.stack([b >> 4, b & 0xF], dim=-1).reshape(-1)[:n]
+    block = torch.arange(n, device=packed.device) // blocksize
+    return (code[q] * absmax.float()[block]).reshape(shape).to(dtype)
+
+
+def quantize_blockwise_8bit(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int = DYNAMIC_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bnb's CPU blockwise 8-bit quantization (``quantize_blockwise``), used for double quant.
+
+    Per block: ``absmax = max|x|``; ``v = clamp(x · (1 / absmax), -1, 1)``; bin
+    ``trunc(((v + 1) · 0.5) · 65535 + 0.5)`` looked up in :func:`blockwise_lut`; all-zero blocks give 0.
+
+    Returns:
+        ``(q, absmax)``: uint8 codes shaped like ``x`` and fp32 ``[ceil(numel / blocksize)]``.
+    """
+    lut = blockwise_lut(code).to(x.device)
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    padded = F.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    absmax = padded.abs().max(dim=-1)[0]
+    v = torch.clamp(padded * (1.0 / absmax).view(-1, 1), -1.0, 1.0)
+    bins = (((v + 1.0) * 0.5) * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)
+    q = torch.where((absmax == 0).view(-1, 1), 0, lut[bins.clamp(0, _LUT_SIZE - 1)])
+    return q.reshape(-1)[:n].reshape(x.shape).to(torch.uint8), absmax
+
+
+def dequantize_blockwise_8bit(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = DYNAMIC_BLOCKSIZE
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise_8bit`: ``code[q] · absmax[block]`` in fp32."""
+    n = q.numel()
+    block = torch.arange(n, device=q.device) // blocksize
+    return (code.float()[q.reshape(-1).long()] * absmax.float()[block]).reshape(q.shape)
+
+
+def double_quantize_absmax(
+    absmax: torch.Tensor, code: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bnb's double quantization (``compress_statistics=True``) of a 4-bit absmax vector.
+
+    ``offset = mean(absmax)``; ``absmax - offset`` is quantized blockwise (256) with the dynamic map.
+
+    Returns:
+        ``(qabsmax uint8, offset fp32 scalar, nested_absmax fp32, nested_code fp32 [256])``.
+    """
+    code = dynamic_code(absmax.device) if code is None else code
+    offset = absmax.mean()
+    qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, code, DYNAMIC_BLOCKSIZE)
+    return qabsmax, offset, nested_absmax, code
+
+
+def dequantize_absmax(
+    qabsmax: torch.Tensor,
+    offset: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor,
+    nested_blocksize: int = DYNAMIC_BLOCKSIZE,
+) -> torch.Tensor:
+    """Decode a double-quantized absmax: ``code[q] · nested_absmax[i // 256]``, then ``+ offset`` (fp32)."""
+    return dequantize_blockwise_8bit(qabsmax, nested_absmax, nested_code, nested_blocksize) + offset.float()
+
+
+def quantize_int8_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise int8 as ``bnb.nn.Linear8bitLt`` stores a weight (``Int8Params._quantize``).
+
+    The weight is cast to fp16 first; ``scale = max|row|`` (fp32); ``q = round(w · (127 / scale))``
+    with round-half-to-even.
+
+    Returns:
+        ``(q int8 [N, K], scale fp32 [N])``.
+    """
+    w16 = w.to(torch.float16)
+    scale = w16.abs().max(dim=1).values.float()
+    q = torch.round(w16.float() * (127.0 / scale).unsqueeze(-1)).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8_rowwise(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_int8_rowwise`: ``(q · scale) · (1/127)`` in fp32, as bnb, then ``dtype``."""
+    return (q.float() * scale.float().view(-1, 1) * 7.874015718698502e-3).to(dtype)
