@@ -562,6 +562,9 @@ def _check_inputs(
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be one of {_FLOAT_DTYPES}, got {x.dtype}")
+    if x.dtype == torch.float64 and not interpreter_active():
+        # fp64 tl.dot lowers on some Triton/GPU pairs only; the interpreter runs it (for gradcheck).
+        raise TypeError("float64 runs only under the Triton interpreter; use fp32/fp16/bf16 on a GPU")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
     for name, t in (("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
