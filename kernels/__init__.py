@@ -4,6 +4,20 @@ This package never imports ``fusedtune.trainer``.
 """
 
 from .lora import LoRAConfig, lora_linear
-from .modules import Backend, LoRALinear
+from .modules import Backend, LoRALinear, QuantLoRALinear
+from .qmatmul import QLoRAConfig, qlora_linear
+from .quant import PackedWeight4bit, PackedWeightInt8, dequantize, quantize
 
-__all__ = ["Backend", "LoRAConfig", "LoRALinear", "lora_linear"]
+__all__ = [
+    "Backend",
+    "LoRAConfig",
+    "LoRALinear",
+    "PackedWeight4bit",
+    "PackedWeightInt8",
+    "QLoRAConfig",
+    "QuantLoRALinear",
+    "dequantize",
+    "lora_linear",
+    "qlora_linear",
+    "quantize",
+]

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import reference
+from . import quant, reference
 
 Backend = Literal["torch", "triton"]
 
@@ -146,3 +146,266 @@ class LoRALinear(nn.Module):
 
 
 __all__ = ["Backend", "LoRALinear"]
+
+# ---------------------------------------------------------------------------------------------------
+# QuantLoRALinear
+# ---------------------------------------------------------------------------------------------------
+
+
+class QuantLoRALinear(nn.Module):
+    """A frozen quantized weight (NF4/FP4 in bnb's layout, or int8 row-wise) plus a trainable LoRA update.
+
+    The packed weight and its quantization state are buffers; ``lora_A [r, K]``, ``lora_B [N, r]`` and
+    ``scaling = alpha / rank`` are exactly LoRALinear's (PEFT's names and init), so adapter export is
+    the same. ``backend="triton"`` decodes W inside the fused matmul (``qmatmul.py``); ``"torch"``
+    dequantizes with the reference into a temporary per GEMM, in forward and again in backward, and
+    never saves it.
+
+    Buffers (4-bit): ``qweight`` uint8 ``[(N·K + 1) // 2]``, ``absmax`` (fp32, or uint8 with double
+    quant), and with double quant ``quant_offset``, ``nested_absmax``, ``nested_code``.
+    Buffers (int8): ``qweight`` int8 ``[N, K]``, ``weight_scale`` fp32 ``[N]``.
+    """
+
+    def __init__(
+        self,
+        packed: quant.PackedWeight,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        bias: torch.Tensor | None = None,
+        backend: Backend = "torch",
+        compute_dtype: torch.dtype | None = None,
+        lora_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        out_features, in_features = packed.shape
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.dropout = dropout
+        self.backend: Backend = backend
+        self.compute_dtype = compute_dtype
+        self.weight_dtype = packed.dtype  # dtype of the weight that was quantized
+        if isinstance(packed, quant.PackedWeightInt8):
+            self.quant_type = "int8"
+            self.blocksize = None
+            self.register_buffer("qweight", packed.qweight)
+            self.register_buffer("weight_scale", packed.scale)
+        else:
+            self.quant_type = packed.quant_type
+            self.blocksize = packed.blocksize
+            self.nested_blocksize = packed.nested_blocksize
+            self.register_buffer("qweight", packed.packed.reshape(-1))
+            self.register_buffer("absmax", packed.absmax)
+            if packed.nested:
+                self.register_buffer("quant_offset", packed.offset.reshape(1).float())
+                self.register_buffer("nested_absmax", packed.nested_absmax)
+                self.register_buffer("nested_code", packed.nested_code)
+        device = self.qweight.device
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        a_dtype = lora_dtype or compute_dtype or packed.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=a_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=a_dtype))
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A ~ kaiming-uniform(a=√5), B = 0, so the adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def double_quant(self) -> bool:
+        return getattr(self, "nested_absmax", None) is not None
+
+    @property
+    def packed_weight(self) -> quant.PackedWeight:
+        """The packed weight as a view over this module's buffers (follows ``.to(device)``)."""
+        if self.quant_type == "int8":
+            return quant.PackedWeightInt8(self.qweight, self.weight_scale, self.weight_dtype)
+        pw = quant.PackedWeight4bit(
+            packed=self.qweight,
+            absmax=self.absmax,
+            shape=(self.out_features, self.in_features),
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=self.weight_dtype,
+        )
+        if self.double_quant:
+            pw.offset, pw.nested_absmax, pw.nested_code = (
+                self.quant_offset,
+                self.nested_absmax,
+                self.nested_code,
+            )
+            pw.nested_blocksize = self.nested_blocksize
+        return pw
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        quant_type: quant.QuantType = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        backend: Backend = "torch",
+        compute_dtype: torch.dtype | None = None,
+    ) -> QuantLoRALinear:
+        """Quantize an ``nn.Linear``'s weight (bit-exact with bitsandbytes) and wrap it.
+
+        Args:
+            linear: the layer; its weight is quantized, its bias kept frozen. The caller deletes it after.
+            rank, alpha, dropout: LoRA hyper-parameters (``scaling = alpha / rank``).
+            quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"``.
+            blocksize, double_quant: 4-bit block size and bnb's ``compress_statistics``.
+            backend: ``"torch"`` or ``"triton"``.
+            compute_dtype: dtype the matmul runs in (default: the input's); also the LoRA dtype.
+
+        Returns:
+            The new module, on the linear's device.
+        """
+        packed = quant.quantize(linear.weight.detach(), quant_type, blocksize, double_quant)
+        return cls(packed, rank, alpha, dropout, linear.bias, backend, compute_dtype, linear.weight.dtype)
+
+    @classmethod
+    def from_bnb(
+        cls, layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0, backend: Backend = "torch"
+    ) -> QuantLoRALinear:
+        """Take over a ``bnb.nn.Linear4bit`` or ``bnb.nn.Linear8bitLt`` as is (no re-quantization).
+
+        Raises:
+            TypeError: not one of those layers.
+            ValueError: the layer's weight has not been quantized yet.
+        """
+        import bitsandbytes as bnb
+
+        bias = layer.bias.detach() if layer.bias is not None else None
+        if isinstance(layer, bnb.nn.Linear4bit):
+            weight = layer.weight
+            qs = weight.quant_state
+            if qs is None:
+                raise ValueError("the Linear4bit is not quantized yet: move it to a device first")
+            data = weight.data
+            if getattr(qs, "packing_format_for_cpu", False):  # bnb repacked it for its CPU GEMV
+                data, qs = bnb.functional._convert_weight_packed_for_cpu_inverse(data, qs)
+            packed = quant.PackedWeight4bit.from_bnb(data, qs)
+            compute = getattr(layer, "compute_dtype", None)
+            return cls(packed, rank, alpha, dropout, bias, backend, compute, compute or qs.dtype)
+        if isinstance(layer, bnb.nn.Linear8bitLt):
+            cb, scb = layer.weight.CB, layer.weight.SCB
+            if cb is None or scb is None:
+                raise ValueError("the Linear8bitLt is not quantized yet: move it to a device first")
+            packed = quant.PackedWeightInt8(cb, scb, torch.float16)
+            return cls(packed, rank, alpha, dropout, bias, backend, None, torch.float16)
+        raise TypeError(f"expected bnb.nn.Linear4bit or bnb.nn.Linear8bitLt, got {type(layer).__name__}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .qmatmul import qlora_linear
+
+        p = self.dropout if self.training else 0.0
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = qlora_linear(
+            x, self.packed_weight, self.lora_A, self.lora_B, self.scaling, bias, p, backend=self.backend
+        )
+        return y.to(inp_dtype)
+
+    @torch.no_grad()
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense base weight ``deq(W)`` (a new tensor; for export and checks, not for training)."""
+        return quant.dequantize(self.packed_weight, dtype or self.weight_dtype)
+
+    @torch.no_grad()
+    def merge(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with ``deq(W) + s · B A`` (the adapter is not modified)."""
+        dtype = dtype or self.weight_dtype
+        device = self.qweight.device
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=device, dtype=dtype
+        )
+        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        linear.weight.copy_((self.dequantized_weight(torch.float32) + delta).to(dtype))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    @torch.no_grad()
+    def to_bnb(self, merge: bool = False) -> nn.Module:
+        """Hand the weight back to bitsandbytes: a ``Linear4bit`` (or ``Linear8bitLt`` for int8).
+
+        Args:
+            merge: fold ``s · B A`` in and re-quantize (same format and block size); otherwise the
+                packed base weight is handed over as is, sharing storage.
+
+        Returns:
+            A bitsandbytes layer computing the base (or merged) weight.
+        """
+        import bitsandbytes as bnb
+
+        if merge:
+            packed = quant.quantize(
+                self.merge(torch.float32).weight,
+                self.quant_type,
+                self.blocksize or 64,
+                self.double_quant,
+            )
+            packed.dtype = self.weight_dtype
+        else:
+            packed = self.packed_weight
+        bias = self.bias is not None
+        if isinstance(packed, quant.PackedWeightInt8):
+            layer = bnb.nn.Linear8bitLt(
+                self.in_features, self.out_features, bias=bias, has_fp16_weights=False, device="meta"
+            )
+            layer.weight = bnb.nn.Int8Params(
+                packed.qweight,
+                requires_grad=False,
+                has_fp16_weights=False,
+                CB=packed.qweight,
+                SCB=packed.scale,
+            )
+        else:
+            data, qs = packed.to_bnb()
+            layer = bnb.nn.Linear4bit(
+                self.in_features,
+                self.out_features,
+                bias=bias,
+                compute_dtype=self.compute_dtype,
+                compress_statistics=packed.nested,
+                quant_type=packed.quant_type,
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                data,
+                requires_grad=False,
+                quant_state=qs,
+                blocksize=packed.blocksize,
+                compress_statistics=packed.nested,
+                quant_type=packed.quant_type,
+                module=layer,
+                bnb_quantized=True,
+            )
+            layer.quant_state = qs
+        if bias:
+            layer.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, dropout={self.dropout}, quant_type={self.quant_type}, "
+            f"blocksize={self.blocksize}, double_quant={self.double_quant}, bias={self.bias is not None}, "
+            f"backend={self.backend}"
+        )
+
+
+__all__ += ["QuantLoRALinear"]

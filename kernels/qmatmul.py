@@ -1,0 +1,597 @@
+"""Matmul over a frozen quantized weight, decoded inside the K loop, with the LoRA update folded in.
+
+For ``X [M, K]`` (leading dimensions flattened into M), a frozen quantized ``W [N, K]`` (NF4/FP4 in
+bitsandbytes' layout, or int8 row-wise; see ``quant.py``), trainable ``A [r, K]``, ``B [N, r]``,
+``s = alpha / r`` and dropout ``D`` (``D(X) = X ⊙ keep / (1 - p)``)::
+
+    S  = D(X) Aᵀ                                  [M, r]   torch (a thin GEMM)
+    Y  = X deq(W)ᵀ + (s S) Bᵀ (+ b)               [M, N]   _qmatmul_fwd_kernel
+    dS = s dY B                                   [M, r]   torch
+    dB = s dYᵀ S                                  [N, r]   torch
+    dA = dSᵀ D(X)                                 [r, K]   torch
+    dX = dY deq(W) + D'(dS A)                     [M, K]   _qmatmul_bwd_dx_kernel
+
+``deq(W)`` never exists in memory on the fused path: every ``[BLOCK_N, BLOCK_K]`` tile of W is read as
+packed bytes (0.5 byte per weight for 4-bit, 1 for int8) plus its block scales, decoded in registers
+(``code[q] · absmax[block]``, double-quantized absmax decoded on the fly), cast to the compute dtype and
+fed to ``tl.dot`` with fp32 accumulation. The forward reads tiles of W along K; dX reads the same
+packed weight along N (``W`` rather than ``Wᵀ``), so there is one stored copy of W. There is no dW.
+
+Without dropout the LoRA term of dX shares the accumulator (``[dY | dS] · [W ; A]``); with dropout
+(``D' = keep / (1 - p)``) it is added outside the kernel. Saved for backward: X (only when dA is
+needed), S ``[M, r]`` and the keep-mask when p > 0; never a dequantized W.
+
+Large M: when the GEMM is long enough to be compute-bound, decoding W once into a temporary and calling
+cuBLAS wins; ``use_dequant_gemm`` chooses. Its threshold is a PLACEHOLDER pending measurement on a GPU
+(``bench/gpu_qmatmul.py``): no GPU was available when this file was written, so no number here is
+measured. The temporary lives for one GEMM and is never saved for backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from . import quant
+from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
+from .quant import PackedWeight, PackedWeightInt8, _cast_rne, _decode_absmax
+
+__all__ = [
+    "DEQUANT_MIN_TOKENS",
+    "QLoRAConfig",
+    "QLoRALinearFunction",
+    "qlora_linear",
+    "qmatmul_backward_dx",
+    "qmatmul_forward",
+    "use_dequant_gemm",
+]
+
+# PLACEHOLDER, not a measurement (no GPU in the session that wrote it): at or above this many tokens the
+# dequantize + cuBLAS path is taken. Replace with the crossover bench/gpu_qmatmul.py measures on an H100.
+DEQUANT_MIN_TOKENS = 8192
+MAX_RANK = 256
+_FORMAT_4BIT, _FORMAT_INT8 = 0, 1
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """Map a linear program id to a (row tile, col tile) pair, GROUP row tiles at a time (L2 reuse)."""
+    in_group = GROUP * n_cols
+    group = pid // in_group
+    first = group * GROUP
+    size = tl.minimum(n_rows - first, GROUP)
+    return first + (pid % in_group) % size, (pid % in_group) // size
+
+
+@triton.jit
+def _load_w_tile(
+    w_ptr,  # *u8 packed 4-bit [(N·K + 1) // 2]  |  *i8 [N, K] (FORMAT int8)
+    absmax_ptr,  # *fp32 [n_blocks] | *u8 [n_blocks] (NESTED)       |  *fp32 [N] row scales (int8)
+    nested_absmax_ptr,  # *fp32 nested scales (NESTED only)
+    nested_code_ptr,  # *fp32 [256] (NESTED only)
+    offset_ptr,  # *fp32 [1] (NESTED only)
+    code_ptr,  # *fp32 [16] code table (4-bit only)
+    offs_n,  # [BLOCK_N] row indices of W
+    offs_k,  # [BLOCK_K] column indices of W
+    k_first,  # first column of this tile (for per-row scales)
+    N,
+    K,
+    FORMAT: tl.constexpr,  # 0: 4-bit bnb layout, 1: int8 row-wise
+    BLOCKSIZE: tl.constexpr,  # 4-bit absmax block
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    SCALE_PER_ROW: tl.constexpr,  # K % BLOCKSIZE == 0 and BLOCKSIZE % BLOCK_K == 0: one scale per tile row
+):
+    """Decode a ``[BLOCK_N, BLOCK_K]`` tile of ``deq(W)`` in fp32 straight from the packed weight."""
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    if FORMAT == 0:
+        e = offs_n[:, None] * K + offs_k[None, :]  # flat index into the row-major weight
+        byte = tl.load(w_ptr + e // 2, mask=mask, other=0).to(tl.int32)
+        q = (byte >> (4 - 4 * (e % 2))) & 0xF  # element 2i sits in the high nibble of byte i
+        w = tl.load(code_ptr + q)
+        if SCALE_PER_ROW:
+            rows = offs_n < N
+            blocks = (offs_n * K + k_first) // BLOCKSIZE
+            scale = _decode_absmax(
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_code_ptr,
+                offset_ptr,
+                blocks,
+                rows,
+                NESTED,
+                NESTED_BLOCKSIZE,
+            )
+            w = w * scale[:, None]
+        else:
+            scale = _decode_absmax(
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_code_ptr,
+                offset_ptr,
+                e // BLOCKSIZE,
+                mask,
+                NESTED,
+                NESTED_BLOCKSIZE,
+            )
+            w = w * scale
+    else:
+        q = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+        scale = tl.load(absmax_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        w = q * scale[:, None] * 7.874015718698502e-3  # (q · s) · (1/127), as bnb
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def _qmatmul_fwd_kernel(
+    x_ptr,  # *T [M, K] input
+    w_ptr,  # packed weight (see _load_w_tile)
+    absmax_ptr,  # block / row scales
+    nested_absmax_ptr,  # double-quant scales
+    nested_code_ptr,  # double-quant map
+    offset_ptr,  # double-quant offset
+    code_ptr,  # 4-bit code table
+    s_ptr,  # *T [M, R]: s · D(X) Aᵀ (HAS_LORA)
+    b_ptr,  # *T [N, R]: LoRA B (HAS_LORA)
+    bias_ptr,  # *T [N] (HAS_BIAS)
+    y_ptr,  # *T [M, N] out
+    M,
+    N,
+    K,
+    R,  # LoRA rank
+    stride_xm,  # x row stride
+    stride_xk,  # x column stride
+    stride_sm,  # S row stride (column stride 1)
+    stride_bn,  # B row stride (column stride 1)
+    stride_ym,  # y row stride (column stride 1)
+    FORMAT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    K_ALIGNED: tl.constexpr,  # K % BLOCKSIZE == 0
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    W_DTYPE: tl.constexpr,  # dtype deq(W) is rounded to (the compute dtype), as bnb's dequantize
+    DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (fp32 under the interpreter)
+    PRECISION: tl.constexpr,  # "ieee" for fp32 operands, else "tf32" (ignored for 16-bit)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``Y = X deq(W)ᵀ + S' Bᵀ (+ b)`` with W decoded tile by tile inside the K loop."""
+    SCALE_PER_ROW: tl.constexpr = K_ALIGNED and (BLOCKSIZE % BLOCK_K == 0)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],
+            other=0.0,
+        )
+        w = _load_w_tile(
+            w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offs_n, offs_k, k0, N, K,
+            FORMAT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SCALE_PER_ROW,
+        )  # fmt: skip
+        w = _cast_rne(w, W_DTYPE)
+        acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        s = tl.load(
+            s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :],
+            mask=(offs_m < M)[:, None] & (offs_r < R)[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :],
+            mask=(offs_n < N)[:, None] & (offs_r < R)[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(s.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_m < M)[:, None] & (offs_n < N)[None, :],
+    )
+
+
+@triton.jit
+def _qmatmul_bwd_dx_kernel(
+    dy_ptr,  # *T [M, N] upstream gradient
+    w_ptr,  # packed weight (see _load_w_tile)
+    absmax_ptr,  # block / row scales
+    nested_absmax_ptr,  # double-quant scales
+    nested_code_ptr,  # double-quant map
+    offset_ptr,  # double-quant offset
+    code_ptr,  # 4-bit code table
+    ds_ptr,  # *T [M, R]: dS = s dY B (HAS_LORA)
+    a_ptr,  # *T [R, K]: LoRA A (HAS_LORA)
+    dx_ptr,  # *T [M, K] out
+    M,
+    N,
+    K,
+    R,  # LoRA rank
+    stride_dym,  # dY row stride
+    stride_dyn,  # dY column stride
+    stride_dsm,  # dS row stride (column stride 1)
+    stride_ar,  # A row stride (column stride 1)
+    stride_dxm,  # dX row stride (column stride 1)
+    FORMAT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    K_ALIGNED: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    W_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # reduction step over N
+    BLOCK_K: tl.constexpr,  # output tile width over K
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """``dX = dY deq(W) + dS A``: the same packed W, tiles walked down N for a fixed K range."""
+    SCALE_PER_ROW: tl.constexpr = K_ALIGNED and (BLOCKSIZE % BLOCK_K == 0)
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_first = pid_k * BLOCK_K
+    offs_k = k_first + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=(offs_m < M)[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+        w = _load_w_tile(
+            w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offs_n, offs_k, k_first,
+            N, K, FORMAT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SCALE_PER_ROW,
+        )  # fmt: skip
+        w = _cast_rne(w, W_DTYPE)
+        acc += tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=PRECISION)
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        ds = tl.load(
+            ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :],
+            mask=(offs_m < M)[:, None] & (offs_r < R)[None, :],
+            other=0.0,
+        )
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :],
+            mask=(offs_r < R)[:, None] & (offs_k < K)[None, :],
+            other=0.0,
+        )
+        acc += tl.dot(ds.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision=PRECISION)
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+
+def use_dequant_gemm(m: int, n: int, k: int) -> bool:
+    """True when dequantize-once + cuBLAS should beat the fused kernel (threshold is a placeholder)."""
+    del n, k  # the measured rule may depend on them; the placeholder does not
+    return m >= DEQUANT_MIN_TOKENS
+
+
+def _weight_args(pw: PackedWeight) -> tuple[list[torch.Tensor], dict]:
+    """Kernel pointer arguments and constexprs describing the packed weight."""
+    if isinstance(pw, PackedWeightInt8):
+        s = pw.scale
+        return [pw.qweight, s, s, s, s, s], {
+            "FORMAT": _FORMAT_INT8,
+            "BLOCKSIZE": 64,
+            "NESTED": False,
+            "NESTED_BLOCKSIZE": 256,
+            "K_ALIGNED": False,
+        }
+    nested_absmax, nested_code, offset = quant._nested_args(pw)
+    return [pw.packed, pw.absmax, nested_absmax, nested_code, offset, pw.code], {
+        "FORMAT": _FORMAT_4BIT,
+        "BLOCKSIZE": pw.blocksize,
+        "NESTED": pw.nested,
+        "NESTED_BLOCKSIZE": pw.nested_blocksize,
+        "K_ALIGNED": pw.shape[1] % pw.blocksize == 0,
+    }
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    if interpreter_active():  # the interpreter's 16-bit arithmetic is not IEEE: dot in fp32
+        return {"W_DTYPE": TORCH_TO_TL[dtype], "DOT_DTYPE": tl.float32, "PRECISION": "ieee"}
+    return {
+        "W_DTYPE": TORCH_TO_TL[dtype],
+        "DOT_DTYPE": TORCH_TO_TL[dtype],
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+
+
+def _tiles(m: int, rank: int, blocksize: int) -> dict:
+    """Fixed tiles (no autotuning: the interpreter cannot time, and GPU tuning awaits measurement)."""
+    block_r = max(16, next_power_of_2(rank))
+    if interpreter_active():
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": block_r, "GROUP_M": 8}
+    # GPU starting point (unmeasured): BLOCK_K <= blocksize keeps one absmax per tile row.
+    block_m = 64 if m <= 64 else 128
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": 128,
+        "BLOCK_K": min(64, blocksize),
+        "BLOCK_R": block_r,
+        "GROUP_M": 8,
+        "num_warps": 8 if block_m == 128 else 4,
+        "num_stages": 3,
+    }
+
+
+def _check(x: torch.Tensor, pw: PackedWeight, lora: tuple | None) -> None:
+    if x.dtype not in TORCH_TO_TL:
+        raise ValueError(f"expected a fp32/fp16/bf16 input, got {x.dtype}")
+    if lora is not None and lora[0].shape[-1] > MAX_RANK:
+        raise ValueError(f"LoRA rank above {MAX_RANK} is not supported by the fused kernels")
+
+
+def qmatmul_forward(
+    x: torch.Tensor,
+    pw: PackedWeight,
+    s_scaled: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused ``Y = X deq(W)ᵀ (+ S' Bᵀ) (+ b)``.
+
+    Args:
+        x: ``[M, K]`` fp32/fp16/bf16 (any strides).
+        pw: the packed weight ``[N, K]``.
+        s_scaled: optional ``S' = s · D(X) Aᵀ`` ``[M, r]`` (dtype of x).
+        lora_b: ``B [N, r]`` (with ``s_scaled``).
+        bias: optional ``[N]``.
+
+    Returns:
+        ``Y [M, N]`` in the dtype of x.
+
+    Raises:
+        ValueError: shapes or dtypes disagree.
+    """
+    M, K = x.shape
+    N, Kw = pw.shape
+    if Kw != K:
+        raise ValueError(f"x has K={K} but the weight is {pw.shape}")
+    _check(x, pw, None if lora_b is None else (lora_b,))
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    has_lora = s_scaled is not None
+    if has_lora:
+        s_scaled = s_scaled.to(x.dtype).contiguous()
+        lora_b = lora_b.to(x.dtype).contiguous()
+    rank = s_scaled.shape[1] if has_lora else 1
+    wargs, wmeta = _weight_args(pw)
+    tiles = _tiles(M, rank, wmeta["BLOCKSIZE"])
+    grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(N, tiles["BLOCK_N"]),)
+    _qmatmul_fwd_kernel[grid](
+        x,
+        *wargs,
+        s_scaled if has_lora else y,
+        lora_b if has_lora else y,
+        bias if bias is not None else y,
+        y,
+        M,
+        N,
+        K,
+        rank,
+        x.stride(0),
+        x.stride(1),
+        s_scaled.stride(0) if has_lora else 0,
+        lora_b.stride(0) if has_lora else 0,
+        y.stride(0),
+        HAS_LORA=has_lora,
+        HAS_BIAS=bias is not None,
+        **wmeta,
+        **_dot_args(x.dtype),
+        **tiles,
+    )
+    return y
+
+
+def qmatmul_backward_dx(
+    dy: torch.Tensor,
+    pw: PackedWeight,
+    ds: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused ``dX = dY deq(W) (+ dS A)``, reading the packed W along N.
+
+    Args:
+        dy: ``[M, N]``.
+        pw: the packed weight ``[N, K]``.
+        ds: optional ``dS = s dY B`` ``[M, r]``.
+        lora_a: ``A [r, K]`` (with ``ds``).
+
+    Returns:
+        ``dX [M, K]`` in the dtype of dy.
+    """
+    M, N = dy.shape
+    Nw, K = pw.shape
+    if Nw != N:
+        raise ValueError(f"dY has N={N} but the weight is {pw.shape}")
+    _check(dy, pw, None if lora_a is None else (lora_a.t(),))
+    dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device)
+    has_lora = ds is not None
+    if has_lora:
+        ds = ds.to(dy.dtype).contiguous()
+        lora_a = lora_a.to(dy.dtype).contiguous()
+    rank = ds.shape[1] if has_lora else 1
+    wargs, wmeta = _weight_args(pw)
+    tiles = _tiles(M, rank, wmeta["BLOCKSIZE"])
+    tiles["BLOCK_N"], tiles["BLOCK_K"] = tiles["BLOCK_K"], tiles["BLOCK_N"]  # reduce over N, tile over K
+    if wmeta["FORMAT"] == _FORMAT_4BIT and not interpreter_active():
+        tiles["BLOCK_K"] = min(tiles["BLOCK_K"], wmeta["BLOCKSIZE"])  # keep one scale per tile row
+    grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(K, tiles["BLOCK_K"]),)
+    _qmatmul_bwd_dx_kernel[grid](
+        dy,
+        *wargs,
+        ds if has_lora else dx,
+        lora_a if has_lora else dx,
+        dx,
+        M,
+        N,
+        K,
+        rank,
+        dy.stride(0),
+        dy.stride(1),
+        ds.stride(0) if has_lora else 0,
+        lora_a.stride(0) if has_lora else 0,
+        dx.stride(0),
+        HAS_LORA=has_lora,
+        **wmeta,
+        **_dot_args(dy.dtype),
+        **tiles,
+    )
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------------
+# autograd.Function
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QLoRAConfig:
+    """Static settings of one QLoRA linear call.
+
+    Attributes:
+        scale: ``s = alpha / r``.
+        dropout_p: LoRA dropout probability (the keep-mask is drawn by the caller).
+        backend: ``"triton"`` (fused kernels) or ``"torch"`` (reference dequantize + torch matmul).
+        path: ``"auto"`` (``use_dequant_gemm`` decides), ``"fused"`` or ``"dequant"`` (Triton only).
+    """
+
+    scale: float
+    dropout_p: float = 0.0
+    backend: Literal["torch", "triton"] = "triton"
+    path: Literal["auto", "fused", "dequant"] = "auto"
+
+
+def _fused(cfg: QLoRAConfig, m: int, pw: PackedWeight) -> bool:
+    if cfg.backend == "torch" or cfg.path == "dequant":
+        return False
+    return cfg.path == "fused" or not use_dequant_gemm(m, *pw.shape)
+
+
+def _dense(pw: PackedWeight, dtype: torch.dtype, cfg: QLoRAConfig) -> torch.Tensor:
+    """The one-GEMM temporary of the dequantize path (never saved)."""
+    return quant.dequantize(pw, dtype, backend=cfg.backend)
+
+
+class QLoRALinearFunction(torch.autograd.Function):
+    """QLoRA linear over a packed frozen weight; saves X, S (and the keep-mask), never deq(W)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        bias: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        pw: PackedWeight,
+        cfg: QLoRAConfig,
+    ) -> torch.Tensor:
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        xd = x2 if keep is None else x2 * keep.reshape(-1, K).to(x.dtype) / (1.0 - cfg.dropout_p)
+        s = xd @ a.t()  # [M, r]
+        if _fused(cfg, x2.shape[0], pw):
+            y = qmatmul_forward(x2, pw, s * cfg.scale, b, bias)
+        else:
+            y = F.linear(x2, _dense(pw, x.dtype, cfg), bias) + (cfg.scale * s) @ b.t()
+        ctx.pw, ctx.cfg = pw, cfg
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, lora_a, lora_b, keep)
+        return y.reshape(*lead, -1)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, s, lora_a, lora_b, keep = ctx.saved_tensors
+        pw, cfg = ctx.pw, ctx.cfg
+        lead, N = dy.shape[:-1], dy.shape[-1]
+        K = pw.shape[1]
+        dy2 = dy.reshape(-1, N)
+        a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
+        ds = cfg.scale * (dy2 @ b)  # [M, r]
+        dx = da = db = None
+        if ctx.needs_input_grad[0]:
+            fold = keep is None
+            if _fused(cfg, dy2.shape[0], pw):
+                dx = qmatmul_backward_dx(dy2, pw, ds if fold else None, a if fold else None)
+            else:
+                dx = dy2 @ _dense(pw, dy.dtype, cfg)
+                if fold:
+                    dx = dx + ds @ a
+            if not fold:
+                dx = dx + (ds @ a) * keep.reshape(-1, K).to(dy.dtype) / (1.0 - cfg.dropout_p)
+            dx = dx.reshape(*lead, K)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, K)
+            xd = x2 if keep is None else x2 * keep.reshape(-1, K).to(x.dtype) / (1.0 - cfg.dropout_p)
+            da = (ds.t() @ xd).to(lora_a.dtype)
+        if ctx.needs_input_grad[2]:
+            db = (cfg.scale * (dy2.t() @ s)).to(lora_b.dtype)
+        return dx, da, db, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Functional
+# ---------------------------------------------------------------------------------------------------
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    pw: PackedWeight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: Literal["torch", "triton"] = "triton",
+    path: Literal["auto", "fused", "dequant"] = "auto",
+) -> torch.Tensor:
+    """QLoRA linear ``Y = X deq(W)ᵀ (+ b) + s · (D(X) Aᵀ) Bᵀ`` over a packed frozen weight.
+
+    Args:
+        x: ``[..., K]``.
+        pw: ``PackedWeight4bit`` or ``PackedWeightInt8`` of shape ``[N, K]``.
+        lora_a: ``A [r, K]``; lora_b: ``B [N, r]``.
+        scale: ``s = alpha / r``.
+        bias: optional frozen ``[N]``.
+        dropout_p: LoRA dropout probability (a keep-mask is drawn here when > 0).
+        backend: ``"triton"`` (fused kernels) or ``"torch"`` (reference dequantize + matmul).
+        path: ``"auto"``, ``"fused"`` or ``"dequant"`` (see ``use_dequant_gemm``).
+
+    Returns:
+        ``Y [..., N]`` in the dtype of x.
+    """
+    keep = None
+    if dropout_p > 0.0:
+        keep = torch.rand(x.shape, device=x.device) >= dropout_p
+    cfg = QLoRAConfig(scale=float(scale), dropout_p=float(dropout_p), backend=backend, path=path)
+    return QLoRALinearFunction.apply(x, lora_a, lora_b, bias, keep, pw, cfg)
