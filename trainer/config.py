@@ -249,6 +249,25 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# Names users bring from HF TrainingArguments / PEFT, mapped to ours for the "did you mean" hint.
+COMMON_NAMES = {
+    "learning_rate": "lr",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "steps": "max_steps",
+    "num_train_epochs": "epochs",
+    "warmup": "warmup_steps",
+    "r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr_scheduler_type": "schedule",
+    "optimizer": "name",
+    "model_name": "name_or_path",
+    "torch_dtype": "dtype",
+}
+
+
 def _sections() -> list[tuple[str, type[BaseModel]]]:
     out = []
     for name, field in Config.model_fields.items():
@@ -266,6 +285,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = str(loc[-1])
         msg = f"unknown key '{dotted}'"
         hint = difflib.get_close_matches(key, _fields_at(loc), n=1)
+        if not hint and COMMON_NAMES.get(key) in _fields_at(loc):
+            hint = [COMMON_NAMES[key]]
         if hint:
             prefix = ".".join(str(p) for p in loc[:-1])
             msg += f" (did you mean '{prefix + '.' if prefix else ''}{hint[0]}'?)"

@@ -68,6 +68,7 @@ def _convert_builtin(name: str, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,213 @@
+"""Smoke tests through the real CLI on the tiny model: every method trains, writes its outputs, and
+counts its trainable parameters exactly; bad input exits 2 with one line and overwrites nothing."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fusedtune.trainer.cli import main
+
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+
+
+def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            y, m, d = rng.randint(1990, 1999), rng.randint(1, 12), rng.randint(1, 28)
+            row = {
+                "instruction": f"Write the date {MONTHS[m - 1]} {d}, {y} in YYYY-MM-DD format.",
+                "input": "",
+                "output": f"{y}-{m:02d}-{d:02d}",
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
+    cfg = {
+        "kernels": "torch",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
+        "lora": {"rank": 4, "alpha": 8},
+        "data": {
+            "train": str(write_alpaca(tmp_path / "train.jsonl", 48)),
+            "eval": str(write_alpaca(tmp_path / "eval.jsonl", 8, seed=1)),
+            "max_seq_len": 64,
+        },
+        "optim": {"name": "adamw8bit", "lr": 1e-2, "warmup_steps": 1},
+        "train": {"max_steps": 12, "micro_batch_size": 8, "log_every": 1, "progress": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train_losses(run: Path) -> list[float]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def _expected_trainable(model_dir: Path, method: str, rank: int = 4) -> int:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    if method in ("lora", "qlora"):
+        return sum(rank * (m.in_features + m.out_features) for m in linears)
+    if method == "full":
+        return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "partial", "qlora"])
+def test_cli_trains_each_method(tiny_model_dir, tmp_path, capsys, method):
+    if method == "qlora":
+        pytest.importorskip("fusedtune.kernels.modules").QuantLoRALinear  # noqa: B018
+    extra = {"partial": {"patterns": ["norm"]}} if method == "partial" else {}
+    if method == "partial":
+        extra["optim"] = {"lr": 5e-2}
+    cfg = write_config(tmp_path, tiny_model_dir, method=method, **extra)
+    assert main(["run", str(cfg)]) == 0
+    run = tmp_path / "run"
+    losses = _train_losses(run)
+    assert len(losses) == 12 and all(map(lambda x: x == x and abs(x) != float("inf"), losses))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"loss did not fall: {losses}"
+    for name in ("metrics.jsonl", "loss.png", "config.yaml", "summary.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["accounting"]["trainable_params"] == _expected_trainable(tiny_model_dir, method)
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+    if method in ("lora", "qlora"):
+        assert (run / "adapter_config.json").is_file() and (run / "adapter_model.safetensors").is_file()
+    else:
+        tensors = load_file(run / "trainable.safetensors")
+        assert sum(t.numel() for t in tensors.values()) == summary["accounting"]["trainable_params"]
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "optimizer state" in out
+
+
+def test_print_config_and_overrides(tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    assert main(["run", str(cfg), "lora.rank=2", "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["lora"]["rank"] == 2 and resolved["method"] == "lora"
+    assert not (tmp_path / "run").exists()
+
+
+def test_console_script_help_and_error_exit_code(tmp_path):
+    exe = Path(sys.executable).with_name("trainer")
+    help_text = subprocess.run([exe, "run", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "key=value" in help_text and "--print-config" in help_text
+    proc = subprocess.run([exe, "run", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "config file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _copy_model_with_vocab(src: Path, dst: Path, vocab_size: int) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["vocab_size"] = vocab_size
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (extra overrides, expected fragment of the one-line error)."""
+    (tmp_path / "malformed.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", \n')
+    (tmp_path / "missing.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    small_vocab = _copy_model_with_vocab(model_dir, tmp_path / "small-vocab", 300)
+    return {
+        "unknown key": (["optim.learning_rate=1e-3"], "unknown key 'optim.learning_rate' (did you mean"),
+        "wrong type": (["train.max_steps=many"], "train.max_steps: Input should be a valid integer"),
+        "out of range": (["lora.dropout=1.5"], "lora.dropout: Input should be less than 1"),
+        "zero batch": (["train.micro_batch_size=0"], "train.micro_batch_size"),
+        "missing model path": ([f"model.name_or_path={tmp_path}/no-such-model"], "no such model directory"),
+        "unavailable hub id": (
+            ["model.name_or_path=someorg/some-model-not-cached"],
+            "nor in the local Hugging Face cache",
+        ),
+        "malformed jsonl": ([f"data.train={tmp_path}/malformed.jsonl"], "malformed.jsonl:2:"),
+        "row missing field": ([f"data.train={tmp_path}/missing.jsonl"], "missing.jsonl:2:"),
+        "empty dataset": ([f"data.train={tmp_path}/empty.jsonl"], "empty.jsonl"),
+        "missing data file": ([f"data.train={tmp_path}/nope.jsonl"], "nope.jsonl"),
+        "all labels masked": (["data.max_seq_len=8", "data.overlength=truncate"], "masked"),
+        "ids beyond embeddings": ([f"model.name_or_path={small_vocab}"], "300"),
+        "target matches nothing": (["lora.target_modules=[qkv]"], "lora.target_modules"),
+        "rank larger than layer": (["lora.rank=100"], "lora.rank"),
+    }
+
+
+BAD_INPUT_NAMES = [
+    "unknown key",
+    "wrong type",
+    "out of range",
+    "zero batch",
+    "missing model path",
+    "unavailable hub id",
+    "malformed jsonl",
+    "row missing field",
+    "empty dataset",
+    "missing data file",
+    "all labels masked",
+    "ids beyond embeddings",
+    "target matches nothing",
+    "rank larger than layer",
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_NAMES)
+def test_bad_input_one_line_exit_2_nothing_overwritten(tiny_model_dir, tmp_path, capsys, case):
+    cfg = write_config(tmp_path, tiny_model_dir, overwrite=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("earlier run\n")
+    overrides, fragment = _bad_inputs(tmp_path, tiny_model_dir)[case]
+    code = main(["run", str(cfg), *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert fragment in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_text() == "earlier run\n"
+
+
+def test_non_empty_output_dir_without_overwrite(tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, overwrite=False)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    assert main(["run", str(cfg)]) == 2
+    assert "output_dir" in capsys.readouterr().err
+    assert (tmp_path / "run" / "keep.txt").read_text() == "x"

@@ -1,0 +1,115 @@
+"""The loop's arithmetic: token-normalized accumulation, non-finite guard, schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fusedtune.trainer.adapt import apply_method
+from fusedtune.trainer.config import load_config
+from fusedtune.trainer.loop import accumulate_gradients, optimizer_step
+from fusedtune.trainer.optim import build_optimizer, lr_lambda, trainable_parameters
+
+CPU = torch.device("cpu")
+
+
+def _batch(ids: torch.Tensor, prompt_lens: list[int], lengths: list[int], pad_id: int = 3):
+    """Right-padded batch; labels masked on the prompt and the padding."""
+    input_ids = ids.clone()
+    labels = ids.clone()
+    mask = torch.ones_like(ids)
+    for i, (p, n) in enumerate(zip(prompt_lens, lengths)):
+        labels[i, :p] = -100
+        labels[i, n:] = -100
+        input_ids[i, n:] = pad_id
+        mask[i, n:] = 0
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in trainable_parameters(model)}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_accumulation_matches_one_big_batch(tiny_model_dir, method):
+    """k micro-batches with different target counts == one batch k times the size."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    apply_method(model, load_config(None, [f"method={method}", "kernels=torch", "lora.rank=4"]), CPU)
+    for p in model.parameters():  # non-zero B so LoRA A also gets a gradient
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(4, model.config.vocab_size, (4, 16))
+    prompts, lengths = [3, 9, 1, 5], [16, 12, 16, 7]  # very different target counts per row
+    big = _batch(ids, prompts, lengths)
+    micro = [_batch(ids[i : i + 1], prompts[i : i + 1], lengths[i : i + 1]) for i in range(4)]
+
+    loss_big, t_big = accumulate_gradients(model, [big])
+    g_big = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_micro, t_micro = accumulate_gradients(model, micro)
+    g_micro = _grads(model)
+
+    assert t_big == t_micro == sum(n - p for p, n in zip(prompts, lengths))
+    assert loss_micro == pytest.approx(loss_big, rel=1e-12)
+    for name in g_big:
+        torch.testing.assert_close(g_micro[name], g_big[name], rtol=1e-10, atol=1e-12, msg=name)
+    # and the plain mean over micro-batch means would have been different (the test can fail)
+    naive = sum(accumulate_gradients(model, [m])[0] for m in micro) / len(micro)
+    assert abs(naive - loss_big) > 1e-3
+
+
+def test_all_masked_step_is_an_error(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.randint(4, model.config.vocab_size, (2, 8))
+    batch = _batch(ids, [8, 8], [8, 8])
+    with pytest.raises(Exception, match="every label in this optimizer step is masked"):
+        accumulate_gradients(model, [batch])
+
+
+def test_non_finite_gradient_skips_the_update(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    cfg = load_config(None, ["kernels=torch", "lora.rank=4", "optim.name=adamw_torch"])
+    apply_method(model, cfg, CPU)
+    params = [p for _, p in trainable_parameters(model)]
+    opt = build_optimizer(model, cfg.optim)
+    before = [p.detach().clone() for p in params]
+    ids = torch.randint(4, model.config.vocab_size, (2, 8))
+    batch = _batch(ids, [2, 2], [8, 8])
+    # poison one frozen weight with inf: loss and gradients turn non-finite
+    model.model.layers[0].mlp.down_proj.weight.data[0, 0] = math.inf
+    result = optimizer_step(model, params, [batch], opt, max_grad_norm=1.0)
+    assert result.skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, params)), "a skipped step changed the weights"
+    assert all(p.grad is None for p in params)
+    assert not opt.state, "a skipped step created optimizer state"
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    cfg = load_config(None, ["optim.warmup_steps=4", "optim.schedule=cosine", "optim.min_lr_ratio=0.1"]).optim
+    f = lr_lambda(cfg, total_steps=20)
+    assert [f(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert f(4) == pytest.approx(1.0)
+    assert f(19) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 19))
+    lin = lr_lambda(
+        load_config(None, ["optim.schedule=linear", "optim.warmup_steps=0"]).optim, total_steps=11
+    )
+    assert [lin(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_head_at_targets_equals_full_logits_loss(tiny_model_dir):
+    """The loss that projects only target positions equals cross-entropy over the full logits."""
+    from fusedtune.trainer.loop import loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    ids = torch.randint(4, model.config.vocab_size, (3, 10))
+    batch = _batch(ids, [2, 6, 0], [10, 8, 5])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+    torch.testing.assert_close(loss_sum(model, batch), expected, rtol=1e-12, atol=1e-12)

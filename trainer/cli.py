@@ -1,0 +1,100 @@
+"""The ``trainer`` command.
+
+    trainer run [CONFIG.yaml] [key=value ...]     fine-tune (no CONFIG: the embedded default)
+    trainer run CONFIG.yaml --print-config        show the resolved config and exit
+
+A user mistake prints one line, ``error: <what and where>``, and exits with code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from .errors import UserError
+
+EXAMPLES = """examples:
+  trainer run                                   the embedded default: LoRA on SmolLM2-135M-Instruct, CPU-friendly
+  trainer run my.yaml                           your config
+  trainer run my.yaml lora.rank=8 optim.lr=1e-4 dotted overrides, values parsed as YAML
+  trainer run my.yaml --print-config            the resolved config, nothing run
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer",
+        description="fusedtune: fine-tune a causal LM with LoRA, QLoRA, full or partial training.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="fine-tune a model",
+        description="Fine-tune a model as the config says. Without CONFIG, run the embedded default "
+        "(LoRA on SmolLM2-135M-Instruct, a date-formatting task; a few minutes on 2 CPU cores).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", nargs="?", help="YAML config file (default: the embedded default)")
+    run.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10"
+    )
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    # `trainer run lora.rank=8` has no config file: its first positional is an override.
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: our own bar and log lines say enough
+    warnings.filterwarnings("ignore", message=".*[Pp]aged optimizers are not supported on CPU.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``trainer`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        from .config import load_config
+
+        config_path, overrides = _split_config_and_overrides(args)
+        cfg = load_config(config_path, overrides)
+        if args.print_config:
+            sys.stdout.write(cfg.to_yaml())
+            return 0
+        from .loop import run
+
+        run(cfg)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
