@@ -261,10 +261,12 @@ def dequantize_4bit(
     """
     code = code_4bit(quant_type, packed.device)
     n = math.prod(shape)
-    b = packed.reshape(-1).view(torch.uint8).long()
-    q = torch.stack([b >> 4, b & 0xF], dim=-1).reshape(-1)[:n]
-    block = torch.arange(n, device=packed.device) // blocksize
-    return (code[q] * absmax.float()[block]).reshape(shape).to(dtype)
+    b = packed.reshape(-1).view(torch.uint8)
+    q = torch.stack([b >> 4, b & 0xF], dim=-1).reshape(-1)
+    n_blocks = absmax.numel()
+    vals = F.pad(code.index_select(0, q.long()), (0, n_blocks * blocksize - q.numel()))  # tail dropped below
+    out = vals.view(n_blocks, blocksize) * absmax.float().view(-1, 1)
+    return out.reshape(-1)[:n].reshape(shape).to(dtype)
 
 
 def quantize_blockwise_8bit(

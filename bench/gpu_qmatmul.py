@@ -1,0 +1,253 @@
+"""Matmul over a frozen NF4 weight on a GPU: the fused decode-in-the-K-loop kernels against the alternatives.
+
+    python3 bench/gpu_qmatmul.py --out bench/results        (bench/gpu.sh runs it with --out "$OUT")
+
+Providers, all bf16 activations, NF4 weight with double quant, blocksize 64:
+    ours      fusedtune.kernels.qmatmul fused kernels (path="fused": never the dequantize fallback)
+    bnb       bitsandbytes.matmul_4bit (skipped when bitsandbytes is absent on the GPU image)
+    dequant   fusedtune's Triton dequantize to a bf16 temporary, then cuBLAS (F.linear / matmul)
+    bf16      the bf16 GEMM on the unquantized weight: the ceiling
+Modes:
+    forward   Y = X deq(W)ᵀ                                   (base GEMM only)
+    dx        dX = dY deq(W)                                   (base GEMM only)
+    full      a QLoRA layer, r = 16, forward + backward (dX, dA, dB; x requires grad)
+Shapes: Llama-3-8B projections (K→N) 4096→4096, 4096→14336, 14336→4096 at M = 512…16384 tokens.
+
+Per row: ``triton.testing.do_bench`` median and 20/80 quantiles in ms, TFLOPS (2·M·N·K per base GEMM),
+and the bytes the pass moves with the achieved GB/s against the card's bandwidth measured here (a
+device-to-device copy). Weight bytes per parameter: 0.5 + scales for ``ours`` and ``bnb``'s fused
+inference path, about 0.5 + 2 (write) + 2 (read) for dequantize-then-GEMM, 2 for bf16. The summary
+rows check the issue's targets: ours >= 2x dequant+cuBLAS at M <= 2048 (forward, dx), and ours >=
+0.9x the bf16 GEMM at M = 16384; they also give the crossover M that should replace the placeholder
+``DEQUANT_MIN_TOKENS`` in kernels/qmatmul.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out) of Llama-3-8B's projections
+TOKENS = [512, 2048, 8192, 16384]
+MODES = ["forward", "dx", "full"]
+RANK = 16
+COLUMNS = [
+    "provider",
+    "mode",
+    "M",
+    "K",
+    "N",
+    "ms",
+    "ms_p20",
+    "ms_p80",
+    "tflops",
+    "gbytes",
+    "gb_per_s",
+    "bw_fraction",
+]
+
+
+def measured_bandwidth_gbs(device: str = "cuda") -> float:
+    """Device-memory bandwidth in GB/s from a 1 GiB device-to-device copy (read + write)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50)
+    return 2 * 2**30 / ms / 1e6
+
+
+def weight_bytes(provider: str, n: int, k: int) -> float:
+    """Bytes of the weight one pass reads (and writes, for the dequantize temporary)."""
+    packed = n * k / 2 + n * k / 64 + 4 * n * k / (64 * 256)  # codes + uint8 absmax + nested scales
+    return {"ours": packed, "bnb": packed + 4 * n * k, "dequant": packed + 4 * n * k, "bf16": 2 * n * k}[
+        provider
+    ]
+
+
+def pass_bytes(provider: str, mode: str, m: int, k: int, n: int) -> float:
+    """Bytes one pass moves: activations in and out (bf16) plus the weight, per base GEMM."""
+    per_gemm = weight_bytes(provider, n, k) + 2 * (m * k + m * n)
+    return per_gemm * (2 if mode == "full" else 1)
+
+
+def gemm_flops(m: int, k: int, n: int, mode: str) -> int:
+    return 2 * m * n * k * (2 if mode == "full" else 1)
+
+
+def make_call(provider: str, mode: str, m: int, k: int, n: int, device: str = "cuda"):
+    """A zero-argument callable running one pass of ``provider`` in ``mode``, and tensors to zero grads of."""
+    import torch.nn.functional as F
+
+    from fusedtune.kernels import qmatmul, quant, reference
+
+    dtype = torch.bfloat16
+    w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+    pw = quant.quantize_4bit(w, 64, "nf4", double_quant=True, backend="triton")
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=(mode == "full"))
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+    a = (torch.randn(RANK, k, device=device, dtype=dtype) / k**0.5).requires_grad_()
+    b = (torch.randn(n, RANK, device=device, dtype=dtype) * 0.02).requires_grad_()
+    scale = 2.0
+    grads = [x, a, b]
+    if provider == "bnb":
+        import bitsandbytes as bnb
+
+        w_bnb, qs = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    if provider == "bf16":
+        w_dense = w
+    else:
+        del w
+
+    if mode == "forward":
+        if provider == "ours":
+            return (lambda: qmatmul.qmatmul_forward(x, pw)), grads
+        if provider == "dequant":
+            return (lambda: F.linear(x, quant.dequantize(pw, dtype))), grads
+        if provider == "bf16":
+            return (lambda: F.linear(x, w_dense)), grads
+        return (lambda: bnb.matmul_4bit(x, w_bnb.t(), quant_state=qs)), grads
+    if mode == "dx":
+        if provider == "ours":
+            return (lambda: qmatmul.qmatmul_backward_dx(dy, pw)), grads
+        if provider == "dequant":
+            return (lambda: dy @ quant.dequantize(pw, dtype)), grads
+        if provider == "bf16":
+            return (lambda: dy @ w_dense), grads
+        xg = x.detach().requires_grad_()  # bnb's own backward for dX, from a retained graph
+        y = bnb.matmul_4bit(xg, w_bnb.t(), quant_state=qs)
+        return (lambda: torch.autograd.grad(y, xg, dy, retain_graph=True)), []
+
+    # full QLoRA layer, forward + backward
+    if provider == "ours":
+        fn = lambda: qmatmul.qlora_linear(x, pw, a, b, scale, path="fused")
+    elif provider == "dequant":
+        fn = lambda: qmatmul.qlora_linear(x, pw, a, b, scale, path="dequant")
+    elif provider == "bf16":
+        fn = lambda: reference.lora_linear(x, w_dense, a, b, scale)
+    else:  # PEFT + bitsandbytes arithmetic: bnb base matmul plus the torch LoRA branch
+        fn = lambda: bnb.matmul_4bit(x, w_bnb.t(), quant_state=qs) + scale * ((x @ a.t()) @ b.t())
+    return (lambda: fn().backward(dy)), grads
+
+
+def run(providers: list[str], shapes, tokens, modes, bandwidth: float) -> list[dict]:
+    from triton.testing import do_bench
+
+    rows = []
+    for k, n in shapes:
+        for m in tokens:
+            for mode in modes:
+                for provider in providers:
+                    call, grads = make_call(provider, mode, m, k, n)
+                    call()  # compile outside the timing
+                    torch.cuda.synchronize()
+                    ms, p20, p80 = do_bench(
+                        call, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads, warmup=5, rep=25
+                    )
+                    gbytes = pass_bytes(provider, mode, m, k, n) / 1e9
+                    row = {"provider": provider, "mode": mode, "M": m, "K": k, "N": n}
+                    row.update(ms=ms, ms_p20=p20, ms_p80=p80, tflops=gemm_flops(m, k, n, mode) / ms / 1e9)
+                    row.update(
+                        gbytes=gbytes, gb_per_s=gbytes / ms * 1e3, bw_fraction=gbytes / ms * 1e3 / bandwidth
+                    )
+                    rows.append(row)
+                    print(
+                        f"{provider:>8} {mode:>7} M={m:<5} K={k:<5} N={n:<5} {ms:8.3f} ms [{p20:.3f}, {p80:.3f}] "
+                        f"{row['tflops']:6.1f} TFLOPS {row['gb_per_s']:7.0f} GB/s",
+                        flush=True,
+                    )
+                    del call, grads
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Targets: ours/dequant speed-up at M <= 2048 (goal >= 2), ours/bf16 at M = 16384 (goal >= 0.9)."""
+
+    def ms_of(provider, mode, m, k, n):
+        for r in rows:
+            if (r["provider"], r["mode"], r["M"], r["K"], r["N"]) == (provider, mode, m, k, n):
+                return r["ms"]
+        return None
+
+    out = []
+    keys = sorted({(r["mode"], r["M"], r["K"], r["N"]) for r in rows})
+    for mode, m, k, n in keys:
+        ours, deq, dense = (ms_of(p, mode, m, k, n) for p in ("ours", "dequant", "bf16"))
+        out.append(
+            {
+                "mode": mode,
+                "M": m,
+                "K": k,
+                "N": n,
+                "speedup_vs_dequant": deq / ours if ours and deq else None,
+                "goal_vs_dequant": 2.0 if m <= 2048 and mode != "full" else None,
+                "fraction_of_bf16": dense / ours if ours and dense else None,
+                "goal_vs_bf16": 0.9 if m == 16384 else None,
+                "fused_wins": (ours < deq) if ours and deq else None,
+            }
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--quick", action="store_true", help="K=N=4096 at M=2048 and 16384 only")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "gpu_qmatmul.py needs a CUDA device (triton.testing.do_bench times GPU kernels); none found.",
+            file=sys.stderr,
+        )
+        return 2
+
+    from report import write_results
+
+    providers = ["ours", "dequant", "bf16"]
+    try:
+        import bitsandbytes  # noqa: F401
+
+        providers.insert(1, "bnb")
+    except ImportError as e:
+        print(f"bnb provider skipped: {e}", file=sys.stderr)
+    shapes, tokens = (SHAPES, TOKENS) if not args.quick else ([(4096, 4096)], [2048, 16384])
+    start = time.time()
+    torch.manual_seed(0)
+    bandwidth = measured_bandwidth_gbs()
+    print(f"measured device bandwidth: {bandwidth:.0f} GB/s (1 GiB device-to-device copy)")
+    rows = run(providers, shapes, tokens, MODES, bandwidth)
+    for row in rows:
+        row["bandwidth_gbs"] = bandwidth
+    path = write_results("qmatmul_nf4", rows, COLUMNS, args.out)
+    summ = summary(rows)
+    cols = [
+        "mode",
+        "M",
+        "K",
+        "N",
+        "speedup_vs_dequant",
+        "goal_vs_dequant",
+        "fraction_of_bf16",
+        "goal_vs_bf16",
+        "fused_wins",
+    ]
+    write_results("qmatmul_nf4_targets", summ, cols, args.out)
+    for row in summ:
+        print(
+            f"target {row['mode']:>7} M={row['M']:<5} K={row['K']:<5} N={row['N']:<5} "
+            f"ours vs dequant {row['speedup_vs_dequant']} (goal {row['goal_vs_dequant']}), "
+            f"ours vs bf16 {row['fraction_of_bf16']} (goal {row['goal_vs_bf16']})"
+        )
+    print(f"wrote {path} in {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
