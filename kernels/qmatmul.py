@@ -160,6 +160,7 @@ def _qmatmul_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr,  # dtype deq(W) is rounded to (the compute dtype), as bnb's dequantize
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (fp32 under the interpreter)
+    EMULATE_RNE: tl.constexpr,  # interpreter: round deq(W) to bf16 by hand (its cast truncates)
     PRECISION: tl.constexpr,  # "ieee" for fp32 operands, else "tf32" (ignored for 16-bit)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -184,7 +185,7 @@ def _qmatmul_fwd_kernel(
             w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offs_n, offs_k, k0, N, K,
             FORMAT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SCALE_PER_ROW,
         )  # fmt: skip
-        w = _cast_rne(w, W_DTYPE)
+        w = _cast_rne(w, W_DTYPE, EMULATE_RNE)
         acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
@@ -237,6 +238,7 @@ def _qmatmul_bwd_dx_kernel(
     HAS_LORA: tl.constexpr,
     W_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # reduction step over N
@@ -262,7 +264,7 @@ def _qmatmul_bwd_dx_kernel(
             w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offs_n, offs_k, k_first,
             N, K, FORMAT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SCALE_PER_ROW,
         )  # fmt: skip
-        w = _cast_rne(w, W_DTYPE)
+        w = _cast_rne(w, W_DTYPE, EMULATE_RNE)
         acc += tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=PRECISION)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
@@ -318,11 +320,17 @@ def _weight_args(pw: PackedWeight) -> tuple[list[torch.Tensor], dict]:
 
 def _dot_args(dtype: torch.dtype) -> dict:
     if interpreter_active():  # the interpreter's 16-bit arithmetic is not IEEE: dot in fp32
-        return {"W_DTYPE": TORCH_TO_TL[dtype], "DOT_DTYPE": tl.float32, "PRECISION": "ieee"}
+        return {
+            "W_DTYPE": TORCH_TO_TL[dtype],
+            "DOT_DTYPE": tl.float32,
+            "PRECISION": "ieee",
+            "EMULATE_RNE": True,
+        }
     return {
         "W_DTYPE": TORCH_TO_TL[dtype],
         "DOT_DTYPE": TORCH_TO_TL[dtype],
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "EMULATE_RNE": False,
     }
 
 

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from . import reference
-from ._triton import cdiv, exact_fp_options, tl, triton
+from ._triton import cdiv, exact_fp_options, interpreter_active, tl, triton
 
 QuantType = Literal["nf4", "fp4", "int8"]
 Backend = Literal["torch", "triton"]
@@ -46,9 +46,12 @@ Backend = Literal["torch", "triton"]
 
 
 @triton.jit
-def _cast_rne(x, dtype: tl.constexpr):
-    """fp32 -> ``dtype`` with round-to-nearest-even, also under the interpreter (whose bf16 cast truncates)."""
-    if dtype == tl.bfloat16:
+def _cast_rne(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 -> ``dtype`` with round-to-nearest-even; EMULATE under the interpreter, whose bf16 cast truncates.
+
+    On a GPU the native cast already rounds to nearest even, so EMULATE is off there.
+    """
+    if EMULATE and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)  # now exact in bf16
@@ -134,6 +137,7 @@ def _dequantize_4bit_kernel(
     NESTED: tl.constexpr,  # absmax is double-quantized
     NESTED_BLOCKSIZE: tl.constexpr,  # 256
     BYTES_PER_PROG: tl.constexpr,  # packed bytes handled by one program
+    EMULATE_RNE: tl.constexpr,  # interpreter: round to bf16 by hand
 ):
     """``out[e] = code[q_e] · absmax[e // BLOCKSIZE]`` in fp32, cast to the output dtype."""
     i = tl.program_id(0) * BYTES_PER_PROG + tl.arange(0, BYTES_PER_PROG)
@@ -153,7 +157,7 @@ def _dequantize_4bit_kernel(
     lo = tl.load(code_ptr + (byte & 0xF)) * scale
     vals = tl.interleave(hi, lo)  # element 2i then 2i + 1
     offs = tl.program_id(0) * (2 * BYTES_PER_PROG) + tl.arange(0, 2 * BYTES_PER_PROG)
-    tl.store(out_ptr + offs, _cast_rne(vals, out_ptr.dtype.element_ty), mask=offs < n)
+    tl.store(out_ptr + offs, _cast_rne(vals, out_ptr.dtype.element_ty, EMULATE_RNE), mask=offs < n)
 
 
 @triton.jit
@@ -222,6 +226,7 @@ def _dequantize_int8_rowwise_kernel(
     stride_q,  # row stride of q (elements)
     stride_out,  # row stride of out (elements)
     BLOCK_K: tl.constexpr,  # columns per program
+    EMULATE_RNE: tl.constexpr,  # interpreter: round to bf16 by hand
 ):
     """``out[n, k] = (q[n, k] · scale[n]) · (1/127)`` in fp32, cast to the output dtype."""
     row = tl.program_id(0)
@@ -229,7 +234,11 @@ def _dequantize_int8_rowwise_kernel(
     q = tl.load(q_ptr + row * stride_q + offs, mask=offs < K, other=0).to(tl.float32)
     scale = tl.load(scale_ptr + row)
     out = q * scale * 7.874015718698502e-3
-    tl.store(out_ptr + row * stride_out + offs, _cast_rne(out, out_ptr.dtype.element_ty), mask=offs < K)
+    tl.store(
+        out_ptr + row * stride_out + offs,
+        _cast_rne(out, out_ptr.dtype.element_ty, EMULATE_RNE),
+        mask=offs < K,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,6 +531,7 @@ def dequantize_4bit(
         NESTED=pw.nested,
         NESTED_BLOCKSIZE=pw.nested_blocksize,
         BYTES_PER_PROG=bytes_per_prog,
+        EMULATE_RNE=interpreter_active(),
         **exact_fp_options(),
     )
     return out
@@ -580,6 +590,7 @@ def dequantize_int8(
         pw.qweight.stride(0),
         out.stride(0),
         BLOCK_K=block_k,
+        EMULATE_RNE=interpreter_active(),
         **exact_fp_options(),
     )
     return out
