@@ -1,0 +1,391 @@
+"""Data stage: formats and their labels, overlength policies, sources, the eval split, packing,
+batching, epoch order, and a one-line error naming file:line for every bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from fusedtune.trainer.config import DataConfig
+from fusedtune.trainer.data import (
+    IGNORE_INDEX,
+    Example,
+    build_datasets,
+    collate,
+    epoch_order,
+    pack,
+)
+from fusedtune.trainer.errors import DataError
+
+VOCAB = 400  # the tiny model's embedding rows
+EOS = "<|im_end|>"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build(tmp_path, tokenizer, rows, vocab_size=VOCAB, name="train.jsonl", **cfg):
+    path = write_jsonl(tmp_path / name, rows)
+    return build_datasets(DataConfig(train=str(path), **cfg), tokenizer, vocab_size)
+
+
+def target_spans(example: Example) -> list[list[int]]:
+    """The runs of consecutive target tokens in an example's labels."""
+    spans, current = [], []
+    for label in example.labels:
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(label)
+    return [*spans, current] if current else spans
+
+
+@pytest.fixture
+def no_template_tokenizer(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formats and labels
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_text_format_has_loss_on_every_token_and_ends_with_eos(tmp_path, tiny_tokenizer):
+    data = build(tmp_path, tiny_tokenizer, [{"text": "The quick brown fox"}, {"text": "jumps over"}])
+    assert data.format == "text"
+    first = data.train[0]
+    assert first.labels == first.input_ids
+    assert first.input_ids[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.decode(first.input_ids) == "The quick brown fox" + EOS
+    assert first.source.endswith("train.jsonl:1")
+    assert data.eval == [] and data.eval_rows == [] and data.task is None
+
+
+@pytest.mark.parametrize("extra", ["", "a lazy dog"])
+def test_alpaca_with_chat_template_masks_the_prompt(tmp_path, tiny_tokenizer, extra):
+    row = {"instruction": "Write the date", "input": extra, "output": "2024-03-05"}
+    data = build(tmp_path, tiny_tokenizer, [row])
+    assert data.format == "alpaca"
+    (example,) = data.train
+    user = "Write the date" + (f"\n\n{extra}" if extra else "")
+    prompt = f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    (span,) = target_spans(example)
+    assert tiny_tokenizer.decode(span) == "2024-03-05<|im_end|>\n"
+    n_prompt = example.labels.index(span[0])
+    assert tiny_tokenizer.decode(example.input_ids[:n_prompt]) == prompt
+    assert all(label == IGNORE_INDEX for label in example.labels[:n_prompt])
+
+
+@pytest.mark.parametrize("extra", ["", "the input"])
+def test_alpaca_without_chat_template_uses_the_classic_prompt(tmp_path, no_template_tokenizer, extra):
+    tok = no_template_tokenizer
+    row = {"instruction": "Sort these", "input": extra, "output": "done"}
+    (example,) = build(tmp_path, tok, [row]).train
+    (span,) = target_spans(example)
+    assert tok.decode(span) == "done" + EOS
+    prompt = tok.decode(example.input_ids[: len(example.input_ids) - len(span)])
+    assert prompt.startswith("Below is an instruction")
+    expected_tail = "### Instruction:\nSort these\n\n" + (f"### Input:\n{extra}\n\n" if extra else "")
+    assert prompt.endswith(expected_tail + "### Response:\n")
+    assert ("### Input:" in prompt) == bool(extra)
+
+
+def test_multi_turn_messages_have_loss_on_each_assistant_turn_only(tmp_path, tiny_tokenizer):
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "March?"},
+            {"role": "assistant", "content": "03"},
+            {"role": "user", "content": "May?"},
+            {"role": "assistant", "content": "05"},
+        ]
+    }
+    data = build(tmp_path, tiny_tokenizer, [row])
+    assert data.format == "messages"
+    (example,) = data.train
+    spans = [tiny_tokenizer.decode(s) for s in target_spans(example)]
+    assert spans == ["03<|im_end|>\n", "05<|im_end|>\n"]
+    assert tiny_tokenizer.decode(example.input_ids) == tiny_tokenizer.apply_chat_template(
+        row["messages"], tokenize=False
+    )
+    n_targets = sum(label != IGNORE_INDEX for label in example.labels)
+    assert n_targets == sum(len(s) for s in target_spans(example))
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"instruction": "Sort these", "output": "done"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+    ],
+    ids=["alpaca", "messages"],
+)
+def test_completion_only_false_has_loss_on_every_token(tmp_path, tiny_tokenizer, row):
+    on = build(tmp_path, tiny_tokenizer, [row], completion_only=True).train[0]
+    off = build(tmp_path, tiny_tokenizer, [row], completion_only=False).train[0]
+    assert off.input_ids == on.input_ids
+    assert off.labels == off.input_ids
+    assert on.labels != on.input_ids
+
+
+def test_examples_without_targets_are_dropped_and_counted(tmp_path, tiny_tokenizer):
+    rows = [
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+    ]
+    data = build(tmp_path, tiny_tokenizer, rows)
+    assert [e.source.rsplit("/", 1)[-1] for e in data.train] == ["train.jsonl:2"]
+    assert data.train_stats.dropped_no_targets == 1
+
+
+def test_builtin_task_builds_messages_examples(tiny_tokenizer):
+    data = build_datasets(DataConfig(task="dates", num_train=12, num_eval=5), tiny_tokenizer, VOCAB)
+    assert data.format == "messages" and data.task is not None and data.task.name == "dates"
+    assert len(data.train) == 12 and len(data.eval) == 5 and len(data.eval_rows) == 5
+    assert data.train[3].source == "task:dates#3"
+    for example, row in zip(data.eval, data.eval_rows):
+        (span,) = target_spans(example)
+        assert tiny_tokenizer.decode(span) == row["answer"] + "<|im_end|>\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overlength
+# ---------------------------------------------------------------------------------------------------
+
+LONG = {"text": "The quick brown fox jumps over the lazy dog. " * 3}
+SHORT = {"text": "fox"}
+
+
+def test_truncate_cuts_to_max_seq_len(tmp_path, tiny_tokenizer):
+    full = build(tmp_path, tiny_tokenizer, [LONG]).train[0]
+    data = build(tmp_path, tiny_tokenizer, [LONG, SHORT], max_seq_len=8, overlength="truncate")
+    assert len(full.input_ids) > 8
+    assert data.train[0].input_ids == full.input_ids[:8]
+    assert data.train[0].labels == full.labels[:8]
+    assert data.train_stats.truncated == 1 and len(data.train) == 2
+
+
+def test_drop_removes_and_counts_overlength_examples(tmp_path, tiny_tokenizer):
+    data = build(tmp_path, tiny_tokenizer, [LONG, SHORT, LONG], max_seq_len=8, overlength="drop")
+    assert [e.source.rsplit(":", 1)[-1] for e in data.train] == ["2"]
+    assert data.train_stats.dropped_overlength == 2
+    assert "2 dropped as longer than data.max_seq_len" in data.train_stats.describe()
+
+
+def test_truncating_away_the_response_drops_the_example(tmp_path, tiny_tokenizer):
+    rows = [{"instruction": LONG["text"], "output": "ok"}, {"instruction": "Sort", "output": "ok"}]
+    data = build(tmp_path, tiny_tokenizer, rows, max_seq_len=24)
+    assert [e.source.rsplit(":", 1)[-1] for e in data.train] == ["2"]
+    assert data.train_stats.truncated == 1 and data.train_stats.dropped_no_targets == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources and the eval split
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_eval_fraction_split_is_disjoint_complete_and_deterministic(tmp_path, tiny_tokenizer):
+    rows = [{"text": f"fox {i}"} for i in range(20)]
+    a = build(tmp_path, tiny_tokenizer, rows, eval_fraction=0.25, seed=0)
+    again = build(tmp_path, tiny_tokenizer, rows, eval_fraction=0.25, seed=0)
+    other = build(tmp_path, tiny_tokenizer, rows, eval_fraction=0.25, seed=1)
+    train_src = [e.source for e in a.train]
+    eval_src = [e.source for e in a.eval]
+    assert len(eval_src) == 5 and len(train_src) == 15
+    assert set(train_src).isdisjoint(eval_src)
+    assert sorted(train_src + eval_src, key=lambda s: int(s.rsplit(":", 1)[1])) == [
+        f"{tmp_path / 'train.jsonl'}:{i}" for i in range(1, 21)
+    ]
+    assert a.eval_rows == [rows[int(s.rsplit(":", 1)[1]) - 1] for s in eval_src]
+    assert eval_src == [e.source for e in again.eval]
+    assert eval_src != [e.source for e in other.eval]
+
+
+def test_eval_file(tmp_path, tiny_tokenizer):
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [{"text": "lazy dog"}])
+    data = build(tmp_path, tiny_tokenizer, [{"text": "fox"}], eval=str(eval_path))
+    assert [e.source for e in data.eval] == [f"{eval_path}:1"]
+    assert data.eval_rows == [{"text": "lazy dog"}]
+
+
+def test_jsonl_blank_lines_keep_line_numbers(tmp_path, tiny_tokenizer):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a"}\n\n   \n{"text": "b"}\n')
+    data = build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+    assert [e.source for e in data.train] == [f"{path}:1", f"{path}:4"]
+
+
+def test_json_array_rows_are_named_by_their_line(tmp_path, tiny_tokenizer):
+    path = tmp_path / "train.json"
+    path.write_text('[\n  {"text": "a"},\n\n  {"text":\n    "b"},\n  {"text": "c"}\n]\n')
+    data = build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+    assert [e.source for e in data.train] == [f"{path}:2", f"{path}:4", f"{path}:6"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_tabular_files_through_datasets(tmp_path, tiny_tokenizer, suffix):
+    pandas = pytest.importorskip("pandas")
+    pytest.importorskip("datasets")
+    frame = pandas.DataFrame(
+        {"instruction": ["Sort these", "Write the date"], "input": ["", "x"], "output": ["done", "2024"]}
+    )
+    path = tmp_path / f"train{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    data = build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+    assert data.format == "alpaca"
+    assert [e.source for e in data.train] == [f"{path}:row 1", f"{path}:row 2"]
+    assert [tiny_tokenizer.decode(target_spans(e)[0]) for e in data.train] == [
+        "done<|im_end|>\n",
+        "2024<|im_end|>\n",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line, naming file:line or the field
+# ---------------------------------------------------------------------------------------------------
+
+GOOD = '{"text": "fox"}'
+ALPACA = '{"instruction": "Sort", "output": "done"}'
+CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+LONG_LINE = json.dumps(LONG)
+
+BAD_INPUTS = {
+    # id: (lines of train.jsonl, config overrides, vocab size, expected message (with {dir} for tmp_path))
+    "invalid json": ([GOOD] * 6 + ['{"text": "a" "b"}'], {}, VOCAB, "train.jsonl:7: invalid JSON (Expecting ',' delimiter)"),
+    "not an object": ([GOOD, "[1, 2]"], {}, VOCAB, "train.jsonl:2: expected a JSON object per line, got list"),
+    "alpaca no output": ([ALPACA, ALPACA, '{"instruction": "x"}'], {}, VOCAB, "train.jsonl:3: alpaca row has no 'output' field"),
+    "alpaca output not str": ([ALPACA, '{"instruction": "x", "output": 5}'], {}, VOCAB, "train.jsonl:2: alpaca field 'output' must be a string, got int"),
+    "text missing": (['{"txt": "a"}'], {"format": "text"}, VOCAB, "train.jsonl:1: text row has no 'text' field"),
+    "unknown keys": (['{"prompt": "a", "completion": "b"}'], {}, VOCAB, "train.jsonl:1: cannot tell the data format from the keys ['completion', 'prompt']"),
+    "empty file": ([], {}, VOCAB, "{dir}/train.jsonl: no examples"),
+    "blank file": (["", "  "], {}, VOCAB, "{dir}/train.jsonl: no examples"),
+    "all masked": (['{"messages": [{"role": "user", "content": "hi"}]}'] * 2, {}, VOCAB, "{dir}/train.jsonl: every label is masked in all 2 rows"),
+    "overlength error": ([GOOD] * 4 + [LONG_LINE], {"max_seq_len": 8, "overlength": "error"}, VOCAB, "train.jsonl:5: example is {long} tokens > data.max_seq_len=8 (data.overlength=error)"),
+    "all dropped": ([LONG_LINE], {"max_seq_len": 8, "overlength": "drop"}, VOCAB, "{dir}/train.jsonl: no examples left: all 1 are longer than data.max_seq_len=8"),
+    "unknown role": ([CHAT, '{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}'], {}, VOCAB, "train.jsonl:2: messages[1] has unknown role 'bot' (known: system, user, assistant, tool)"),
+    "message not object": (['{"messages": ["hi"]}'], {}, VOCAB, "train.jsonl:1: messages[0] must be an object with 'role' and 'content'"),
+    "messages empty": (['{"messages": []}'], {}, VOCAB, "train.jsonl:1: 'messages' must be a non-empty list"),
+    "content not str": (['{"messages": [{"role": "user", "content": ["a"]}]}'], {}, VOCAB, "train.jsonl:1: messages[0] content must be a string, got list"),
+    "id beyond embedding": ([GOOD], {}, 50, "train.jsonl:1: tokenizer produces id {fox_max} but the model's embedding has 50 rows"),
+    "pad beyond embedding": ([GOOD], {}, 3, "tokenizer: its pad token id 3 is beyond the model's embedding of 3 rows"),
+    "missing file": (None, {"train": "nope/x.jsonl"}, VOCAB, "data.train: file not found: nope/x.jsonl"),
+    "missing eval file": ([GOOD], {"eval": "nope/e.jsonl"}, VOCAB, "data.eval: file not found: nope/e.jsonl"),
+    "unsupported type": (None, {"train": "{dir}/train.txt"}, VOCAB, "data.train: unsupported file type '.txt' for {dir}/train.txt"),
+    "directory": (None, {"train": "{dir}"}, VOCAB, "data.train: {dir} is a directory, expected a data file"),
+    "eval and fraction": ([GOOD], {"eval": "{dir}/train.jsonl", "eval_fraction": 0.5}, VOCAB, "data.eval_fraction: set either data.eval (a file) or data.eval_fraction, not both"),
+    "split of one row": ([GOOD], {"eval_fraction": 0.5}, VOCAB, "train.jsonl: data.eval_fraction needs at least 2 rows to split, the file has 1"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_the_place(tmp_path, tiny_tokenizer, case):
+    lines, overrides, vocab_size, expected = BAD_INPUTS[case]
+    (tmp_path / "train.txt").write_text("fox\n")
+    if lines is not None:
+        (tmp_path / "train.jsonl").write_text("".join(line + "\n" for line in lines))
+    overrides = {k: v.format(dir=tmp_path) if isinstance(v, str) else v for k, v in overrides.items()}
+    cfg = DataConfig(**{"train": str(tmp_path / "train.jsonl"), **overrides})
+    with pytest.raises(DataError) as info:
+        build_datasets(cfg, tiny_tokenizer, vocab_size)
+    message = str(info.value)
+    assert "\n" not in message
+    long = len(tiny_tokenizer(LONG["text"]).input_ids) + 1  # + EOS
+    fox_max = max(tiny_tokenizer("fox").input_ids)
+    assert expected.format(dir=tmp_path, long=long, fox_max=fox_max) in message
+
+
+def test_json_array_errors_name_the_line(tmp_path, tiny_tokenizer):
+    path = tmp_path / "train.json"
+    path.write_text('[\n  {"text": "a"},\n  "b"\n]\n')
+    with pytest.raises(DataError, match=r"train\.json:3: expected a JSON object, got str$"):
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+    path.write_text('[\n  {"text": "a"},\n  {"text": }\n]\n')
+    with pytest.raises(DataError, match=r"train\.json:3: invalid JSON \(Expecting value\)$"):
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+
+
+def test_messages_need_a_chat_template(tmp_path, no_template_tokenizer):
+    with pytest.raises(
+        DataError, match=r"train\.jsonl:1: a messages dataset needs a tokenizer with a chat template"
+    ):
+        build(tmp_path, no_template_tokenizer, [json.loads(CHAT)])
+
+
+def test_template_that_rerenders_earlier_turns_is_refused(tmp_path, tiny_tokenizer):
+    """A template that marks the last message differently makes prefixes inconsistent."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+        "{% if loop.last %}{{ ' (last)' }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    rows = [json.loads(CHAT)]
+    with pytest.raises(DataError, match=r"train\.jsonl:1: the chat template does not render messages\[:1\]"):
+        build(tmp_path, tok, rows)
+    assert build(tmp_path, tok, rows, completion_only=False).train  # all-token loss needs no boundaries
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching, order, packing
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_collate_right_pads_and_masks():
+    examples = [Example([5, 6, 7], [-100, 6, 7], "a"), Example([8], [8], "b")]
+    batch = collate(examples, pad_id=3)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert {t.dtype for t in batch.values()} == {__import__("torch").long}
+
+
+def test_epoch_order_is_a_deterministic_permutation_per_seed_and_epoch():
+    order = epoch_order(100, seed=7, epoch=2)
+    assert sorted(order) == list(range(100))
+    assert order == epoch_order(100, seed=7, epoch=2)
+    assert order != list(range(100))
+    assert order != epoch_order(100, seed=7, epoch=3)
+    assert order != epoch_order(100, seed=8, epoch=2)
+    assert epoch_order(0, 0, 0) == [] and epoch_order(1, 0, 0) == [0]
+
+
+def test_pack_preserves_every_token_and_label(tmp_path, tiny_tokenizer):
+    rows = [{"text": "fox " * (i % 4 + 1)} for i in range(9)]  # text examples end with EOS
+    examples = build(tmp_path, tiny_tokenizer, rows).train
+    eos = tiny_tokenizer.eos_token_id
+    packed = pack(examples, max_seq_len=16, eos_id=eos)
+    assert all(len(p.input_ids) == 16 for p in packed[:-1]) and 0 < len(packed[-1].input_ids) <= 16
+    assert [t for p in packed for t in p.input_ids] == [t for e in examples for t in e.input_ids]
+    assert [t for p in packed for t in p.labels] == [t for e in examples for t in e.labels]
+    assert packed[0].source.startswith("packed#0 [") and "train.jsonl:1 .. " in packed[0].source
+
+
+def test_pack_separates_examples_not_ending_in_eos_without_loss(tmp_path, tiny_tokenizer):
+    rows = [{"instruction": f"Sort {i}", "output": "done"} for i in range(5)]
+    examples = build(tmp_path, tiny_tokenizer, rows).train  # chat turns end "<|im_end|>\n"
+    eos = tiny_tokenizer.eos_token_id
+    # every window of 48 tokens holds a response, so no sequence is left out for lack of targets
+    assert max(len(e.input_ids) for e in examples) < 40
+    packed = pack(examples, max_seq_len=48, eos_id=eos)
+    assert len(packed) > 1
+    ids = [t for p in packed for t in p.input_ids]
+    labels = [t for p in packed for t in p.labels]
+    expected_ids = [t for e in examples for t in [*e.input_ids, eos]]
+    expected_labels = [t for e in examples for t in [*e.labels, IGNORE_INDEX]]
+    assert ids == expected_ids and labels == expected_labels
+
+
+def test_pack_leaves_out_sequences_without_targets():
+    prompt_only = Example([10] * 20 + [11, 2], [-100] * 20 + [11, 2], "long prompt")
+    packed = pack([prompt_only], max_seq_len=8, eos_id=2)
+    # chunks [0:8] and [8:16] carry no loss; [16:22] has the response
+    assert [p.input_ids for p in packed] == [[10, 10, 10, 10, 11, 2]]
+    assert packed[0].labels == [-100, -100, -100, -100, 11, 2]
