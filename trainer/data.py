@@ -526,9 +526,10 @@ def build_datasets(cfg: DataConfig, tokenizer, vocab_size: int) -> Datasets:
     evaluation, eval_stats = [], DataStats()
     if eval_rows:
         evaluation, eval_stats = encode_rows(eval_rows, fmt, tokenizer, cfg, vocab_size, eval_name)
-    log.info("data: train %s (%s)", train_stats.describe(), fmt)
-    if eval_rows:
-        log.info("data: eval %s", eval_stats.describe())
+    for split, stats in (("train", train_stats), ("eval", eval_stats)):
+        if stats.rows:  # a warning (shown without logging set-up) when rows were cut or dropped
+            lossy = stats.truncated or stats.dropped_overlength or stats.dropped_no_targets
+            log.log(logging.WARNING if lossy else logging.INFO, "data: %s: %s", split, stats.describe())
     return Datasets(
         train=train,
         eval=evaluation,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 
@@ -173,11 +174,12 @@ def test_truncate_cuts_to_max_seq_len(tmp_path, tiny_tokenizer):
     assert data.train_stats.truncated == 1 and len(data.train) == 2
 
 
-def test_drop_removes_and_counts_overlength_examples(tmp_path, tiny_tokenizer):
-    data = build(tmp_path, tiny_tokenizer, [LONG, SHORT, LONG], max_seq_len=8, overlength="drop")
+def test_drop_removes_counts_and_reports_overlength_examples(tmp_path, tiny_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="fusedtune.trainer.data"):
+        data = build(tmp_path, tiny_tokenizer, [LONG, SHORT, LONG], max_seq_len=8, overlength="drop")
     assert [e.source.rsplit(":", 1)[-1] for e in data.train] == ["2"]
     assert data.train_stats.dropped_overlength == 2
-    assert "2 dropped as longer than data.max_seq_len" in data.train_stats.describe()
+    assert "data: train: 3 rows, 2 dropped as longer than data.max_seq_len" in caplog.text
 
 
 def test_truncating_away_the_response_drops_the_example(tmp_path, tiny_tokenizer):
