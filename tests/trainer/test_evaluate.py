@@ -72,7 +72,7 @@ def test_task_accuracy_on_the_tiny_model(tiny_model, tiny_tokenizer):
     tiny_model.train()
     tiny_tokenizer.padding_side = "right"
     accuracy, samples = task_accuracy(
-        tiny_model, tiny_tokenizer, rows, get_task("dates"), batch_size=2, num_samples=5
+        tiny_model, tiny_tokenizer, rows, get_task("dates"), batch_size=3, max_new_tokens=6, num_samples=5
     )
     assert 0.0 <= accuracy <= 1.0
     assert len(samples) == 5
