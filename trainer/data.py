@@ -228,7 +228,13 @@ def read_rows(path: str, field_name: str) -> list[Row]:
 
 
 def detect_format(row: Row) -> str:
-    """The format a row's keys say: ``messages``, ``alpaca`` (instruction + output) or ``text``.
+    """The format a row's keys say (``data.format: auto`` asks the first row).
+
+    Args:
+        row: a raw row.
+
+    Returns:
+        ``messages`` (has ``messages``), ``alpaca`` (has ``instruction``) or ``text`` (has ``text``).
 
     Raises:
         DataError: keys that match no format.
