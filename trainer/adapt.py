@@ -48,8 +48,12 @@ class AdaptReport:
             )
             if self.quantized:
                 out.append(f"{len(self.quantized)} frozen Linear weights quantized")
+            by_reason: dict[str, list[str]] = {}
             for name, why in self.not_fused.items():
-                out.append(f"  not fused: {name}: {why}")
+                by_reason.setdefault(why, []).append(name)
+            for why, names in by_reason.items():
+                which = "all adapted layers" if len(names) == len(self.adapted) else ", ".join(names)
+                out.append(f"  not fused ({why}): {which}")
         return out
 
 

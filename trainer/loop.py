@@ -249,6 +249,9 @@ def run(cfg: Config, log=print) -> RunResult:
         train_examples = pack(train_examples, cfg.data.max_seq_len, tokenizer.eos_token_id)
     pad_id = tokenizer.pad_token_id
     log(f"data: {len(train_examples)} training examples, {len(data.eval)} held-out ({data.format})")
+    for stats in (data.train_stats, data.eval_stats):
+        if stats.truncated or stats.dropped_overlength or stats.dropped_no_targets:
+            log(f"data: {stats.describe()}")
 
     # Model, adapters, optimizer.
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
