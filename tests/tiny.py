@@ -5,9 +5,12 @@ Built from a config in a few seconds, offline, for trainer tests: nothing is dow
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import torch
+import yaml
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -79,4 +82,60 @@ def build_tiny_model(path: Path, seed: int = 0, with_bias: bool = False) -> Path
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
+    return path
+
+
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+
+
+def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` alpaca rows of the date-formatting task (1990s dates) as jsonl."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            y, m, d = rng.randint(1990, 1999), rng.randint(1, 12), rng.randint(1, 28)
+            row = {
+                "instruction": f"Write the date {MONTHS[m - 1]} {d}, {y} in YYYY-MM-DD format.",
+                "input": "",
+                "output": f"{y}-{m:02d}-{d:02d}",
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
+    """A small run config on the tiny model (12 steps, alpaca data in ``tmp_path``); sections override."""
+    cfg = {
+        "kernels": "torch",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
+        "lora": {"rank": 4, "alpha": 8},
+        "data": {
+            "train": str(write_alpaca(tmp_path / "train.jsonl", 48)),
+            "eval": str(write_alpaca(tmp_path / "eval.jsonl", 8, seed=1)),
+            "max_seq_len": 64,
+        },
+        "optim": {"name": "adamw8bit", "lr": 1e-2, "warmup_steps": 1},
+        "train": {"max_steps": 12, "micro_batch_size": 8, "log_every": 1, "progress": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
     return path

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from fusedtune.kernels import LoRALinear
+from fusedtune.kernels.lora import MAX_RANK as FUSED_MAX_RANK
 
 from .config import Config
 from .errors import ConfigError
 
 # A Linear is "in a transformer block" when its name has an integer index component: model.layers.3.mlp
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-# The fused LoRA kernel's supported ranks and dtypes (kernels/lora.py).
-FUSED_MAX_RANK = 256
+# The fused LoRA kernel's supported dtypes (kernels/lora.py).
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

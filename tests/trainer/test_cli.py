@@ -4,7 +4,6 @@ counts its trainable parameters exactly; bad input exits 2 with one line and ove
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,61 +12,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import write_config
 
 from fusedtune.trainer.cli import main
-
-MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
-
-
-def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            y, m, d = rng.randint(1990, 1999), rng.randint(1, 12), rng.randint(1, 28)
-            row = {
-                "instruction": f"Write the date {MONTHS[m - 1]} {d}, {y} in YYYY-MM-DD format.",
-                "input": "",
-                "output": f"{y}-{m:02d}-{d:02d}",
-            }
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
-def write_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
-    cfg = {
-        "kernels": "torch",
-        "output_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
-        "lora": {"rank": 4, "alpha": 8},
-        "data": {
-            "train": str(write_alpaca(tmp_path / "train.jsonl", 48)),
-            "eval": str(write_alpaca(tmp_path / "eval.jsonl", 8, seed=1)),
-            "max_seq_len": 64,
-        },
-        "optim": {"name": "adamw8bit", "lr": 1e-2, "warmup_steps": 1},
-        "train": {"max_steps": 12, "micro_batch_size": 8, "log_every": 1, "progress": False},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            cfg.setdefault(key, {}).update(value)
-        else:
-            cfg[key] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _train_losses(run: Path) -> list[float]:
