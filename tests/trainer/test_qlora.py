@@ -1,0 +1,64 @@
+"""method: qlora on a checkpoint that is already bitsandbytes-quantized: packed data taken over as is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import write_config
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from fusedtune.kernels import QuantLoRALinear
+from fusedtune.trainer.adapt import apply_method
+from fusedtune.trainer.cli import main
+from fusedtune.trainer.config import load_config
+
+
+@pytest.fixture(scope="module")
+def bnb_quantized_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model quantized by transformers (NF4, double quant) and saved."""
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant)
+    out = tmp_path_factory.mktemp("tiny-nf4")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_takes_over_bnb_weights_without_requantizing(bnb_quantized_dir):
+    model = AutoModelForCausalLM.from_pretrained(bnb_quantized_dir)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    packed_before = q_proj.weight.data.clone()
+    ids = torch.randint(4, model.config.vocab_size, (2, 7))
+    # bitsandbytes' training path (dequantize + matmul in fp32); its CPU inference kernel computes in
+    # lower precision and, on AVX512-BF16 CPUs, repacks the weight in place.
+    model.train()
+    logits_bnb = model(input_ids=ids).logits.detach()
+    cfg = load_config(None, ["method=qlora", "kernels=torch", "lora.rank=4"])
+    report = apply_method(model, cfg, torch.device("cpu"))
+    assert len(report.quantized) == 14
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantLoRALinear)
+    assert torch.equal(layer.packed_weight.packed.view(-1), packed_before.view(-1))
+    with torch.no_grad():  # B = 0: the adapted model computes what bitsandbytes computed
+        torch.testing.assert_close(model(input_ids=ids).logits, logits_bnb, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_qlora_on_prequantized_checkpoint(bnb_quantized_dir, tmp_path):
+    cfg = write_config(tmp_path, bnb_quantized_dir, method="qlora")
+    assert main(["run", str(cfg)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_on_quantized_checkpoint_is_refused(bnb_quantized_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, bnb_quantized_dir, method="lora")
+    assert main(["run", str(cfg)]) == 2
+    assert "use method: qlora" in capsys.readouterr().err
