@@ -45,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10"
     )
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    est = sub.add_parser(
+        "estimate",
+        help="predict a run's memory without loading weights",
+        description="Print what a run will hold in memory (weights by format, gradients, optimizer "
+        "state, activations, logits, overhead) from the model's config alone, and whether it fits.",
+    )
+    est.add_argument("config", nargs="?", help="YAML config file (default: the embedded default)")
+    est.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    est.add_argument("--gpu-memory", metavar="SIZE", help="the card's memory, e.g. 24GB: does it fit?")
+    est.add_argument("--measure", action="store_true", help="also run 3 real steps, print the measured peak")
     return parser
 
 
@@ -81,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
         config_path, overrides = _split_config_and_overrides(args)
         cfg = load_config(config_path, overrides)
+        if args.command == "estimate":
+            from .estimate import main as estimate_main
+
+            return estimate_main(args, cfg)
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())
             return 0

@@ -350,6 +350,7 @@ def run(cfg: Config, log=print) -> RunResult:
         "trainable_bytes": acc.trainable_bytes,
         "frozen_params": acc.frozen_params,
         "frozen_bytes": acc.frozen_bytes,
+        "frozen_by_format": memory.frozen_bytes_by_format(model),
         "gradient_bytes": sum(p.numel() * p.element_size() for p in params),
         "optimizer_state_bytes": state_bytes,
         "peak_memory_bytes": memory.peak_memory_bytes(device),
@@ -387,8 +388,7 @@ def summary_lines(result: RunResult) -> list[str]:
         f"parameters: {a['trainable_params']:,} trainable ({fb(a['trainable_bytes'])}), "
         f"{a['frozen_params']:,} frozen ({fb(a['frozen_bytes'])}); "
         f"{100 * a['trainable_params'] / max(total, 1):.2f}% trainable",
-        f"memory: gradients {fb(a['gradient_bytes'])}, optimizer state {fb(a['optimizer_state_bytes'])}, "
-        f"peak {fb(a['peak_memory_bytes'])} ({a['peak_memory_kind']})",
+        *memory.measured_breakdown_lines(a),
         _describe_eval("before", result.eval_before) + " | " + _describe_eval("after", result.eval_after),
         f"outputs in {result.output_dir}/",
     ]

@@ -118,3 +118,71 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def _unique_any(tensors) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in tensors:
+        key = id(t) if t.is_meta else (t.untyped_storage().data_ptr(), t.nbytes)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def frozen_bytes_by_format(model: nn.Module) -> dict[str, int]:
+    """Frozen parameter and buffer bytes of a live (or meta) model, by storage format.
+
+    Packed weights of ``QuantLoRALinear`` modules count under their format (``nf4 + double quant``...);
+    every other frozen tensor under its dtype. Shared storage counts once, RoPE tables not at all
+    (as :func:`memory.param_accounting`).
+    """
+    from fusedtune.kernels import QuantLoRALinear
+
+    def label_of(dtype: torch.dtype) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+            dtype, str(dtype).removeprefix("torch.")
+        )
+
+    fmt_of: dict[int, str] = {}
+    for mod in model.modules():
+        if isinstance(mod, QuantLoRALinear):
+            label = (
+                mod.quant_type
+                if mod.quant_type == "int8" or not mod.double_quant
+                else f"{mod.quant_type} + double quant"
+            )
+            for _, buf in mod.named_buffers(recurse=False):
+                fmt_of[id(buf)] = label
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen += [b for name, b in model.named_buffers() if not name.endswith("inv_freq")]
+    out: dict[str, int] = {}
+    for t in _unique_any(frozen):
+        label = fmt_of.get(id(t)) or label_of(t.dtype)
+        out[label] = out.get(label, 0) + t.nbytes
+    return out
+
+
+def measured_breakdown_lines(accounting: dict) -> list[str]:
+    """The run summary's memory lines: the parts ``trainer estimate`` predicts, as measured.
+
+    Args:
+        accounting: ``loop.run``'s accounting (``frozen_by_format``, ``trainable_bytes``,
+            ``gradient_bytes``, ``optimizer_state_bytes``, ``peak_memory_bytes``, ``peak_memory_kind``).
+    """
+    a = accounting
+    by_format = a.get("frozen_by_format") or {"all": a["frozen_bytes"]}
+    persistent = sum(by_format.values()) + a["trainable_bytes"] + a["optimizer_state_bytes"]
+    rest = a["peak_memory_bytes"] - persistent
+    what = "activations, logits and loss buffers, gradients" + (
+        "" if a["peak_memory_kind"].startswith("cuda") else ", torch and library code, allocator caching"
+    )
+    return [
+        "memory (measured): frozen weights "
+        + ", ".join(f"{fmt_bytes(n)} {label}" for label, n in by_format.items())
+        + f"; trainable {fmt_bytes(a['trainable_bytes'])}; gradients {fmt_bytes(a['gradient_bytes'])}; "
+        f"optimizer state {fmt_bytes(a['optimizer_state_bytes'])}",
+        f"memory (measured): peak {fmt_bytes(a['peak_memory_bytes'])} ({a['peak_memory_kind']}), "
+        f"of which {fmt_bytes(max(rest, 0))} beyond weights and optimizer state ({what}); "
+        "`trainer estimate CONFIG --measure` breaks it down",
+    ]

@@ -1,0 +1,182 @@
+"""``trainer estimate``: the exact parts equal the live tensors after a real step; the formulas land
+within 15% of the measured peak; the CLI prints the breakdown and answers bad input with one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import write_config
+
+from fusedtune.kernels import quant
+from fusedtune.trainer import estimate as est_mod
+from fusedtune.trainer import memory
+from fusedtune.trainer.adapt import apply_method
+from fusedtune.trainer.cli import main
+from fusedtune.trainer.config import load_config
+from fusedtune.trainer.errors import UserError
+from fusedtune.trainer.loop import accumulate_gradients, micro_batch_stream
+from fusedtune.trainer.model import load_model, load_tokenizer
+from fusedtune.trainer.optim import build_optimizer
+
+METHODS = {
+    "lora": [],
+    "qlora-nf4-dq": ["method=qlora"],
+    "qlora-nf4": ["method=qlora", "quant.double_quant=false", "quant.blocksize=128"],
+    "qlora-int8": ["method=qlora", "quant.quant_type=int8"],
+    "full-adamw32": ["method=full", "optim.name=adamw32bit"],
+    "partial-torch-adamw": ["method=partial", "partial.patterns=[norm]", "optim.name=adamw_torch"],
+}
+
+
+def _one_real_step(cfg):
+    """Load, adapt, take one optimizer step; return (model, optimizer, gradient bytes before zeroing)."""
+    device = torch.device("cpu")
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model)
+    from fusedtune.trainer.data import build_datasets
+
+    data = build_datasets(cfg.data, tokenizer, len(tokenizer))
+    model, _ = load_model(cfg.model.name_or_path, cfg.model, device)
+    apply_method(model, cfg, device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+    stream = micro_batch_stream(data.train, cfg.train.micro_batch_size, 0, tokenizer.pad_token_id, device)
+    accumulate_gradients(model, [next(stream)])
+    grads = memory.gradient_bytes(model)
+    assert grads > 0
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return model, optimizer, grads
+
+
+@pytest.mark.parametrize("overrides", list(METHODS.values()), ids=list(METHODS))
+def test_exact_parts_equal_live_tensors(tmp_path, tiny_model_dir, overrides):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), overrides)
+    est = est_mod.estimate(cfg, on_gpu=False)
+    model, optimizer, grads = _one_real_step(cfg)
+
+    assert est.frozen_by_format == memory.frozen_bytes_by_format(model)
+    acc = memory.param_accounting(model)
+    assert est.frozen_bytes == acc.frozen_bytes  # an independent count of the same tensors
+    assert est.trainable_params == acc.trainable_params
+    assert est.trainable_bytes == acc.trainable_bytes
+    assert est.gradient_bytes == grads
+    assert est.optimizer_state_bytes == memory.optimizer_state_bytes(optimizer)
+    if "method=qlora" in overrides:
+        assert len(est.frozen_by_format) == 2, est.frozen_by_format  # dense rest + the packed format
+
+
+@pytest.mark.parametrize(
+    ("shape", "qtype", "blocksize", "dq"),
+    [
+        ((5, 123), "nf4", 64, True),
+        ((64, 200), "fp4", 128, False),
+        ((48, 96), "nf4", 64, False),
+        ((7, 33), "int8", 64, False),
+    ],
+)
+def test_packed_weight_bytes_formula(shape, qtype, blocksize, dq):
+    packed = quant.quantize(torch.randn(*shape), qtype, blocksize, dq)
+    assert est_mod.packed_weight_bytes(*shape, qtype, blocksize, dq) == packed.nbytes()
+
+
+@pytest.mark.parametrize(
+    "overrides", [[], ["method=qlora"], ["model.gradient_checkpointing=true"]], ids=["lora", "qlora", "ckpt"]
+)
+def test_estimate_within_15_percent_of_measured_peak(tmp_path, tiny_model_dir, overrides):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), overrides)
+    m = est_mod.measure(cfg, steps=3, log=lambda *_: None)
+    here = est_mod.estimate_for_batches(cfg, m.batches, on_gpu=False)
+    assert m.peak_tensor_bytes > here.frozen_bytes + here.trainable_bytes + here.optimizer_state_bytes
+    assert abs(here.tensor_bytes - m.peak_tensor_bytes) <= 0.15 * m.peak_tensor_bytes, (
+        here.tensor_bytes,
+        m.peak_tensor_bytes,
+    )
+
+
+def test_checkpointing_and_padding_move_the_estimate_the_right_way(tmp_path, tiny_model_dir):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir))
+    e = est_mod.estimate(cfg, on_gpu=False)
+    assert e.activation_bytes_checkpointed < e.activation_bytes
+    packed = est_mod.estimate(cfg, on_gpu=False, padded=False)
+    assert packed.activation_bytes < e.activation_bytes
+    bf16 = est_mod.estimate(
+        cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bf16"})}), on_gpu=True
+    )
+    assert bf16.frozen_by_format == {"bf16": e.frozen_bytes // 2}
+    assert bf16.overhead_bytes >= est_mod.CUDA_CONTEXT_BYTES
+
+
+def test_cli_prints_breakdown_and_fit(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir)
+    assert main(["estimate", str(config), "method=qlora", "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    for part in (
+        "frozen weights, nf4 + double quant",
+        "frozen weights, fp32",
+        "trainable parameters",
+        "gradients (trainable only)",
+        "optimizer state",
+        "activations, no checkpointing (used)",
+        "activations, checkpointing",
+        "logits + loss buffers",
+        "framework overhead",
+        "= total",
+        "fits:",
+    ):
+        assert part in out, part
+    assert not (tmp_path / "run").exists(), "estimate wrote a run directory"
+
+
+def test_cli_does_not_fit_names_the_changes(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, train={"micro_batch_size": 64}, data={"max_seq_len": 512})
+    cfg = load_config(config, ["model.dtype=bf16"])
+    need = est_mod.estimate(cfg, on_gpu=True).total_bytes
+    ckpt = est_mod.estimate(
+        load_config(config, ["model.dtype=bf16", "model.gradient_checkpointing=true"]), on_gpu=True
+    )
+    budget = (need + ckpt.total_bytes) // 2  # between the two: checkpointing alone fits
+    assert (
+        main(["estimate", str(config), "model.dtype=bf16", "--gpu-memory", f"{budget / 1024**2:.3f}MiB"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out
+    assert "model.gradient_checkpointing=true" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--gpu-memory", "lots"], "--gpu-memory: cannot read 'lots'"),
+        (["--gpu-memory", "0GB"], "--gpu-memory: must be positive"),
+        (["lora.rnak=4"], "unknown key 'lora.rnak'"),
+        (["model.name_or_path=/nonexistent/model"], "no such model directory"),
+        (["lora.target_modules=[nope]"], "lora.target_modules"),
+    ],
+)
+def test_cli_bad_input_one_line(tmp_path, tiny_model_dir, capsys, args, expected):
+    config = write_config(tmp_path, tiny_model_dir)
+    assert main(["estimate", str(config), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+
+
+def test_parse_size():
+    assert est_mod.parse_size("24GB") == 24 * 1024**3
+    assert est_mod.parse_size("80GiB") == 80 * 1024**3
+    assert est_mod.parse_size("512m") == 512 * 1024**2
+    assert est_mod.parse_size("1.5T") == int(1.5 * 1024**4)
+    with pytest.raises(UserError):
+        est_mod.parse_size("24 apples")
+
+
+def test_missing_config_file_one_line(tmp_path, capsys):
+    assert main(["estimate", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_run_summary_prints_the_measured_breakdown(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, method="qlora", train={"max_steps": 2})
+    assert main(["run", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "memory (measured): frozen weights" in out and "nf4 + double quant" in out
+    assert "optimizer state" in out and "peak" in out

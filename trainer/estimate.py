@@ -1,0 +1,731 @@
+"""``trainer estimate``: what a run will hold in memory, predicted without loading a single weight.
+
+The model is built from its config on the meta device (shapes only) and adapted as the config says;
+the exact parts are then counted over those shapes, and the rest follows from formulas.
+
+Exact (the same bytes the live tensors hold after a step, checked by tests):
+
+- frozen weights by format: dense (fp32/bf16/fp16) ``numel · bytes``; NF4/FP4 ``⌈NK/2⌉`` packed bytes plus
+  4 bytes of fp32 absmax per block, or with double quant 1 byte per block + a 4-byte offset + 4 bytes
+  per 256 blocks + the 1 KiB fp32 nested code table; int8 ``N·K`` bytes + a 4-byte scale per row;
+- trainable parameters, and their gradients (trainable only, in the parameter's dtype);
+- optimizer state: :func:`memory.expected_optimizer_state_bytes` (bitsandbytes' 8-bit layout).
+
+Formulas (a Llama-style decoder block, per token, with ``h`` hidden, ``i`` intermediate, ``n``/``n_kv``
+query/key-value heads of dim ``d``, LoRA rank ``r``; ``T = B·S`` tokens of a micro-batch; ``b`` bytes of
+the compute dtype):
+
+- activations saved for backward, per block, without checkpointing:
+  ``4·(2h + 2)`` (the two RMSNorm inputs and their rsqrt, kept in fp32)
+  ``+ b·(h_in + n·d + 2·kv·d + n·d) + 4·n`` (normed inputs the adapters read, q, k, v, attention output,
+  log-sum-exp; ``kv = n`` when a padding mask makes HF repeat the KV heads, ``n_kv`` otherwise)
+  ``+ b·4i`` (gate, up, silu(gate), their product)
+  ``+ b·r`` per adapted Linear (its ``X·Aᵀ``), and ``+ 2·b·K`` per adapted Linear with LoRA dropout.
+  Methods full/partial also keep each Linear's input and each norm's normalized output.
+  Once per micro-batch: the RoPE tables ``2·S·d·4`` and, with padding, the ``B·S·S·4`` attention mask.
+- with gradient checkpointing: each block keeps only its input (``b·h`` per token), plus one block's
+  activations while it is recomputed in backward;
+- logits and loss: the LM head runs only at the ``T_t`` target positions (``loop.loss_sum``); the peak
+  holds ``T_t·V·(3·4 + b)`` bytes (fp32 log-softmax output, its gradient and the logits' gradient, plus
+  the head's output in the compute dtype when that is not fp32); ``T_t = B·(S−1)`` at worst;
+- framework overhead (not tensors): on a GPU the CUDA context and cuBLAS workspaces (taken as 600 MiB)
+  plus the caching allocator's slack (taken as 10% of the tensor peak); on a CPU the resident size of
+  torch and its libraries, measured in this process.
+
+``--measure`` then runs three real optimizer steps and reports the measured peak beside the estimate
+(CUDA: ``max_memory_allocated``; CPU: the peak of live tensor storages, tracked op by op with a
+``TorchDispatchMode``, and the growth of the process' peak RSS, which also counts allocator caching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import re
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import memory
+from .config import Config
+from .errors import UserError
+
+GIB = 1024**3
+CUDA_CONTEXT_BYTES = 600 * 1024**2
+ALLOCATOR_SLACK = 0.10
+NESTED_BLOCKS = 256  # bitsandbytes double quant: one fp32 scale per 256 absmax bytes
+NESTED_CODE_BYTES = 256 * 4
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"24GB"`` / ``"24GiB"`` / ``"1.5T"`` / ``"800MB"`` -> bytes (GPU memory is quoted in binary units).
+
+    Raises:
+        UserError: not a size.
+    """
+    m = _SIZE.match(text)
+    if not m or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
+        raise UserError(f"--gpu-memory: cannot read {text!r} as a size; write e.g. 24GB or 80GiB")
+    power = " kmgt".index(m.group(2).lower() or " ")
+    value = float(m.group(1)) * 1024**power
+    if value <= 0:
+        raise UserError(f"--gpu-memory: must be positive, got {text!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecoderShape:
+    """The dimensions the activation formula needs, read from a HF config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_hf_config(cls, hf_cfg) -> DecoderShape:
+        """Read a (text) decoder config.
+
+        Raises:
+            UserError: a config without the Llama-style fields.
+        """
+        c = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
+        try:
+            heads = int(c.num_attention_heads)
+            return cls(
+                hidden=int(c.hidden_size),
+                intermediate=int(getattr(c, "intermediate_size", None) or 4 * c.hidden_size),
+                layers=int(c.num_hidden_layers),
+                heads=heads,
+                kv_heads=int(getattr(c, "num_key_value_heads", None) or heads),
+                head_dim=int(getattr(c, "head_dim", None) or c.hidden_size // heads),
+                vocab=int(c.vocab_size),
+            )
+        except AttributeError as e:
+            raise UserError(f"model: cannot estimate activations for this config ({e})") from None
+
+
+# Which input each block Linear reads, by name suffix (Llama/Qwen/Mistral naming).
+_INPUT_GROUP = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "attn_out",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "down_proj": "mlp_mid",
+}
+
+
+def _group_width(shape: DecoderShape, group: str) -> int:
+    return shape.intermediate if group == "mlp_mid" else shape.hidden
+
+
+@dataclass
+class Adapters:
+    """Per block: the adapted Linears (leaf name -> input width K), rank, dropout."""
+
+    per_layer: dict[str, int] = field(default_factory=dict)
+    rank: int = 0
+    dropout: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formulas
+# ---------------------------------------------------------------------------------------------------
+
+
+def block_activation_bytes_per_token(
+    shape: DecoderShape, adapters: Adapters, method: str, dtype_bytes: int, padded: bool
+) -> float:
+    """Bytes one decoder block saves for backward per token (see the module docstring)."""
+    h, i, n, d = shape.hidden, shape.intermediate, shape.heads, shape.head_dim
+    kv = n if padded else shape.kv_heads
+    b = dtype_bytes
+    total = 4 * (2 * h + 2)  # RMSNorm inputs (fp32) and rsqrt, twice
+    total += b * (n * d + 2 * kv * d + n * d) + 4 * n  # q, k, v, attention output; log-sum-exp
+    total += b * 4 * i  # gate, up, silu(gate), product
+    if method in ("full", "partial"):
+        total += b * 2 * h  # normed inputs of attention and MLP (the Linears' X)
+        total += b * 2 * h  # normalized x before each norm's (trainable) weight
+        return total
+    groups = {_INPUT_GROUP.get(name, "attn_in") for name in adapters.per_layer}
+    total += b * h * (("attn_in" in groups) + ("mlp_in" in groups))  # norm outputs kept as LoRA's X
+    total += b * adapters.rank * len(adapters.per_layer)  # S = X Aᵀ per adapted Linear
+    if adapters.dropout > 0:
+        total += 2 * b * sum(adapters.per_layer.values())  # keep-mask and dropped X per adapted Linear
+    return total
+
+
+def activation_bytes(
+    shape: DecoderShape,
+    adapters: Adapters,
+    method: str,
+    dtype_bytes: int,
+    batch: int,
+    seq: int,
+    padded: bool,
+    checkpointing: bool,
+    first_trainable_layer: int = 0,
+) -> int:
+    """Activations held at the end of the forward pass (the peak's largest part).
+
+    Blocks before ``first_trainable_layer`` keep nothing: no gradient flows back through them.
+
+    Returns:
+        Bytes for a micro-batch of ``batch × seq`` tokens.
+    """
+    tokens = batch * seq
+    layers = shape.layers - min(first_trainable_layer, shape.layers)
+    per_block = block_activation_bytes_per_token(shape, adapters, method, dtype_bytes, padded) * tokens
+    shared = 2 * seq * shape.head_dim * 4 + (batch * seq * seq * 4 if padded else 0)
+    final_norm = 4 * (shape.hidden + 1) * tokens
+    if checkpointing:
+        return int(layers * dtype_bytes * shape.hidden * tokens + per_block + shared + final_norm)
+    return int(layers * per_block + shared + final_norm)
+
+
+def loss_buffer_bytes(vocab: int, target_tokens: int, dtype_bytes: int) -> int:
+    """Peak of the logits and cross-entropy buffers over ``target_tokens`` positions."""
+    return target_tokens * vocab * (3 * 4 + (dtype_bytes if dtype_bytes != 4 else 0))
+
+
+def packed_weight_bytes(n: int, k: int, quant_type: str, blocksize: int, double_quant: bool) -> int:
+    """Bytes of one quantized ``[n, k]`` weight with its scales (``kernels/quant.py``'s layout)."""
+    numel = n * k
+    if quant_type == "int8":
+        return numel + 4 * n
+    blocks = -(-numel // blocksize)
+    packed = (numel + 1) // 2
+    if not double_quant:
+        return packed + 4 * blocks
+    return packed + blocks + 4 + 4 * (-(-blocks // NESTED_BLOCKS)) + NESTED_CODE_BYTES
+
+
+def quant_format_label(quant_type: str, double_quant: bool) -> str:
+    """``nf4 + double quant``, ``int8``..."""
+    if quant_type == "int8":
+        return "int8"
+    return f"{quant_type} + double quant" if double_quant else quant_type
+
+
+# ---------------------------------------------------------------------------------------------------
+# The estimate
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    """Every part of the predicted peak, in bytes."""
+
+    frozen_by_format: dict[str, int]
+    trainable_params: int
+    trainable_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    activation_bytes: int
+    activation_bytes_checkpointed: int
+    loss_buffer_bytes: int
+    overhead_bytes: int
+    checkpointing: bool
+    target: str  # "cuda" or "cpu"
+    dtype: str
+    batch: int
+    seq: int
+    target_tokens: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def frozen_bytes(self) -> int:
+        return sum(self.frozen_by_format.values())
+
+    @property
+    def chosen_activation_bytes(self) -> int:
+        return self.activation_bytes_checkpointed if self.checkpointing else self.activation_bytes
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The predicted peak of live tensors (what ``max_memory_allocated`` measures)."""
+        return (
+            self.frozen_bytes
+            + self.trainable_bytes
+            + self.gradient_bytes
+            + self.optimizer_state_bytes
+            + self.chosen_activation_bytes
+            + self.loss_buffer_bytes
+        )
+
+    @property
+    def total_bytes(self) -> int:
+        return self.tensor_bytes + self.overhead_bytes
+
+
+def _dtype_label(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
+
+
+def _meta_model(cfg: Config, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model import resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(
+            path, local_files_only=not cfg.model.allow_download, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"model.name_or_path: cannot read the config of {path} ({str(e).splitlines()[0]})"
+        ) from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            hf_cfg, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
+    return model, hf_cfg
+
+
+def estimate(
+    cfg: Config,
+    on_gpu: bool | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    target_tokens: int | None = None,
+    padded: bool | None = None,
+) -> Estimate:
+    """Predict the memory of ``cfg``'s run without loading weights.
+
+    Args:
+        cfg: the resolved config.
+        on_gpu: predict for a CUDA device (default: whether this machine has one). Decides ``dtype: auto``
+            (bf16 on a GPU) and the framework overhead.
+        batch, seq, target_tokens, padded: the micro-batch shape; default the worst case:
+            ``train.micro_batch_size × data.max_seq_len``, every position a target, padding unless packing.
+
+    Returns:
+        An :class:`Estimate`.
+
+    Raises:
+        UserError: a model that cannot be found or adapted.
+    """
+    from .adapt import apply_method, select_targets
+    from .model import DTYPES, resolve_dtype
+
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    dtype = (
+        (torch.bfloat16 if on_gpu else torch.float32)
+        if cfg.model.dtype == "auto"
+        else DTYPES[cfg.model.dtype]
+    )
+    if cfg.model.dtype == "auto" and on_gpu == torch.cuda.is_available():
+        dtype = resolve_dtype("auto")
+    model, hf_cfg = _meta_model(cfg, dtype)
+    shape = DecoderShape.from_hf_config(hf_cfg)
+
+    quantized: dict[str, tuple[int, int]] = {}
+    if cfg.method == "qlora":
+        targets = select_targets(model, cfg.lora.target_modules)
+        quantized = {name: (lin.out_features, lin.in_features) for name, lin in targets.items()}
+        lora_cfg = cfg.model_copy(update={"method": "lora"})
+        apply_method(model, lora_cfg, torch.device("meta"))
+    else:
+        apply_method(model, cfg, torch.device("meta"))
+
+    by_format = memory.frozen_bytes_by_format(model)
+    if quantized:
+        qc = cfg.quant
+        label = quant_format_label(qc.quant_type, qc.double_quant)
+        dense = _dtype_label(dtype)
+        for n, k in quantized.values():
+            by_format[dense] -= n * k * (torch.finfo(dtype).bits // 8)
+            by_format[label] = by_format.get(label, 0) + packed_weight_bytes(
+                n, k, qc.quant_type, qc.blocksize, qc.double_quant
+            )
+        by_format = {k: v for k, v in by_format.items() if v}
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    adapters = Adapters(rank=cfg.lora.rank, dropout=cfg.lora.dropout)
+    if cfg.method in ("lora", "qlora"):
+        first = re.compile(r"(?:^|\.)0\.")
+        for name, mod in model.named_modules():
+            if hasattr(mod, "lora_A") and first.search(name + "."):
+                adapters.per_layer[name.rsplit(".", 1)[-1]] = mod.in_features
+    first_layer = _first_trainable_layer(model, shape.layers)
+    b = torch.finfo(dtype).bits // 8
+    batch = batch or cfg.train.micro_batch_size
+    seq = seq or cfg.data.max_seq_len
+    padded = (not cfg.data.packing) if padded is None else padded
+    target_tokens = batch * (seq - 1) if target_tokens is None else target_tokens
+    act = {
+        ckpt: activation_bytes(shape, adapters, cfg.method, b, batch, seq, padded, ckpt, first_layer)
+        for ckpt in (False, True)
+    }
+    est = Estimate(
+        frozen_by_format=by_format,
+        trainable_params=sum(p.numel() for p in params),
+        trainable_bytes=sum(p.nbytes for p in params),
+        gradient_bytes=sum(p.nbytes for p in params),
+        optimizer_state_bytes=memory.expected_optimizer_state_bytes(params, cfg.optim.name),
+        activation_bytes=act[False],
+        activation_bytes_checkpointed=act[True],
+        loss_buffer_bytes=loss_buffer_bytes(shape.vocab, target_tokens, b),
+        overhead_bytes=0,
+        checkpointing=cfg.model.gradient_checkpointing,
+        target="cuda" if on_gpu else "cpu",
+        dtype=_dtype_label(dtype),
+        batch=batch,
+        seq=seq,
+        target_tokens=target_tokens,
+    )
+    if on_gpu:
+        est.overhead_bytes = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * est.tensor_bytes)
+    else:
+        est.overhead_bytes = _process_rss()
+    if cfg.method == "qlora" and not on_gpu:
+        est.notes.append("qlora on CPU (torch path): each GEMM also dequantizes its weight into a temporary")
+    return est
+
+
+def _first_trainable_layer(model: nn.Module, layers: int) -> int:
+    """The lowest block index holding a trainable parameter (0 when anything before the blocks trains)."""
+    index = re.compile(r"(?:^|\.)(\d+)\.")
+    first = layers
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            m = index.search(name)
+            if m is None:
+                return 0
+            first = min(first, int(m.group(1)))
+    return first
+
+
+def _process_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+# ---------------------------------------------------------------------------------------------------
+# Suggestions when it does not fit
+# ---------------------------------------------------------------------------------------------------
+
+
+def _with(cfg: Config, **changes) -> Config:
+    tree = cfg.model_dump()
+    for dotted, value in changes.items():
+        *section, key = dotted.split("__")
+        (tree[section[0]] if section else tree)[key] = value
+    return Config.model_validate(tree)
+
+
+def suggestions(cfg: Config, est: Estimate, budget: int) -> list[str]:
+    """Config changes that bring the estimate under ``budget``, cheapest first (each alone)."""
+    on_gpu = est.target == "cuda"
+    tried: list[tuple[str, Config]] = []
+    if not cfg.model.gradient_checkpointing:
+        tried.append(("model.gradient_checkpointing=true", _with(cfg, model__gradient_checkpointing=True)))
+    mb = cfg.train.micro_batch_size
+    while mb > 1:
+        mb //= 2
+        accum = cfg.train.grad_accum * (cfg.train.micro_batch_size // mb)
+        tried.append(
+            (
+                f"train.micro_batch_size={mb} train.grad_accum={accum} (same tokens per step)",
+                _with(cfg, train__micro_batch_size=mb, train__grad_accum=accum),
+            )
+        )
+    if cfg.optim.name in ("adamw32bit", "adamw_torch"):
+        tried.append(("optim.name=adamw8bit", _with(cfg, optim__name="adamw8bit")))
+    if cfg.method in ("lora", "full"):
+        tried.append(("method=qlora", _with(cfg, method="qlora")))
+    seq = cfg.data.max_seq_len
+    while seq > 256:
+        seq //= 2
+        tried.append((f"data.max_seq_len={seq} (shorter examples)", _with(cfg, data__max_seq_len=seq)))
+    out = []
+    for text, c in tried:
+        total = estimate(c, on_gpu=on_gpu).total_bytes
+        if total <= budget:
+            out.append(f"{text}: {memory.fmt_bytes(total)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------
+
+
+class LiveTensorTracker:
+    """Peak bytes of live tensor storages on the CPU, counted op by op (a ``TorchDispatchMode``).
+
+    Every storage an op returns is added once and subtracted when it is freed (a weak reference's
+    callback), so the peak includes temporaries freed inside the step. Tensors made before the tracker
+    started are counted with :meth:`add`. Allocations that bypass the dispatcher (scratch buffers inside
+    a kernel, allocator caching) are not seen: that is what the RSS number adds.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_flatten(out)[0]:
+                    tracker.add(t)
+                return out
+
+        self._mode = _Mode()
+        self._sizes: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self.current = 0
+        self.peak = 0
+
+    def add(self, t) -> None:
+        """Count ``t``'s storage (once; again only if it grew)."""
+        if not isinstance(t, torch.Tensor) or t.is_meta or t.device.type != "cpu":
+            return
+        st = t.untyped_storage()
+        key, n = st._cdata, st.nbytes()
+        old = self._sizes.get(key)
+        if old is None:
+            self._refs[key] = weakref.ref(st, lambda _r, k=key: self._free(k))
+        elif old >= n:
+            return
+        self._sizes[key] = n
+        self.current += n - (old or 0)
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, key: int) -> None:
+        self.current -= self._sizes.pop(key, 0)
+        self._refs.pop(key, None)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+@dataclass
+class Measurement:
+    """What three real steps held."""
+
+    peak_tensor_bytes: int  # CUDA max_memory_allocated, or the tracked peak of live CPU tensors
+    kind: str
+    rss_growth_bytes: int | None  # CPU: peak RSS minus RSS before loading
+    reserved_bytes: int | None  # CUDA: max_memory_reserved
+    frozen_by_format: dict[str, int]
+    trainable_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    batches: list[tuple[int, int, int, bool]]  # (batch, seq, target tokens, padded) per micro-batch
+    losses: list[float]
+
+
+def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
+    """Run ``steps`` real optimizer steps of ``cfg`` (nothing written) and measure the peak.
+
+    Raises:
+        UserError: bad model or data (as ``trainer run``).
+    """
+    from .adapt import apply_method
+    from .data import build_datasets, pack
+    from .loop import accumulate_gradients, micro_batch_stream, training_device
+    from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
+    from .optim import build_optimizer, trainable_parameters
+
+    torch.manual_seed(cfg.train.seed)
+    device = training_device()
+    rss_before = _process_rss()
+    peak_rss_before = memory.peak_memory_bytes(torch.device("cpu"))
+    path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.model)
+    data = build_datasets(cfg.data, tokenizer, vocab_size_of(path, cfg.model))
+    examples = data.train
+    if cfg.data.packing:
+        examples = pack(examples, cfg.data.max_seq_len, tokenizer.eos_token_id)
+    tracker = LiveTensorTracker() if device.type == "cpu" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    load_device = torch.device("cpu") if cfg.method == "qlora" else device
+    model, _ = load_model(path, cfg.model, device, load_device)
+    apply_method(model, cfg, device)
+    model.train()
+    params = [p for _, p in trainable_parameters(model)]
+    optimizer = build_optimizer(model, cfg.optim)
+    if tracker is not None:
+        for t in [*model.parameters(), *model.buffers()]:
+            tracker.add(t)
+    stream = micro_batch_stream(
+        examples, cfg.train.micro_batch_size, cfg.train.seed, tokenizer.pad_token_id, device
+    )
+    shapes, losses, grad_bytes = [], [], 0
+    for step in range(steps):
+        micro = [next(stream) for _ in range(cfg.train.grad_accum)]
+        for b in micro:
+            batch, seq = b["input_ids"].shape
+            padded = bool((b["attention_mask"] == 0).any())
+            shapes.append((int(batch), int(seq), int((b["labels"][:, 1:] != -100).sum()), padded))
+        with tracker if tracker is not None else contextlib.nullcontext():
+            loss, _ = accumulate_gradients(model, micro)
+            grad_bytes = memory.gradient_bytes(model)
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+        log(f"measure: step {step + 1}/{steps} loss {loss:.4f}")
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+        reserved, rss_growth = torch.cuda.max_memory_reserved(device), None
+    else:
+        peak, kind, reserved = tracker.peak, "peak of live CPU tensor storages (tracked per op)", None
+        rss_growth = memory.peak_memory_bytes(torch.device("cpu")) - max(rss_before, peak_rss_before)
+        rss_growth = max(rss_growth, 0)
+    return Measurement(
+        peak_tensor_bytes=peak,
+        kind=kind,
+        rss_growth_bytes=rss_growth,
+        reserved_bytes=reserved,
+        frozen_by_format=memory.frozen_bytes_by_format(model),
+        trainable_bytes=memory.param_accounting(model).trainable_bytes,
+        gradient_bytes=grad_bytes,
+        optimizer_state_bytes=memory.optimizer_state_bytes(optimizer),
+        batches=shapes,
+        losses=losses,
+    )
+
+
+def estimate_for_batches(cfg: Config, batches: list[tuple[int, int, int, bool]], on_gpu: bool) -> Estimate:
+    """The estimate at the largest micro-batch that was actually run."""
+    best = None
+    for batch, seq, targets, padded in batches:
+        e = estimate(cfg, on_gpu=on_gpu, batch=batch, seq=seq, target_tokens=targets, padded=padded)
+        if best is None or e.tensor_bytes > best.tensor_bytes:
+            best = e
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# Printing
+# ---------------------------------------------------------------------------------------------------
+
+
+def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[str]:
+    """The table ``trainer estimate`` prints: one row per part, measured beside it when given."""
+    fb = memory.fmt_bytes
+    rows: list[tuple[str, int | None, int | None, str]] = []
+    m = measured
+    for label, n in est.frozen_by_format.items():
+        got = m.frozen_by_format.get(label) if m else None
+        rows.append((f"frozen weights, {label}", n, got, ""))
+    rows.append(
+        (
+            "trainable parameters",
+            est.trainable_bytes,
+            m.trainable_bytes if m else None,
+            f"{est.trainable_params:,} params",
+        )
+    )
+    rows.append(("gradients (trainable only)", est.gradient_bytes, m.gradient_bytes if m else None, ""))
+    rows.append(("optimizer state", est.optimizer_state_bytes, m.optimizer_state_bytes if m else None, ""))
+    ck = " (used)" if est.checkpointing else ""
+    nock = "" if est.checkpointing else " (used)"
+    rows.append(
+        (f"activations, no checkpointing{nock}", est.activation_bytes, None, f"B={est.batch} S={est.seq}")
+    )
+    rows.append((f"activations, checkpointing{ck}", est.activation_bytes_checkpointed, None, ""))
+    rows.append(
+        ("logits + loss buffers", est.loss_buffer_bytes, None, f"{est.target_tokens:,} target positions")
+    )
+    rows.append(
+        ("= peak of tensors", est.tensor_bytes, m.peak_tensor_bytes if m else None, m.kind if m else "")
+    )
+    over = "CUDA context + allocator slack" if est.target == "cuda" else "process RSS of torch + libraries"
+    rows.append((f"framework overhead ({over})", est.overhead_bytes, None, ""))
+    rows.append(("= total", est.total_bytes, None, ""))
+    width = max(len(r[0]) for r in rows)
+    head = f"{'':{width}}  {'estimate':>11}" + (f"  {'measured':>11}  {'error':>7}" if m else "")
+    out = [f"memory estimate for {est.target} ({est.dtype}):", head]
+    for label, e, got, note in rows:
+        line = f"{label:{width}}  {fb(e):>11}"
+        if m:
+            if got is None:
+                line += f"  {'':>11}  {'':>7}"
+            else:
+                err = (e - got) / got if got else 0.0
+                line += f"  {fb(got):>11}  {err:+7.1%}"
+        out.append(line + (f"  {note}" if note else ""))
+    if m and m.rss_growth_bytes is not None:
+        out.append(
+            f"process peak RSS grew by {fb(m.rss_growth_bytes)} over the start (tensors + allocator caching + library code)"
+        )
+    if m and m.reserved_bytes is not None:
+        out.append(f"cuda max_memory_reserved {fb(m.reserved_bytes)}")
+    out += [f"note: {n}" for n in est.notes]
+    return out
+
+
+def fit_lines(cfg: Config, est: Estimate, budget: int) -> list[str]:
+    """Does it fit, and what to change if not."""
+    fb = memory.fmt_bytes
+    if est.total_bytes <= budget:
+        return [
+            f"fits: {fb(est.total_bytes)} of {fb(budget)} ({est.total_bytes / budget:.0%}), {fb(budget - est.total_bytes)} to spare"
+        ]
+    out = [
+        f"does NOT fit: {fb(est.total_bytes)} needed, {fb(budget)} available ({fb(est.total_bytes - budget)} over)"
+    ]
+    tips = suggestions(cfg, est, budget)
+    if tips:
+        out.append("any one of these fits:")
+        out += [f"  {t}" for t in tips]
+    else:
+        out.append(
+            "no single change fits; combine gradient checkpointing, micro_batch_size=1 and method=qlora, "
+            "or use a card with more memory"
+        )
+    return out
+
+
+def main(args: argparse.Namespace, cfg: Config, log=print) -> int:
+    """``trainer estimate``: print the breakdown, the fit against ``--gpu-memory``, optionally measure."""
+    budget = parse_size(args.gpu_memory) if args.gpu_memory else None
+    on_gpu = torch.cuda.is_available() or budget is not None
+    est = estimate(cfg, on_gpu=on_gpu)
+    if args.measure:
+        m = measure(cfg, log=log)
+        here = estimate_for_batches(cfg, m.batches, on_gpu=torch.cuda.is_available())
+        if here.target == est.target:
+            here.overhead_bytes = est.overhead_bytes  # measured before loading, not after the steps
+        widest = max(m.batches, key=lambda s: s[0] * s[1])
+        log(
+            f"measured: 3 steps, widest micro-batch {widest[0]}x{widest[1]}, estimate at the measured shapes:"
+        )
+        for line in breakdown_lines(here, m):
+            log(line)
+        log("")
+        log(f"worst case (B={est.batch}, S={est.seq}, every position a target):")
+    for line in breakdown_lines(est):
+        log(line)
+    if budget is not None:
+        for line in fit_lines(cfg, est, budget):
+            log(line)
+    return 0
