@@ -1,4 +1,5 @@
-"""What a run leaves behind: the PEFT-format adapter, or the trainable tensors, in safetensors.
+"""What a run leaves behind: the PEFT-format adapter, or the trainable tensors, in safetensors; and
+the training checkpoints a run resumes from (atomic, verified by a manifest, no pickle).
 
 ``adapter_config.json`` + ``adapter_model.safetensors`` load with ``peft.PeftModel.from_pretrained``
 onto the base model with no missing or unexpected keys.
@@ -6,13 +7,26 @@ onto the base model with no missing or unexpected keys.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import Config
+from .errors import UserError
 
 PEFT_PREFIX = "base_model.model."
 
@@ -69,3 +83,465 @@ def save_trainable(model: nn.Module, path: Path) -> int:
     tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(tensors, str(path), metadata={"format": "pt"})
     return len(tensors)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training checkpoints: everything a run needs to continue bit-exactly, written atomically
+# ---------------------------------------------------------------------------------------------------
+#
+# <output_dir>/checkpoints/step-N/
+#   trainable.safetensors   every trainable tensor, by parameter name
+#   optimizer.safetensors   every tensor of the optimizer state (bitsandbytes state1/state2, qmaps, absmax)
+#   optimizer.json          the rest of the optimizer state (param groups, steps), tensors by reference
+#   rng.safetensors         torch CPU (and CUDA) generator states
+#   state.json              step, data position, scheduler, python/numpy RNG, counters, the resolved
+#                           config and its hash, library versions
+#   manifest.json           written last: sha256 and size of each file above
+#
+# The directory is assembled under checkpoints/.tmp-step-N-<pid>, every file fsynced, renamed into
+# place, and only then is the manifest written (itself via a temp file and rename). A directory without
+# a manifest whose hashes match is an interrupted write: resume skips it. Nothing is pickled.
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+CHECKPOINT_FORMAT = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Test-only fault injection: "STEP:STAGE:ACTION" (action kill | enospc | sleep | sigterm) at a named point of the
+# write of the checkpoint at STEP. Stages: each file name after it is written, "renamed" (after the
+# rename, before the manifest).
+FAULT_ENV = "FUSEDTUNE_TEST_CHECKPOINT_FAULT"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written, found, verified or used for this run."""
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint directory and its ``state.json``; tensors load on demand."""
+
+    path: Path
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Load one of the checkpoint's safetensors files (``trainable``, ``optimizer``, ``rng``)."""
+        return load_file(str(self.path / f"{name}.safetensors"))
+
+    def scheduler_state(self) -> dict:
+        """The LR scheduler's ``state_dict``."""
+        return _from_plain(self.state["scheduler"], {})
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's ``state_dict``, rebuilt from JSON + safetensors."""
+        structure = json.loads((self.path / "optimizer.json").read_text())
+        return _from_plain(structure, self.tensors("optimizer"))
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    """``<output_dir>/checkpoints``."""
+    return Path(output_dir) / CHECKPOINTS
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers (recorded in every checkpoint)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "bitsandbytes", "transformers", "safetensors", "numpy", "fusedtune", "triton"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[dist] = md.version(dist)
+    return out
+
+
+# -- JSON encoding of nested state with tensors kept aside (no pickle) -----------------------------
+
+
+def _to_plain(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """JSON-able structure; tensors go to ``tensors`` under their dotted path and are referenced."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().to("cpu", copy=True).contiguous()  # copy: shared qmaps stay apart
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        items = [[k, _to_plain(v, tensors, f"{path}.{k}")] for k, v in obj.items()]
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return dict(items)
+        return {"__items__": items}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_plain(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_to_plain(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint: cannot store a {type(obj).__name__} at {path}")
+
+
+def _from_plain(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: _from_plain(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_from_plain(v, tensors) for v in obj["__tuple__"])
+        return {k: _from_plain(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_plain(v, tensors) for v in obj]
+    return obj
+
+
+# -- RNG -------------------------------------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(python and numpy generator states as JSON, torch CPU/CUDA generator states as tensors)."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {
+        "python": _to_plain(random.getstate(), {}, "python"),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return plain, tensors
+
+
+def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    import numpy as np
+
+    random.setstate(_from_plain(plain["python"], {}))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=_cuda_index)]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def _cuda_index(key: str) -> int:
+    return int(key.split(".", 1)[1])
+
+
+# -- Writing ----------------------------------------------------------------------------------------
+
+
+def _fault(step: int, stage: str) -> None:
+    """Test-only: act on ``$FUSEDTUNE_TEST_CHECKPOINT_FAULT`` at this point of a checkpoint write."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    at_step, at_stage, action = spec.split(":")
+    if int(at_step) != step or at_stage != stage:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif action == "sleep":
+        time.sleep(120)
+    elif action == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: dict,
+    keep_last: int,
+) -> Path:
+    """Write ``root/step-<step>`` atomically, then drop old checkpoints beyond ``keep_last``.
+
+    Args:
+        root: ``<output_dir>/checkpoints``.
+        step: optimizer steps done.
+        model: its trainable parameters are saved by name.
+        optimizer: its whole ``state_dict`` (bitsandbytes 8-bit state included).
+        scheduler: the LR scheduler (``state_dict`` as JSON).
+        state: the loop's JSON-able state: data position, counters, config, ...
+        keep_last: how many valid checkpoints to keep (the new one always stays).
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        CheckpointError: the write failed (disk full, unwritable); the previous checkpoints are intact.
+    """
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        opt_tensors: dict[str, torch.Tensor] = {}
+        opt_plain = _to_plain(optimizer.state_dict(), opt_tensors, "optimizer")
+        rng_plain, rng_tensors = rng_state()
+        trainable = {
+            n: p.detach().to("cpu", copy=True).contiguous()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+        full_state = {
+            **state,
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "scheduler": _to_plain(scheduler.state_dict(), {}, "scheduler"),
+            "rng": rng_plain,
+            "trainable": {n: list(t.shape) for n, t in trainable.items()},
+            "versions": library_versions(),
+        }
+        writers = {
+            "trainable.safetensors": lambda p: save_file(trainable, str(p), metadata={"format": "pt"}),
+            "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p), metadata={"format": "pt"}),
+            "optimizer.json": lambda p: p.write_text(json.dumps(opt_plain)),
+            "rng.safetensors": lambda p: save_file(rng_tensors, str(p), metadata={"format": "pt"}),
+            "state.json": lambda p: p.write_text(json.dumps(full_state, indent=1)),
+        }
+        for name, write in writers.items():
+            write(tmp / name)
+            _fsync_file(tmp / name)
+            _fault(step, name)
+        _fsync_dir(tmp)
+        if final.exists():  # a leftover of an interrupted write, or a step redone after a resume
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _fault(step, "renamed")
+        files = {
+            name: {"sha256": _sha256(final / name), "bytes": (final / name).stat().st_size}
+            for name in writers
+        }
+        manifest = {"format": CHECKPOINT_FORMAT, "step": step, "files": files}
+        (final / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
+        _fsync_file(final / (MANIFEST + ".tmp"))
+        os.rename(final / (MANIFEST + ".tmp"), final / MANIFEST)
+        _fsync_dir(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in valid_checkpoints(root) if p != final]
+        kept = (
+            f"the previous checkpoint {root / previous[-1]} is intact"
+            if previous
+            else "no earlier checkpoint"
+        )
+        raise CheckpointError(
+            f"checkpoint: cannot write {final}: {e.strerror or e} ({kept}; free space or choose another output_dir)"
+        ) from None
+    rotate_checkpoints(root, keep_last, newest=final)
+    return final
+
+
+def rotate_checkpoints(root: Path, keep_last: int, newest: Path) -> list[Path]:
+    """Delete valid checkpoints beyond the ``keep_last`` newest, and interrupted writes older than ``newest``.
+
+    ``newest`` (the checkpoint just written) is never deleted. Returns what was deleted.
+    """
+    valid = [p for p in valid_checkpoints(root, verify=False) if p != newest]
+    keep = set(valid[-(keep_last - 1) :]) if keep_last > 1 else set()
+    doomed = [p for p in valid if p not in keep]
+    newest_step = _step_of(newest)
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p != newest and p not in valid and int(m.group(1)) < newest_step:
+            doomed.append(p)  # a step directory without a valid manifest: an interrupted write
+        elif p.name.startswith(".tmp-step-") and p.name != f".tmp-step-{newest_step}-{os.getpid()}":
+            doomed.append(p)
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# -- Finding and reading ----------------------------------------------------------------------------
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def check_manifest(path: Path, verify: bool = True) -> str | None:
+    """Why ``path`` is not a complete checkpoint (``None`` when it is).
+
+    Args:
+        path: a ``step-N`` directory.
+        verify: also hash every file (else sizes only).
+    """
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (an interrupted write)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable manifest.json"
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
+        if verify and _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def valid_checkpoints(root: Path, verify: bool = False) -> list[Path]:
+    """The complete ``step-N`` checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    steps = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=_step_of)
+    return [p for p in steps if check_manifest(p, verify=verify) is None]
+
+
+def latest_checkpoint(root: Path, log=print) -> Path | None:
+    """The newest checkpoint under ``root`` whose manifest and hashes check out; others are skipped
+    with a message."""
+    if not root.is_dir():
+        return None
+    steps = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=_step_of)
+    for p in reversed(steps):
+        why = check_manifest(p)
+        if why is None:
+            return p
+        log(f"resume: skipping {p}: {why}")
+    return None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Verify a checkpoint directory against its manifest and read its ``state.json``.
+
+    Raises:
+        CheckpointError: not a checkpoint, incomplete, or corrupted.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"resume: no such checkpoint: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"resume: {path} is a file, not a checkpoint directory")
+    if not (path / MANIFEST).exists() and not _STEP_DIR.match(path.name):
+        hint = ""
+        if (path / CHECKPOINTS).is_dir():
+            hint = f"; it looks like a run directory: set output_dir={path} and resume=auto"
+        raise CheckpointError(
+            f"resume: {path} is not a checkpoint (no manifest.json; checkpoints are "
+            f"<output_dir>/{CHECKPOINTS}/step-N){hint}"
+        )
+    why = check_manifest(path)
+    if why is not None:
+        hint = ""
+        if (path / CHECKPOINTS).is_dir() or any(_STEP_DIR.match(p.name) for p in path.iterdir()):
+            hint = "; to resume a run's newest checkpoint set resume=auto with its output_dir"
+        raise CheckpointError(f"resume: {path} is not a usable checkpoint: {why}{hint}")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"resume: {path}/state.json is unreadable ({e})") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"resume: {path} has checkpoint format {state.get('format')}, this trainer reads {CHECKPOINT_FORMAT}"
+        )
+    return Checkpoint(path=path, state=state)
+
+
+# -- Comparing configs ------------------------------------------------------------------------------
+
+# Keys that do not change the math of the remaining steps: a resume may change them freely.
+RESUME_FREE_KEYS = (
+    "output_dir",
+    "overwrite",
+    "resume",
+    "resume_allow_config_changes",
+    "kernels",
+    "model.allow_download",
+    "model.gradient_checkpointing",
+    "data.eval",
+    "train.log_every",
+    "train.eval_every",
+    "train.progress",
+    "train.save_every",
+    "train.keep_last",
+    "train.max_consecutive_nonfinite",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every config key that differs and changes the math."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUME_FREE_KEYS or a.get(key) == b.get(key):
+            continue
+        diffs.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return diffs
+
+
+def restore_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy saved trainable tensors into the model's trainable parameters (same names and shapes).
+
+    Raises:
+        CheckpointError: the checkpoint's tensors belong to a different model or method.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    shapes = [
+        f"{n} {list(tensors[n].shape)} vs {list(p.shape)}"
+        for n, p in params.items()
+        if n in tensors and tensors[n].shape != p.shape
+    ]
+    if missing or unexpected or shapes:
+        detail = (
+            f"missing {missing[:2]}"
+            if missing
+            else f"unexpected {unexpected[:2]}"
+            if unexpected
+            else f"shape {shapes[0]}"
+        )
+        raise CheckpointError(
+            f"resume: {where} was written for a different model or method (trainable tensors differ: {detail})"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import warnings
 
@@ -98,9 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())
             return 0
-        from .loop import run
+        from .loop import graceful_stop, run
 
-        run(cfg)
+        with graceful_stop() as stop:  # SIGTERM/SIGINT: finish the step, checkpoint, exit
+            result = run(cfg, should_stop=stop)
+        if result.stopped:
+            words = [a for a in (argv or sys.argv[1:])[1:] if not a.startswith("resume=")]
+            again = shlex.join(["trainer", "run", *words, "resume=auto"])
+            print(f"stopped: checkpoint {result.checkpoint}; to continue: {again}", file=sys.stderr)
+            return stop.exit_code
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -134,6 +134,15 @@ class TrainConfig(_Strict):
         ge=1,
         description="abort after this many optimizer steps skipped in a row for a non-finite loss/grad",
     )
+    save_every: int | None = Field(
+        100,
+        ge=1,
+        description="write a checkpoint every N optimizer steps (always at the end and on SIGTERM/SIGINT); "
+        "null: only then",
+    )
+    keep_last: int = Field(
+        2, ge=1, description="checkpoints kept in output_dir/checkpoints (the newest always)"
+    )
     progress: bool = True
 
 
@@ -146,6 +155,15 @@ class Config(_Strict):
     )
     output_dir: str = "runs/default"
     overwrite: bool = Field(False, description="allow writing into a non-empty output_dir")
+    resume: str | None = Field(
+        None,
+        description="'auto': continue from the newest valid checkpoint in output_dir/checkpoints (start "
+        "fresh if none); or the path of a checkpoint directory (output_dir/checkpoints/step-N)",
+    )
+    resume_allow_config_changes: bool = Field(
+        False,
+        description="resume even though config keys that change the math differ from the checkpoint's",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)

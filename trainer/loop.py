@@ -3,15 +3,26 @@
 Loss normalization: an optimizer step sees ``grad_accum`` micro-batches; each contributes
 ``sum of its token losses / T``, where ``T`` is the number of target tokens across all micro-batches of
 the step. So accumulating k micro-batches gives exactly the gradient of one batch k times the size.
+
+Checkpoints are written at optimizer-step boundaries (every ``train.save_every`` steps, at the end, and
+when a SIGTERM/SIGINT asks the run to stop). They hold everything the rest of the run depends on, so a
+resumed run is bit-identical to one that never stopped: the data position is (epoch, offset within the
+epoch's fixed order), which need not be aligned with an accumulation group or an epoch start.
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
+import hashlib
 import json
 import math
+import os
 import shutil
+import signal
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +32,22 @@ from torch import nn
 
 from . import memory
 from .adapt import AdaptReport, apply_method
-from .checkpoint import save_peft_adapter, save_trainable
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_root,
+    config_differences,
+    latest_checkpoint,
+    read_checkpoint,
+    restore_trainable,
+    save_checkpoint,
+    save_peft_adapter,
+    save_trainable,
+    set_rng_state,
+)
 from .config import Config
 from .data import Datasets, Example, build_datasets, collate, epoch_order, pack
-from .errors import UserError
+from .errors import ModelError, UserError
 from .evaluate import heldout_loss, task_accuracy
 from .metrics import MetricsLog, plot_loss
 from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
@@ -35,6 +58,12 @@ class TrainingDiverged(UserError):
     """Too many optimizer steps in a row were skipped for a non-finite loss or gradient norm."""
 
     exit_code = 3
+
+
+class OutOfMemory(UserError):
+    """The device ran out of memory; the message carries the memory breakdown and what to change."""
+
+    exit_code = 4
 
 
 def training_device() -> torch.device:
@@ -145,17 +174,65 @@ def optimizer_step(
 # ---------------------------------------------------------------------------------------------------
 
 
+class MicroBatchStream:
+    """Endless micro-batches: each epoch a fresh deterministic order of ``examples``, resumable.
+
+    The position is (``epoch``, ``offset``): the next micro-batch starts at ``offset`` in epoch
+    ``epoch``'s order (:func:`epoch_order`, fixed by seed and epoch). The last micro-batch of an epoch
+    may be short; the next epoch starts a fresh micro-batch.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        micro_batch_size: int,
+        seed: int,
+        pad_id: int,
+        device: torch.device,
+        epoch: int = 0,
+        offset: int = 0,
+    ) -> None:
+        self.examples, self.micro_batch_size, self.seed = examples, micro_batch_size, seed
+        self.pad_id, self.device = pad_id, device
+        self.epoch, self.offset = epoch, offset
+        self._order_epoch, self._order = -1, []
+
+    def position(self) -> dict:
+        """Where the next micro-batch starts (what a checkpoint stores)."""
+        return {"epoch": self.epoch, "offset": self.offset, "examples": len(self.examples)}
+
+    def __iter__(self) -> MicroBatchStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.offset >= len(self.examples):
+            self.epoch, self.offset = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._order_epoch, self._order = (
+                self.epoch,
+                epoch_order(len(self.examples), self.seed, self.epoch),
+            )
+        ids = self._order[self.offset : self.offset + self.micro_batch_size]
+        self.offset += len(ids)
+        chunk = [self.examples[i] for i in ids]
+        return {k: v.to(self.device) for k, v in collate(chunk, self.pad_id).items()}
+
+
 def micro_batch_stream(
     examples: list[Example], micro_batch_size: int, seed: int, pad_id: int, device: torch.device
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless micro-batches: each epoch a fresh deterministic order of ``examples``."""
-    epoch = 0
-    while True:
-        order = epoch_order(len(examples), seed, epoch)
-        for start in range(0, len(order), micro_batch_size):
-            chunk = [examples[i] for i in order[start : start + micro_batch_size]]
-            yield {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        epoch += 1
+) -> MicroBatchStream:
+    """A :class:`MicroBatchStream` from the start of epoch 0."""
+    return MicroBatchStream(examples, micro_batch_size, seed, pad_id, device)
+
+
+def data_fingerprint(examples: list[Example]) -> str:
+    """A hash of the training examples' token ids and labels, in order (a resume checks it)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(array.array("q", e.input_ids).tobytes())
+        h.update(array.array("q", e.labels).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
 
 
 def total_steps(cfg: Config, n_examples: int) -> int:
@@ -184,24 +261,31 @@ class RunResult:
     eval_after: dict = field(default_factory=dict)
     accounting: dict = field(default_factory=dict)
     adapt: list[str] = field(default_factory=list)
+    resumed_from: str | None = None  # the checkpoint this run continued from
+    stopped: bool = False  # stopped early on request (SIGTERM/SIGINT): resume to finish
+    checkpoint: str | None = None  # the last checkpoint written
 
 
-def check_output_dir(cfg: Config) -> Path:
-    """Refuse to write into a non-empty directory unless ``overwrite`` is set (before anything runs)."""
+def check_output_dir(cfg: Config, resuming: bool = False) -> Path:
+    """Refuse to write into a non-empty directory unless ``overwrite`` is set or the run resumes from a
+    checkpoint in it (before anything runs)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"output_dir: {out} is not empty; choose another output_dir or set overwrite=true")
+    if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or resuming):
+        raise UserError(
+            f"output_dir: {out} is not empty; choose another output_dir, set overwrite=true, "
+            "or resume=auto to continue its run"
+        )
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
-    if not probe.is_dir() or not _writable(probe):
+    if not probe.is_dir():
+        raise UserError(f"output_dir: {out} cannot be created: {probe} is not a directory")
+    if not _writable(probe):
         raise UserError(f"output_dir: {out} is not writable")
     return out
 
 
 def _writable(path: Path) -> bool:
-    import os
-
     return os.access(path, os.W_OK | os.X_OK)
 
 
@@ -226,23 +310,110 @@ def _describe_eval(tag: str, ev: dict) -> str:
     return f"{tag}: " + (", ".join(parts) if parts else "no held-out data")
 
 
-def run(cfg: Config, log=print) -> RunResult:
-    """Fine-tune as ``cfg`` says and write the run directory.
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's (CPU and CUDA) generators: a fresh run is reproducible."""
+    import random
 
-    Every check that can fail on user input (output dir, model, tokenizer, data) runs before the
-    first byte is written to ``output_dir``.
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def find_resume_checkpoint(cfg: Config, log=print) -> Checkpoint | None:
+    """The checkpoint ``cfg.resume`` names (verified), or ``None`` for a fresh run.
+
+    ``auto`` takes the newest valid checkpoint in ``output_dir/checkpoints``; checkpoints with a missing
+    or mismatching manifest (interrupted writes) are skipped with a message.
 
     Raises:
-        UserError: bad input anywhere, or a diverged run.
+        CheckpointError: a path that is not a usable checkpoint, or one whose config differs from
+            ``cfg`` in keys that change the math (unless ``resume_allow_config_changes``).
     """
-    torch.manual_seed(cfg.train.seed)
-    out = check_output_dir(cfg)
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        path = latest_checkpoint(checkpoint_root(cfg.output_dir), log)
+        if path is None:
+            log(f"resume: auto: no checkpoint in {checkpoint_root(cfg.output_dir)}; starting fresh")
+            return None
+    else:
+        path = Path(cfg.resume)
+    ckpt = read_checkpoint(path)
+    diffs = config_differences(ckpt.state["config"], cfg.model_dump(mode="json"))
+    if diffs and not cfg.resume_allow_config_changes:
+        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise CheckpointError(
+            f"resume: {ckpt.path} was written with a different config: {'; '.join(diffs[:3])}{more}; "
+            "restore those keys, or set resume_allow_config_changes=true to continue anyway"
+        )
+    for d in diffs:
+        log(f"resume: config differs from the checkpoint's (allowed): {d}")
+    return ckpt
+
+
+def _check_tokenizer_fits(tokenizer, vocab: int, path: str) -> None:
+    if len(tokenizer) > vocab:
+        raise ModelError(
+            f"model.name_or_path: the tokenizer of {path} has {len(tokenizer)} tokens but the model's "
+            f"embedding has {vocab} rows (tokenizer and model do not match)"
+        )
+
+
+def out_of_memory_message(model: nn.Module, optimizer, cfg: Config, device: torch.device) -> str:
+    """One line: what holds the memory, and the config keys that lower it."""
+    acc = memory.param_accounting(model)
+    fb = memory.fmt_bytes
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = memory.optimizer_state_bytes(optimizer) if optimizer is not None else 0
+    peak = memory.peak_memory_bytes(device)
+    fixes = [
+        f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)} with "
+        f"train.grad_accum={cfg.train.grad_accum * 2} (same effective batch)",
+        f"data.max_seq_len={max(8, cfg.data.max_seq_len // 2)}",
+    ]
+    if not cfg.model.gradient_checkpointing:
+        fixes.append("model.gradient_checkpointing=true")
+    if cfg.method in ("lora", "full", "partial"):
+        fixes.append("method=qlora" if cfg.method == "lora" else "method=lora")
+    if cfg.optim.name in ("adamw32bit", "adamw_torch"):
+        fixes.append("optim.name=adamw8bit")
+    return (
+        f"out of memory on {device} (micro-batch {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} "
+        f"tokens): weights {fb(acc.trainable_bytes)} trainable + {fb(acc.frozen_bytes)} frozen, "
+        f"gradients {fb(grads)}, optimizer state {fb(state)}, peak {fb(peak)}; "
+        f"the rest is activations. Try: {', '.join(fixes)}"
+    )
+
+
+def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None) -> RunResult:
+    """Fine-tune as ``cfg`` says and write the run directory.
+
+    Every check that can fail on user input (output dir, resume checkpoint, model, tokenizer, data)
+    runs before the first byte is written to ``output_dir``.
+
+    Args:
+        cfg: the resolved config.
+        log: where progress lines go.
+        should_stop: asked after every optimizer step with the step number; ``True`` writes a checkpoint
+            and returns early (``RunResult.stopped``). The CLI wires SIGTERM/SIGINT to it.
+
+    Raises:
+        UserError: bad input anywhere, a checkpoint that cannot be used or written, out of memory, or a
+            diverged run.
+    """
+    seed_everything(cfg.train.seed)
+    ckpt = find_resume_checkpoint(cfg, log)
+    inside = ckpt is not None and checkpoint_root(cfg.output_dir).resolve() in ckpt.path.resolve().parents
+    out = check_output_dir(cfg, resuming=inside)
     device = training_device()
 
     # Model path, tokenizer and data first: cheap, and they catch most mistakes.
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model)
     vocab = vocab_size_of(model_path, cfg.model)
+    _check_tokenizer_fits(tokenizer, vocab, model_path)
     data = build_datasets(cfg.data, tokenizer, vocab)
     train_examples = data.train
     if cfg.data.packing:
@@ -252,6 +423,15 @@ def run(cfg: Config, log=print) -> RunResult:
     for stats in (data.train_stats, data.eval_stats):
         if stats.truncated or stats.dropped_overlength or stats.dropped_no_targets:
             log(f"data: {stats.describe()}")
+    fingerprint = data_fingerprint(train_examples)
+    if ckpt is not None and ckpt.state["data_fingerprint"] != fingerprint:
+        if not cfg.resume_allow_config_changes:
+            raise CheckpointError(
+                f"resume: the training data differ from those {ckpt.path} was trained on "
+                f"({ckpt.state['data']['examples']} examples then, {len(train_examples)} now, different "
+                "token ids); restore them, or set resume_allow_config_changes=true"
+            )
+        log("resume: the training data differ from the checkpoint's (allowed); the position is kept")
 
     # Model, adapters, optimizer.
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
@@ -264,31 +444,92 @@ def run(cfg: Config, log=print) -> RunResult:
     optimizer = build_optimizer(model, cfg.optim)
     steps = total_steps(cfg, len(train_examples))
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
+    start_step = 0
+    if ckpt is not None:
+        restore_trainable(model, ckpt.tensors("trainable"), ckpt.path)
+        try:
+            optimizer.load_state_dict(ckpt.optimizer_state())
+            scheduler.load_state_dict(ckpt.scheduler_state())
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"resume: {ckpt.path}: cannot restore the optimizer ({e})") from None
+        start_step = ckpt.step
+        if start_step > steps:
+            raise CheckpointError(
+                f"resume: {ckpt.path} is at step {start_step}, past this run's {steps} steps"
+            )
 
     # Everything validated: now the run directory is ours.
-    if out.exists():
-        for name in ("adapter_model.safetensors", "adapter_config.json", "trainable.safetensors"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    metrics = MetricsLog(out / "metrics.jsonl")
+    root = checkpoint_root(out)
+    if ckpt is None:
+        if out.exists():
+            for name in ("adapter_model.safetensors", "adapter_config.json", "trainable.safetensors"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(root, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        metrics = MetricsLog(out / "metrics.jsonl")
+        eval_before = evaluate(model, tokenizer, data, cfg, pad_id)
+        log(_describe_eval("before", eval_before))
+        metrics.write({"kind": "eval", "step": 0, **{k: v for k, v in eval_before.items() if k != "samples"}})
+        first_loss, last_loss, skipped, consecutive = math.nan, math.nan, 0, 0
+        position = {"epoch": 0, "offset": 0}
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        metrics_path = out / "metrics.jsonl"
+        if metrics_path.exists() and metrics_path.stat().st_size > ckpt.state["metrics_bytes"]:
+            with open(metrics_path, "r+b") as f:  # drop records logged after the checkpoint
+                f.truncate(ckpt.state["metrics_bytes"])
+        metrics = MetricsLog(metrics_path, append=True)
+        st = ckpt.state
+        eval_before = st["eval_before"]
+        first_loss, last_loss = _nan(st["first_loss"]), _nan(st["last_loss"])
+        skipped, consecutive, position = st["skipped_steps"], st["consecutive_nonfinite"], st["data"]
+        log(f"resume: continuing from {ckpt.path} at step {start_step} of {steps}")
 
-    eval_before = evaluate(model, tokenizer, data, cfg, pad_id)
-    log(_describe_eval("before", eval_before))
-    metrics.write({"kind": "eval", "step": 0, **{k: v for k, v in eval_before.items() if k != "samples"}})
+    stream = MicroBatchStream(
+        train_examples,
+        cfg.train.micro_batch_size,
+        cfg.train.seed,
+        pad_id,
+        device,
+        position["epoch"],
+        position["offset"],
+    )
+    last_ckpt = str(ckpt.path) if ckpt is not None else None
 
-    stream = micro_batch_stream(train_examples, cfg.train.micro_batch_size, cfg.train.seed, pad_id, device)
-    losses: list[float] = []
-    skipped = consecutive = 0
+    def write_checkpoint(step: int) -> str:
+        state = {
+            "data": stream.position(),
+            "data_fingerprint": fingerprint,
+            "skipped_steps": skipped,
+            "consecutive_nonfinite": consecutive,
+            "first_loss": first_loss,
+            "last_loss": last_loss,
+            "eval_before": eval_before,
+            "metrics_bytes": (out / "metrics.jsonl").stat().st_size,
+            "config": cfg.model_dump(mode="json"),
+            "config_hash": cfg.digest(),
+            "total_steps": steps,
+        }
+        return str(save_checkpoint(root, step, model, optimizer, scheduler, state, cfg.train.keep_last))
+
+    if ckpt is not None:  # the RNG exactly as it was when the checkpoint was written
+        set_rng_state(ckpt.state["rng"], ckpt.tensors("rng"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = _progress(steps, cfg.train.progress)
+    bar = _progress(steps, cfg.train.progress, initial=start_step)
     t_start = time.perf_counter()
     window_tokens, window_t0 = 0, t_start
-    for step in range(1, steps + 1):
+    stopped = False
+    for step in range(start_step + 1, steps + 1):
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-        result = optimizer_step(model, params, micro, optimizer, cfg.optim.max_grad_norm)
+        try:
+            result = optimizer_step(model, params, micro, optimizer, cfg.optim.max_grad_norm)
+        except torch.OutOfMemoryError:
+            metrics.close()
+            optimizer.zero_grad(set_to_none=True)
+            raise OutOfMemory(out_of_memory_message(model, optimizer, cfg, device)) from None
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         window_tokens += result.tokens
@@ -298,13 +539,16 @@ def run(cfg: Config, log=print) -> RunResult:
             log(f"step {step}: non-finite loss {result.loss} or grad norm {result.grad_norm}; update skipped")
             if consecutive >= cfg.train.max_consecutive_nonfinite:
                 metrics.close()
+                kept = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
                 raise TrainingDiverged(
                     f"train.max_consecutive_nonfinite: {consecutive} optimizer steps in a row had a non-finite "
-                    "loss or gradient norm; aborting (lower optim.lr, or check the data)"
+                    f"loss or gradient norm; aborting (lower optim.lr, or check the data){kept}"
                 )
         else:
             consecutive = 0
-            losses.append(result.loss)
+            last_loss = result.loss
+            if math.isnan(first_loss):
+                first_loss = result.loss
         if step % cfg.train.log_every == 0 or step == steps:
             now = time.perf_counter()
             tok_s = window_tokens / max(now - window_t0, 1e-9)
@@ -328,9 +572,29 @@ def run(cfg: Config, log=print) -> RunResult:
             metrics.write({"kind": "eval", "step": step, **ev})
         if bar is not None:
             bar.update(1)
+        stopped = should_stop is not None and step < steps and should_stop(step)
+        if step == steps or stopped or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            last_ckpt = write_checkpoint(step)
+        if stopped:
+            break
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t_start
+    if stopped:
+        metrics.close()
+        log(f"stopped after step {step} of {steps}; checkpoint {last_ckpt}")
+        log("to continue, run the same command with resume=auto")
+        return RunResult(
+            output_dir=str(out),
+            steps=step,
+            skipped_steps=skipped,
+            first_loss=first_loss,
+            last_loss=last_loss,
+            eval_before=eval_before,
+            resumed_from=str(ckpt.path) if ckpt is not None else None,
+            stopped=True,
+            checkpoint=last_ckpt,
+        )
 
     eval_after = evaluate(model, tokenizer, data, cfg, pad_id)
     log(_describe_eval("after", eval_after))
@@ -363,12 +627,14 @@ def run(cfg: Config, log=print) -> RunResult:
         output_dir=str(out),
         steps=steps,
         skipped_steps=skipped,
-        first_loss=losses[0] if losses else math.nan,
-        last_loss=losses[-1] if losses else math.nan,
+        first_loss=first_loss,
+        last_loss=last_loss,
         eval_before=eval_before,
         eval_after=eval_after,
         accounting=accounting,
         adapt=report.lines(),
+        resumed_from=str(ckpt.path) if ckpt is not None else None,
+        checkpoint=last_ckpt,
     )
     (out / "summary.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
     for line in summary_lines(result):
@@ -384,7 +650,8 @@ def summary_lines(result: RunResult) -> list[str]:
     return [
         f"done: {result.steps} steps in {a['train_seconds']:.1f} s on {a['device']} ({a['dtype']}); "
         f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
-        + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps else ""),
+        + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps else "")
+        + (f"; resumed from {result.resumed_from}" if result.resumed_from else ""),
         f"parameters: {a['trainable_params']:,} trainable ({fb(a['trainable_bytes'])}), "
         f"{a['frozen_params']:,} frozen ({fb(a['frozen_bytes'])}); "
         f"{100 * a['trainable_params'] / max(total, 1):.2f}% trainable",
@@ -394,9 +661,61 @@ def summary_lines(result: RunResult) -> list[str]:
     ]
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _nan(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopping on a signal
+# ---------------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Set by the first SIGTERM/SIGINT; the loop asks it after every optimizer step.
+
+    The first signal lets the current optimizer step finish and a checkpoint be written; a second one
+    exits at once (exit code 128 + signal number), leaving the previous checkpoint as it was.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, step: int | None = None) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    def handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(f"\n{name} again: exiting now; the last complete checkpoint is kept", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.signum = signum
+        print(
+            f"\n{name}: finishing the current optimizer step, then writing a checkpoint "
+            f"(send {name} again to exit at once)",
+            file=sys.stderr,
+        )
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    """Install :class:`StopRequest` for SIGTERM and SIGINT for the duration (main thread only)."""
+    request = StopRequest()
+    previous = {s: signal.signal(s, request.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

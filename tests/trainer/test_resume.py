@@ -1,0 +1,349 @@
+"""Checkpoints, exact resume and faults on the tiny model.
+
+A run of N optimizer steps straight and one stopped after k steps then resumed end with bit-identical
+trainable tensors and optimizer state, the same logged losses and the same data order. The stops are
+chosen against the data layout: 20 examples, micro-batch 3, grad_accum 2, so an epoch is 7 micro-batches
+(the last one of 2 examples) and an accumulation group (6 examples) straddles each epoch boundary:
+stop 3 saves at (epoch 0, offset 18), mid-epoch; stop 4 saves at (epoch 1, offset 3), just after a group
+that spanned two epochs, at an offset that is not a multiple of the group size. Checkpoints are written
+only at optimizer-step boundaries (a signal lets the current step finish), so no checkpoint holds
+half-accumulated gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import write_alpaca, write_config
+
+from fusedtune.trainer import loop
+from fusedtune.trainer.checkpoint import (
+    FAULT_ENV,
+    CheckpointError,
+    latest_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    valid_checkpoints,
+)
+from fusedtune.trainer.cli import main
+from fusedtune.trainer.config import load_config
+
+STEPS = 6
+
+
+def _config(tmp: Path, model_dir: Path, method: str, optim: str, **train) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    extra: dict = {}
+    if method == "partial":
+        extra["partial"] = {"patterns": ["norm"]}
+    return write_config(
+        tmp,
+        model_dir,
+        method=method,
+        lora={"rank": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG state must come back too
+        data={"train": str(write_alpaca(tmp / "train20.jsonl", 20, seed=3))},
+        optim={"name": optim, "lr": 1e-2, "warmup_steps": 1, "weight_decay": 0.01},
+        train={"max_steps": STEPS, "micro_batch_size": 3, "grad_accum": 2, "save_every": None, **train},
+        **extra,
+    )
+
+
+def _run(
+    cfg_path: Path, monkeypatch, stop_at: int | None = None, overrides=()
+) -> tuple[loop.RunResult, list]:
+    """One in-process run; returns its result and the sample ids of every training micro-batch."""
+    seen: list[list[str]] = []
+    real = loop.collate
+
+    def recording_collate(chunk, pad_id):
+        seen.append([e.source.rsplit("/", 1)[-1] for e in chunk])  # file:line
+        return real(chunk, pad_id)
+
+    monkeypatch.setattr(loop, "collate", recording_collate)
+    result = loop.run(
+        load_config(cfg_path, list(overrides)), log=lambda *_: None, should_stop=lambda s: s == stop_at
+    )
+    monkeypatch.setattr(loop, "collate", real)
+    return result, seen
+
+
+def _train_records(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    for name in ("trainable", "optimizer", "rng"):
+        ta, tb = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
+        assert ta.keys() == tb.keys(), name
+        for key in ta:
+            assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), f"{name}: {key} differs"
+    assert json.loads((a / "optimizer.json").read_text()) == json.loads((b / "optimizer.json").read_text())
+    sa, sb = json.loads((a / "state.json").read_text()), json.loads((b / "state.json").read_text())
+    for key in ("step", "data", "scheduler", "rng", "skipped_steps", "first_loss", "last_loss"):
+        assert sa[key] == sb[key], key
+
+
+_STRAIGHT: dict[tuple[str, str], tuple[Path, list]] = {}
+
+
+def _straight(tmp_path_factory, model_dir, method, optim, monkeypatch) -> tuple[Path, list]:
+    """The uninterrupted run of a (method, optimizer), once per session."""
+    if (method, optim) not in _STRAIGHT:
+        tmp = tmp_path_factory.mktemp(f"straight-{method}-{optim}")
+        result, seen = _run(_config(tmp, model_dir, method, optim), monkeypatch)
+        assert not result.stopped and result.steps == STEPS
+        _STRAIGHT[method, optim] = (Path(result.output_dir), seen)
+    return _STRAIGHT[method, optim]
+
+
+EXACT_CASES = [
+    ("lora", "adamw8bit", 3),
+    ("lora", "adamw8bit", 4),
+    ("lora", "paged_adamw8bit", 3),
+    ("lora", "adamw32bit", 4),
+    ("lora", "adamw_torch", 3),
+    ("qlora", "adamw8bit", 4),
+    ("full", "adamw8bit", 3),
+    ("partial", "adamw_torch", 4),
+]
+
+
+@pytest.mark.parametrize(("method", "optim", "stop"), EXACT_CASES)
+def test_stop_and_resume_is_bit_identical(
+    tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch, method, optim, stop
+):
+    straight_dir, straight_seen = _straight(tmp_path_factory, tiny_model_dir, method, optim, monkeypatch)
+    cfg = _config(tmp_path, tiny_model_dir, method, optim)
+    first, seen1 = _run(cfg, monkeypatch, stop_at=stop)
+    assert first.stopped and first.steps == stop
+    saved = read_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{stop}")
+    # the position the stop left: mid-epoch (stop 3) or just past a group that spanned two epochs (stop 4)
+    assert saved.state["data"] == {3: {"epoch": 0, "offset": 18}, 4: {"epoch": 1, "offset": 3}}[stop] | {
+        "examples": 20
+    }
+    second, seen2 = _run(cfg, monkeypatch, overrides=["resume=auto"])
+    assert second.resumed_from == str(saved.path) and not second.stopped
+
+    assert seen1 + seen2 == straight_seen, "the resumed run saw the data in another order"
+    assert _train_records(tmp_path / "run") == _train_records(straight_dir)
+    _assert_same_checkpoint(
+        tmp_path / "run" / "checkpoints" / f"step-{STEPS}", straight_dir / "checkpoints" / f"step-{STEPS}"
+    )
+    out = "adapter_model" if method in ("lora", "qlora") else "trainable"
+    a, b = load_file(tmp_path / "run" / f"{out}.safetensors"), load_file(straight_dir / f"{out}.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b) and a.keys() == b.keys()
+
+
+def test_resume_differs_without_the_saved_rng(tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch):
+    """The comparison above can fail: resuming with a wrong dropout RNG gives other weights."""
+    straight_dir, _ = _straight(tmp_path_factory, tiny_model_dir, "lora", "adamw8bit", monkeypatch)
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw8bit")
+    _run(cfg, monkeypatch, stop_at=3)
+    monkeypatch.setattr(loop, "set_rng_state", lambda *a: None)
+    _run(cfg, monkeypatch, overrides=["resume=auto"])
+    with pytest.raises(AssertionError, match="differs"):
+        _assert_same_checkpoint(
+            tmp_path / "run" / "checkpoints" / "step-6", straight_dir / "checkpoints" / "step-6"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The checkpoint directory: atomic write, manifest, rotation, disk full
+# ---------------------------------------------------------------------------------------------------
+
+
+def _small_state():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return model, opt, sched
+
+
+def _step(model, opt, sched, width: int = 8):
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+
+
+def test_manifest_rotation_and_skipping_broken_checkpoints(tmp_path, monkeypatch):
+    model, opt, sched = _small_state()
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _step(model, opt, sched)
+        save_checkpoint(root, step, model, opt, sched, {"config": {}}, keep_last=2)
+    assert [p.name for p in valid_checkpoints(root)] == ["step-2", "step-3"]  # rotated; newest kept
+    (root / ".tmp-step-4-99").mkdir()  # an interrupted write elsewhere: never a candidate
+    assert latest_checkpoint(root) == root / "step-3"
+
+    blob = bytearray((root / "step-3" / "trainable.safetensors").read_bytes())
+    blob[-1] ^= 1  # same size, one bit flipped
+    (root / "step-3" / "trainable.safetensors").write_bytes(bytes(blob))
+    messages: list[str] = []
+    assert latest_checkpoint(root, messages.append) == root / "step-2"
+    assert "step-3" in messages[0] and "sha256" in messages[0]
+    (root / "step-2" / "manifest.json").unlink()
+    messages.clear()
+    assert latest_checkpoint(root, messages.append) is None
+    assert "no manifest.json" in messages[1]
+
+    # disk full in the middle of a write: one clear error, the earlier checkpoint untouched
+    model, opt, sched = _small_state()
+    root = tmp_path / "again"
+    save_checkpoint(root, 1, model, opt, sched, {"config": {}}, keep_last=1)
+    monkeypatch.setenv(FAULT_ENV, "2:optimizer.json:enospc")
+    with pytest.raises(CheckpointError, match=r"No space left on device.*step-1 is intact"):
+        save_checkpoint(root, 2, model, opt, sched, {"config": {}}, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-1"]
+    assert latest_checkpoint(root) == root / "step-1"
+
+
+def test_optimizer_state_round_trip_through_json_and_safetensors(tmp_path):
+    """bitsandbytes 8-bit state (uint8 moments, qmaps, absmax) comes back exactly, no pickle."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.LayerNorm(64))
+    opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    for _ in range(2):
+        _step(model, opt, sched, width=128)
+    path = save_checkpoint(tmp_path, 2, model, opt, sched, {"config": {}}, keep_last=1)
+    restored = bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    restored.load_state_dict(read_checkpoint(path).optimizer_state())
+    before, after = opt.state_dict(), restored.state_dict()
+    key = "__bnb_optimizer_quant_state__"
+    assert set(before["state"][0][key]) >= {"state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2"}
+    for i, st in before["state"].items():
+        for name, t in st[key].items():
+            assert torch.equal(after["state"][i][key][name], t), name
+        assert after["state"][i]["step"] == st["step"]
+    assert after["param_groups"] == before["param_groups"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Faults through the CLI
+# ---------------------------------------------------------------------------------------------------
+
+
+def _cli(cfg: Path, *overrides: str, fault: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if fault:
+        env[FAULT_ENV] = fault
+    code = "import sys; from fusedtune.trainer.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-P", "-c", code, "run", str(cfg), *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_kill_9_before_the_manifest_keeps_the_previous_checkpoint(
+    tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch, capsys
+):
+    straight_dir, _ = _straight(tmp_path_factory, tiny_model_dir, "lora", "adamw8bit", monkeypatch)
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw8bit", save_every=2)
+    proc = _cli(cfg, fault="4:renamed:kill")  # step-4 renamed into place, its manifest not yet written
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "step-4").is_dir() and not (root / "step-4" / "manifest.json").exists()
+    assert main(["run", str(cfg), "resume=auto"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipping {root / 'step-4'}: no manifest.json" in out
+    assert f"continuing from {root / 'step-2'} at step 2" in out
+    _assert_same_checkpoint(root / f"step-{STEPS}", straight_dir / "checkpoints" / f"step-{STEPS}")
+
+
+def test_second_signal_exits_at_once_mid_write(
+    tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch, capsys
+):
+    straight_dir, _ = _straight(tmp_path_factory, tiny_model_dir, "lora", "adamw8bit", monkeypatch)
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw8bit", save_every=2)
+    proc = _cli(cfg, fault="4:trainable.safetensors:sleep")  # hangs inside the step-4 write
+    root = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(root.glob(".tmp-step-4-*/trainable.safetensors")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # The first signal asks for a stop after the step (the write goes on); the second exits at once.
+    # Python runs pending handlers in signal-number order, so either may count as the first.
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), err
+    assert "finishing the current optimizer step" in err and "Traceback" not in err
+    assert "again: exiting now; the last complete checkpoint is kept" in err
+    assert [p.name for p in valid_checkpoints(root)] == ["step-2"]  # the half-written step-4 is no checkpoint
+    assert main(["run", str(cfg), "resume=auto"]) == 0
+    assert f"continuing from {root / 'step-2'}" in capsys.readouterr().out
+    _assert_same_checkpoint(root / f"step-{STEPS}", straight_dir / "checkpoints" / f"step-{STEPS}")
+    assert not list(root.glob(".tmp-*")), "the stale temp dir was not cleaned up"
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw8bit", save_every=2)
+    proc = _cli(cfg, "train.log_every=1", fault="2:state.json:sigterm")  # a real SIGTERM, sent at step 2
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: finishing the current optimizer step" in err and "Traceback" not in err
+    assert f"to continue: trainer run {cfg} train.log_every=1 resume=auto" in err
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in valid_checkpoints(root, verify=True)] == ["step-2", "step-3"]
+    assert [s for s, _ in _train_records(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_non_finite_abort_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path, capsys):
+    # lr 1e30: step 1 is finite and blows the weights up; every later step is non-finite and skipped
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw_torch", save_every=1, keep_last=1)
+    code = main(
+        ["run", str(cfg), "optim.lr=1e30", "optim.warmup_steps=0", "train.max_consecutive_nonfinite=2"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and err.startswith("error: train.max_consecutive_nonfinite") and "\n" not in err, err
+    root = tmp_path / "run" / "checkpoints"
+    assert f"the last good checkpoint is {root / 'step-2'}" in err
+    ckpt = read_checkpoint(latest_checkpoint(root))
+    assert ckpt.step == 2 and ckpt.state["skipped_steps"] == 1  # step 3 (the abort) wrote nothing
+
+
+def test_out_of_memory_names_the_breakdown_and_the_fix(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "optimizer_step", oom)
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw_torch")
+    assert main(["run", str(cfg)]) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: out of memory") and "\n" not in err, err
+    for fragment in (
+        "trainable",
+        "frozen",
+        "optimizer state",
+        "train.micro_batch_size=1 with train.grad_accum=4",
+    ):
+        assert fragment in err, fragment
+
+
+def test_resume_refuses_a_changed_config_unless_allowed(tiny_model_dir, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw8bit", max_steps=2)
+    assert main(["run", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(cfg), "resume=auto", "optim.lr=0.5", "train.log_every=2"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.01 -> 0.5" in err and "log_every" not in err and "resume_allow_config_changes" in err
+    assert main(["run", str(cfg), "resume=auto", "optim.lr=0.5", "resume_allow_config_changes=true"]) == 0
+    assert "config differs from the checkpoint's (allowed): optim.lr" in capsys.readouterr().out
