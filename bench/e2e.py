@@ -1,0 +1,564 @@
+"""End to end on CPU: the same LoRA / QLoRA fine-tuning job run by fusedtune and by HF Trainer + PEFT + bitsandbytes.
+
+    python -P bench/e2e.py --model smollm2 --seq 256 --batch 4 --steps 8        (by hand; minutes)
+    python -P bench/e2e.py --model tiny --steps 6                              (seconds; what CI runs)
+
+Providers (each runs in its own subprocess, so its peak RSS is its own):
+    fusedtune  the trainer's own pieces: ``load_model`` -> ``apply_method`` -> ``build_optimizer`` ->
+               ``loop.optimizer_step`` (token-normalized loss, LM head at target positions only)
+    hf_peft    what a user would otherwise write: ``AutoModelForCausalLM`` (+ ``BitsAndBytesConfig`` NF4
+               with double quant for QLoRA), ``peft.LoraConfig`` on the same Linears, ``transformers.Trainer``
+               with ``optim="adamw_bnb_8bit"``
+
+The job is identical for both: same model (fp32 on CPU), same micro-batches in the same order (synthetic
+token ids, lengths 3/4..1 of ``seq``, right padded, loss on the second half of each row: an SFT-like
+completion mask), LoRA r=16 alpha=32 on every block Linear with the same initial A (drawn per layer
+from a seeded generator; B = 0), 8-bit AdamW (lr 1e-4, no weight decay, constant schedule), grad clip 1.0.
+
+Reported per provider: median step time (the first step is warm-up and excluded), tokens/s over
+non-pad tokens, process peak RSS (``ru_maxrss``), the loss at every step and the gradient norms.
+Checks (a benchmark that fails them raises): gradient norms non-zero and finite; per-step losses of the
+providers agree within ``LOSS_RTOL`` (relative). Results go to ``bench/results/e2e-<model>-cpu.{json,md}``
+and ``e2e-<model>-cpu.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+PROVIDERS = ["fusedtune", "hf_peft"]
+GPU_ONLY_PROVIDERS = ["hf_peft_liger", "unsloth"]  # where installable (bench/gpu_e2e.py)
+METHODS = ["lora", "qlora"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA, LR = 16, 32.0, 1e-4
+# Same math, different kernels and summation orders (and 8-bit optimizer state rounding): the per-step
+# losses agree to well under this; a real divergence (wrong targets, wrong scaling, wrong labels) is far above.
+LOSS_RTOL = 2e-3
+COLUMNS = [
+    "model",
+    "method",
+    "provider",
+    "steps",
+    "step_s_median",
+    "tokens_per_s",
+    "peak_rss_mib",
+    "first_loss",
+    "last_loss",
+    "min_grad_norm",
+    "step_time_ratio",
+    "peak_rss_ratio",
+]
+
+
+class BenchmarkFailed(RuntimeError):
+    """Losses that disagree or gradient norms that vanish: the numbers would mean nothing."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------
+
+
+def model_path(name: str) -> str:
+    """``smollm2`` -> the converted built-in model; ``tiny`` -> the tests' 2-layer Llama (built once)."""
+    if name == "smollm2":
+        from fusedtune.trainer.config import ModelConfig
+        from fusedtune.trainer.model import resolve_model_path
+
+        return resolve_model_path(ModelConfig(name_or_path="smollm2-135m-instruct"))
+    if name == "tiny":
+        target = Path(tempfile.gettempdir()) / "fusedtune-bench-tiny-llama"
+        if not (target / "config.json").is_file():
+            sys.path.insert(0, str(ROOT / "tests"))
+            from tiny import build_tiny_model
+
+            build_tiny_model(target)
+        return str(target)
+    if Path(name).is_dir():
+        return name
+    raise SystemExit(f"error: --model: expected smollm2, tiny or a model directory, got {name!r}")
+
+
+def make_batches(vocab: int, n: int, batch: int, seq: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` micro-batches ``[batch, seq]``: lengths in [3/4·seq, seq], right padded, loss on each row's second half."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch, seq), generator=g)
+        lengths = torch.randint(seq * 3 // 4, seq + 1, (batch,), generator=g)
+        lengths[0] = seq  # the widest row sets the width
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        ids = ids * mask  # pad id 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, : seq // 2] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _init_lora_a(layer_name: str, shape: torch.Size) -> torch.Tensor:
+    """The same initial A for both providers: kaiming-uniform(a=√5) bounds from a per-layer seed."""
+    seed = sum((i + 1) * ord(c) for i, c in enumerate(layer_name)) % (2**31)
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / shape[1] ** 0.5
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound
+
+
+def _layer_key(param_name: str) -> str:
+    """``...model.layers.3.self_attn.q_proj.lora_A(.default).weight`` -> ``layers.3.self_attn.q_proj``."""
+    head = param_name.split(".lora_A")[0]
+    return head[head.index("layers.") :]
+
+
+def _set_lora_a(model: torch.nn.Module) -> int:
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(_init_lora_a(_layer_key(name), p.shape).to(p.dtype))
+                n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workers (one provider per process)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def run_fusedtune(job: dict, batches: list[dict]) -> dict:
+    """The trainer's own path, one optimizer step per ``grad_accum`` micro-batches."""
+    from fusedtune.trainer.adapt import apply_method
+    from fusedtune.trainer.config import Config
+    from fusedtune.trainer.loop import optimizer_step
+    from fusedtune.trainer.model import load_model
+    from fusedtune.trainer.optim import build_optimizer, trainable_parameters
+
+    cfg = Config.model_validate(
+        {
+            "method": job["method"],
+            "kernels": "triton" if job.get("device") == "cuda" else "torch",
+            "model": {"name_or_path": job["model_path"], "dtype": job.get("dtype", "fp32")},
+            "lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "target_modules": TARGETS},
+            "quant": {"quant_type": "nf4", "double_quant": True, "blocksize": 64},
+            "data": {"task": "dates", "max_seq_len": job["seq"]},
+            "optim": {"name": "adamw8bit", "lr": LR, "weight_decay": 0.0, "schedule": "constant"},
+            "train": {"micro_batch_size": job["batch"], "grad_accum": job["grad_accum"]},
+        }
+    )
+    device = torch.device(job.get("device", "cpu"))
+    load_device = torch.device("cpu") if cfg.method == "qlora" else device
+    model, _ = load_model(cfg.model.name_or_path, cfg.model, device, load_device)
+    apply_method(model, cfg, device)
+    model.train()
+    _set_lora_a(model)
+    params = [p for _, p in trainable_parameters(model)]
+    optimizer = build_optimizer(model, cfg.optim)
+    times, losses, norms = [], [], []
+    accum = job["grad_accum"]
+    for step in range(job["steps"]):
+        micro = [{k: v.to(device) for k, v in b.items()} for b in batches[step * accum : (step + 1) * accum]]
+        _sync(device)
+        t0 = time.perf_counter()
+        r = optimizer_step(model, params, micro, optimizer, 1.0)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(r.loss)
+        norms.append(r.grad_norm)
+    return {"times": times, "losses": losses, "grad_norms": norms}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_hf_peft(job: dict, batches: list[dict], liger: bool = False, model=None) -> dict:
+    """HF Trainer + PEFT + bitsandbytes, configured as their docs show (``liger``: Liger's Llama patches first)."""
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    on_gpu = job.get("device") == "cuda"
+    dtype = torch.bfloat16 if job.get("dtype") == "bf16" else torch.float32
+    kwargs = {"dtype": dtype}
+    if on_gpu:
+        kwargs["device_map"] = {"": 0}
+    if job["method"] == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(job["model_path"], **kwargs)
+        model.config.use_cache = False
+        lora = LoraConfig(
+            r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, lora)
+    _set_lora_a(model)
+
+    accum = job["grad_accum"]
+    rows = [
+        {k: v[i] for k, v in b.items()} for b in batches[: job["steps"] * accum] for i in range(job["batch"])
+    ]
+
+    class InOrder(torch.utils.data.IterableDataset):  # no sampler: the rows arrive in this order
+        def __iter__(self):
+            return iter(rows)
+
+        def __len__(self):
+            return len(rows)
+
+    times, losses, norms = [], [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            _sync(torch.device("cuda" if on_gpu else "cpu"))
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            _sync(torch.device("cuda" if on_gpu else "cpu"))
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+                norms.append(float(logs.get("grad_norm", float("nan"))))
+
+    out_dir = tempfile.mkdtemp(prefix="hf-bench-")
+    args = TrainingArguments(
+        output_dir=out_dir,
+        per_device_train_batch_size=job["batch"],
+        gradient_accumulation_steps=accum,
+        max_steps=job["steps"],
+        learning_rate=LR,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        optim="adamw_bnb_8bit",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not on_gpu,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=InOrder(), callbacks=[Timer()])
+    trainer.train()
+    return {"times": times, "losses": losses, "grad_norms": norms}
+
+
+def run_unsloth(job: dict, batches: list[dict]) -> dict:
+    """Unsloth's FastLanguageModel + its LoRA, trained by the same HF Trainer set-up (GPU only)."""
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        job["model_path"],
+        max_seq_length=job["seq"],
+        dtype=torch.bfloat16,
+        load_in_4bit=job["method"] == "qlora",
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        use_gradient_checkpointing=False,
+    )
+    return run_hf_peft(job, batches, model=model)
+
+
+def worker(provider: str, job: dict) -> dict:
+    """One provider, one method: build the batches, train, measure."""
+    torch.manual_seed(0)
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(job["model_path"]).vocab_size
+    batches = make_batches(vocab, job["steps"] * job["grad_accum"], job["batch"], job["seq"])
+    if provider == "fusedtune":
+        result = run_fusedtune(job, batches)
+    elif provider == "unsloth":
+        result = run_unsloth(job, batches)
+    else:
+        result = run_hf_peft(job, batches, liger=provider == "hf_peft_liger")
+    used = batches[: job["steps"] * job["grad_accum"]]
+    tokens = [
+        sum(int(b["attention_mask"].sum()) for b in used[s * job["grad_accum"] : (s + 1) * job["grad_accum"]])
+        for s in range(job["steps"])
+    ]
+    result.update(peak_rss=_rss_peak(), tokens_per_step=tokens, threads=torch.get_num_threads())
+    if job.get("device") == "cuda":
+        result.update(
+            cuda_max_allocated=torch.cuda.max_memory_allocated(),
+            cuda_max_reserved=torch.cuda.max_memory_reserved(),
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_provider(provider: str, job: dict, timeout: float | None = None) -> dict:
+    """Run one provider in a fresh Python process and return its measurements."""
+    cmd = [
+        sys.executable,
+        "-P",
+        str(Path(__file__).resolve()),
+        "--worker",
+        provider,
+        "--job",
+        json.dumps(job),
+    ]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-25:])
+        raise BenchmarkFailed(f"{provider} {job['method']}: worker failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def summarize(model: str, method: str, provider: str, res: dict) -> dict:
+    """A results row from one worker's measurements."""
+    timed = res["times"][1:] or res["times"]  # step 1 is warm-up
+    median = statistics.median(timed)
+    tokens = statistics.median(res["tokens_per_step"][1:] or res["tokens_per_step"])
+    return {
+        "model": model,
+        "method": method,
+        "provider": provider,
+        "steps": len(res["times"]),
+        "step_s_median": median,
+        "step_s_all": res["times"],
+        "tokens_per_s": tokens / median,
+        "peak_rss_mib": res["peak_rss"] / 2**20,
+        "first_loss": res["losses"][0],
+        "last_loss": res["losses"][-1],
+        "losses": res["losses"],
+        "grad_norms": res["grad_norms"],
+        "min_grad_norm": min(res["grad_norms"]),
+        "threads": res["threads"],
+    }
+
+
+def check(rows: list[dict], rtol: float = LOSS_RTOL) -> None:
+    """Fail loudly: every gradient norm non-zero and finite, and the providers' per-step losses equal within LOSS_RTOL.
+
+    Raises:
+        BenchmarkFailed: naming the provider, method and step.
+    """
+    for r in rows:
+        bad = [g for g in r["grad_norms"] if not (g > 0 and g == g and g != float("inf"))]
+        if bad or len(r["grad_norms"]) != r["steps"]:
+            raise BenchmarkFailed(
+                f"{r['provider']} {r['method']}: gradient norms {r['grad_norms']} (zero or non-finite)"
+            )
+    by_method: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {})[r["provider"]] = r
+    for method, prov in by_method.items():
+        base = prov.get("hf_peft")
+        if base is None:
+            continue
+        for name, r in prov.items():
+            if len(r["losses"]) != len(base["losses"]):
+                raise BenchmarkFailed(
+                    f"{method}: {name} logged {len(r['losses'])} losses, hf_peft {len(base['losses'])}"
+                )
+            for step, (a, b) in enumerate(zip(r["losses"], base["losses"]), 1):
+                if abs(a - b) > rtol * abs(b):
+                    raise BenchmarkFailed(
+                        f"{method} step {step}: {name} loss {a:.6f} vs hf_peft {b:.6f} "
+                        f"(relative difference {abs(a - b) / abs(b):.2e} > {rtol})"
+                    )
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``step_time_ratio`` and ``peak_rss_ratio`` against hf_peft of the same method (target: <= 0.8)."""
+    base = {r["method"]: r for r in rows if r["provider"] == "hf_peft"}
+    for r in rows:
+        b = base.get(r["method"])
+        if b:
+            r["step_time_ratio"] = r["step_s_median"] / b["step_s_median"]
+            r["peak_rss_ratio"] = r["peak_rss_mib"] / b["peak_rss_mib"]
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Step time and peak RSS per provider, grouped by method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({r["method"] for r in rows}, key=METHODS.index)
+    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in (
+        (axes[0], "step_s_median", "median step time (s)"),
+        (axes[1], "peak_rss_mib", "peak RSS (MiB)"),
+    ):
+        width = 0.8 / len(provs)
+        for j, p in enumerate(provs):
+            vals = [
+                next((r[key] for r in rows if r["method"] == m and r["provider"] == p), 0) for m in methods
+            ]
+            xs = [i + j * width for i in range(len(methods))]
+            bars = ax.bar(xs, vals, width, label=p)
+            ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_xticks([i + width * (len(provs) - 1) / 2 for i in range(len(methods))], methods)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_benchmark(
+    model: str = "tiny",
+    methods: list[str] = METHODS,
+    seq: int = 64,
+    batch: int = 4,
+    grad_accum: int = 1,
+    steps: int = 5,
+    out_dir: Path | str | None = None,
+    write: bool = True,
+    threads: int | None = None,
+    log=print,
+) -> list[dict]:
+    """Run every provider on every method, check, and (optionally) write results.
+
+    Returns:
+        The result rows (one per provider and method).
+
+    Raises:
+        BenchmarkFailed: a worker failed, losses disagree, or a gradient norm vanished.
+    """
+    from report import device_slug, environment, write_results
+
+    path = model_path(model)
+    rows = []
+    for method in methods:
+        job = {
+            "model_path": path,
+            "method": method,
+            "seq": seq,
+            "batch": batch,
+            "grad_accum": grad_accum,
+            "steps": steps,
+            "threads": threads,
+        }
+        for provider in PROVIDERS:
+            log(f"{model} {method} {provider}: {steps} steps of {grad_accum}x[{batch}x{seq}] ...")
+            res = run_provider(provider, job)
+            row = summarize(model, method, provider, res)
+            row.update(seq=seq, batch=batch, grad_accum=grad_accum)
+            log(
+                f"  median step {row['step_s_median']:.3f} s, {row['tokens_per_s']:.0f} tok/s, "
+                f"peak RSS {row['peak_rss_mib']:.0f} MiB, loss {row['first_loss']:.4f} -> {row['last_loss']:.4f}"
+            )
+            rows.append(row)
+    add_ratios(rows)
+    check(rows)
+    if write:
+        name = f"e2e-{model}"
+        json_path = write_results(name, rows, COLUMNS, out_dir)
+        env = environment()
+        title = (
+            f"{name}: LoRA r={RANK} on all block Linears, {grad_accum}x[{batch}x{seq}], {steps} steps, fp32 — "
+            f"{env['device']}"
+        )
+        plot(rows, json_path.with_suffix(".png"), title)
+        md = json_path.with_suffix(".md")
+        md.write_text(
+            md.read_text()
+            + f"\nJob: {model}, LoRA r={RANK} alpha={ALPHA:g} on {', '.join(TARGETS)}; micro-batch {batch} x seq {seq} "
+            f"(rows 3/4..1 of seq, loss on each row's second half), grad_accum {grad_accum}, {steps} optimizer steps, "
+            f"fp32, 8-bit AdamW lr {LR:g}. Median over steps 2..{steps}; tokens/s counts non-pad tokens; "
+            f"peak RSS of each provider's own process. Per-step losses agree within {LOSS_RTOL:g} relative; "
+            f"grad norms non-zero. Ratios: fusedtune / hf_peft (target <= 0.8). Device slug: {device_slug()}.\n"
+        )
+        log(f"wrote {json_path}, {md}, {json_path.with_suffix('.png')}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="smollm2, tiny, or a model directory")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seq", type=int, default=None, help="default: 256 for smollm2, 64 for tiny")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per worker (default: torch's)"
+    )
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--worker", choices=[*PROVIDERS, *GPU_ONLY_PROVIDERS], help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        import logging
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+        print("RESULT " + json.dumps(worker(args.worker, json.loads(args.job))), flush=True)
+        return 0
+    seq = args.seq or (256 if args.model == "smollm2" else 64)
+    try:
+        run_benchmark(
+            args.model,
+            args.methods,
+            seq,
+            args.batch,
+            args.grad_accum,
+            args.steps,
+            args.out,
+            threads=args.threads,
+        )
+    except BenchmarkFailed as e:
+        print(f"BENCHMARK FAILED: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

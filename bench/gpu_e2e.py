@@ -1,0 +1,165 @@
+"""End to end on a GPU: a Llama-3-8B-shaped model (random weights, a few layers), fusedtune against
+HF Trainer + PEFT + bitsandbytes, and Liger / Unsloth where they are installed.
+
+    python3 -P bench/gpu_e2e.py --out bench/results        (bench/gpu.sh runs it with --out "$OUT")
+
+Shapes are Llama-3-8B's (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, vocab 128256) with
+``--layers`` blocks (default 2) so that the run fits the device time; weights are random (seeded), bf16.
+The job and the checks are ``bench/e2e.py``'s (same micro-batches, same initial LoRA A, LoRA r=16 on every
+block Linear, 8-bit AdamW, grad clip 1.0), with every provider in its own process.
+
+Reported per provider and method: median step time, tokens/s on non-pad tokens, MFU on the 4N basis,
+peak ``max_memory_allocated`` and ``max_memory_reserved``, losses and grad norms (checked as on CPU, with
+a bf16 tolerance). MFU = tokens/s · 4N / peak bf16 FLOP/s, with N the parameters of every Linear the
+tokens pass through (block Linears + LM head; the frozen base costs forward 2N + input-gradient 2N per
+token; attention score FLOPs and the LoRA GEMMs are not counted). Needs CUDA: without it, it exits 2
+with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+LLAMA3_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 8192,
+}
+# Dense bf16 tensor-core peak (FLOP/s) by card, from the vendors' data sheets (SXM parts, no sparsity).
+PEAK_BF16 = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12, "l4": 121e12}
+GPU_LOSS_RTOL = 2e-2  # bf16 compute with different kernels and summation orders
+COLUMNS = [
+    "method",
+    "provider",
+    "step_s_median",
+    "tokens_per_s",
+    "mfu",
+    "max_allocated_gib",
+    "max_reserved_gib",
+    "first_loss",
+    "last_loss",
+    "step_time_ratio",
+]
+
+
+def build_model(layers: int, path: Path) -> tuple[Path, int]:
+    """Save a randomly initialised Llama-3-8B-shaped causal LM (``layers`` blocks, bf16) under ``path``.
+
+    Returns:
+        (the directory, N = parameters of the block Linears and the LM head).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, **LLAMA3_8B)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    n = sum(m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    model.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    return path, n
+
+
+def available_providers() -> list[tuple[str, str | None]]:
+    """``(provider, why skipped or None)`` for every GPU provider."""
+    out = [("fusedtune", None), ("hf_peft", None)]
+    out.append(
+        ("hf_peft_liger", None if importlib.util.find_spec("liger_kernel") else "liger-kernel not installed")
+    )
+    out.append(("unsloth", None if importlib.util.find_spec("unsloth") else "unsloth not installed"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "error: bench/gpu_e2e.py needs a CUDA device (the CPU end-to-end benchmark is bench/e2e.py)",
+            file=sys.stderr,
+        )
+        return 2
+
+    import e2e
+    from report import device_slug, environment, write_results
+
+    peak = PEAK_BF16.get(device_slug())
+    tmp = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
+    model_dir, n_linear = build_model(args.layers, tmp)
+    print(
+        f"model: Llama-3-8B shapes, {args.layers} layers, N = {n_linear / 1e9:.2f} B Linear parameters",
+        flush=True,
+    )
+    rows, failures = [], []
+    for method in args.methods:
+        job = {
+            "model_path": str(model_dir),
+            "method": method,
+            "seq": args.seq,
+            "batch": args.batch,
+            "grad_accum": 1,
+            "steps": args.steps,
+            "device": "cuda",
+            "dtype": "bf16",
+        }
+        for provider, skipped in available_providers():
+            if skipped:
+                rows.append({"method": method, "provider": provider, "skipped": skipped})
+                print(f"{method} {provider}: skipped ({skipped})", flush=True)
+                continue
+            try:
+                res = e2e.run_provider(provider, job, timeout=240)
+            except (e2e.BenchmarkFailed, OSError) as exc:
+                failures.append(f"{method} {provider}: {exc}")
+                rows.append(
+                    {"method": method, "provider": provider, "skipped": f"failed: {str(exc).splitlines()[0]}"}
+                )
+                print(failures[-1], flush=True)
+                continue
+            row = e2e.summarize("llama3-8b-shape", method, provider, res)
+            row["max_allocated_gib"] = res["cuda_max_allocated"] / 2**30
+            row["max_reserved_gib"] = res["cuda_max_reserved"] / 2**30
+            row["n_linear_params"] = n_linear
+            row["mfu"] = row["tokens_per_s"] * 4 * n_linear / peak if peak else None
+            row.update(seq=args.seq, batch=args.batch, layers=args.layers)
+            rows.append(row)
+            print(
+                f"{method} {provider}: {row['step_s_median'] * 1e3:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s, "
+                f"MFU {row['mfu'] or float('nan'):.1%}, max allocated {row['max_allocated_gib']:.2f} GiB",
+                flush=True,
+            )
+    measured = [r for r in rows if "skipped" not in r]
+    e2e.add_ratios(measured)
+    out = write_results("e2e-gpu-llama3-8b-shape", rows, [*COLUMNS, "skipped"], args.out)
+    env = environment()
+    e2e.plot(
+        measured,
+        out.with_suffix(".png"),
+        f"Llama-3-8B shapes, {args.layers} layers, {args.batch}x{args.seq}, bf16 — {env['device']}",
+    )
+    print(f"wrote {out}", flush=True)
+    e2e.check(measured, rtol=GPU_LOSS_RTOL)  # raises BenchmarkFailed: loud
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

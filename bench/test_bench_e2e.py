@@ -1,0 +1,78 @@
+"""End to end, CI size: fusedtune against HF Trainer + PEFT + bitsandbytes on the tests' tiny Llama.
+
+Not collected by ``make test`` (``testpaths = ["tests"]``); ``make bench ARGS="-k e2e"`` runs it. The fuller
+run is by hand: ``python -P bench/e2e.py --model smollm2 --seq 256 --batch 2 --steps 6``.
+The benchmark itself fails loudly (``BenchmarkFailed``) when the providers' losses disagree or a gradient
+norm vanishes; no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import e2e
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", e2e.METHODS)
+def test_bench_e2e_tiny(benchmark, tmp_path, method):
+    rows = benchmark.pedantic(
+        e2e.run_benchmark,
+        kwargs={
+            "model": "tiny",
+            "methods": [method],
+            "seq": 64,
+            "batch": 4,
+            "grad_accum": 2,
+            "steps": 4,
+            "out_dir": tmp_path,
+            "threads": 1,
+            "log": lambda *_: None,
+        },
+        rounds=1,
+        iterations=1,
+    )
+    benchmark.group = f"e2e-tiny-{method}"
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == set(e2e.PROVIDERS)
+    benchmark.extra_info.update(
+        {
+            f"{p}_{k}": by[p][k]
+            for p in by
+            for k in ("step_s_median", "tokens_per_s", "peak_rss_mib", "last_loss")
+        }
+    )
+    assert all(r["min_grad_norm"] > 0 for r in rows)
+    assert (tmp_path / "e2e-tiny-cpu.json").is_file() and (tmp_path / "e2e-tiny-cpu.png").is_file()
+
+
+def _row(provider, losses, norms):
+    return {
+        "provider": provider,
+        "method": "lora",
+        "steps": len(losses),
+        "losses": losses,
+        "grad_norms": norms,
+    }
+
+
+def test_check_fails_loudly_on_disagreeing_losses():
+    ok = [
+        _row("hf_peft", [2.0, 1.9], [0.5, 0.4]),
+        _row("fusedtune", [2.0, 1.9 * (1 + e2e.LOSS_RTOL / 2)], [0.5, 0.4]),
+    ]
+    e2e.check(ok)
+    bad = [ok[0], _row("fusedtune", [2.0, 1.8], [0.5, 0.4])]
+    with pytest.raises(e2e.BenchmarkFailed, match="step 2"):
+        e2e.check(bad)
+
+
+def test_check_fails_loudly_on_zero_grad_norm():
+    with pytest.raises(e2e.BenchmarkFailed, match="gradient norms"):
+        e2e.check([_row("fusedtune", [2.0, 1.9], [0.5, 0.0])])
