@@ -89,12 +89,49 @@ def _copy_model_with_vocab(src: Path, dst: Path, vocab_size: int) -> Path:
     return dst
 
 
-def _bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], str]]:
-    """name -> (extra overrides, expected fragment of the one-line error)."""
+def _copy_model_without(src: Path, dst: Path, *names: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name in names:
+        (dst / name).unlink()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def other_model_checkpoint(tmp_path_factory, tiny_model_dir_bias) -> Path:
+    """A valid checkpoint of a full fine-tune of another model (the tiny Llama with biases)."""
+    tmp = tmp_path_factory.mktemp("other-model")
+    cfg = write_config(tmp, tiny_model_dir_bias, method="full", train={"max_steps": 1})
+    assert main(["run", str(cfg)]) == 0
+    return tmp / "run" / "checkpoints" / "step-1"
+
+
+def _bad_inputs(tmp_path: Path, model_dir: Path, checkpoint: Path) -> dict[str, tuple]:
+    """name -> (extra overrides, expected fragment of the one-line error[, text appended to the config])."""
+    import shutil
+
     (tmp_path / "malformed.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", \n')
     (tmp_path / "missing.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "chat.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        + "\n"
+    )
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-a-model").mkdir()
     small_vocab = _copy_model_with_vocab(model_dir, tmp_path / "small-vocab", 300)
+    no_template = _copy_model_without(model_dir, tmp_path / "no-template", "chat_template.jinja")
+    no_tokenizer = _copy_model_without(model_dir, tmp_path / "no-tokenizer", "tokenizer.json")
+    from transformers import AutoTokenizer
+
+    n_tokens = len(AutoTokenizer.from_pretrained(model_dir))
+    short_vocab = _copy_model_with_vocab(model_dir, tmp_path / "short-vocab", n_tokens - 1)
+    corrupt = tmp_path / "corrupt-checkpoint"
+    shutil.copytree(checkpoint, corrupt)
+    blob = bytearray((corrupt / "optimizer.safetensors").read_bytes())
+    blob[-1] ^= 1
+    (corrupt / "optimizer.safetensors").write_bytes(bytes(blob))
     return {
         "unknown key": (["optim.learning_rate=1e-3"], "unknown key 'optim.learning_rate' (did you mean"),
         "wrong type": (["train.max_steps=many"], "train.max_steps: Input should be a valid integer"),
@@ -113,6 +150,51 @@ def _bad_inputs(tmp_path: Path, model_dir: Path) -> dict[str, tuple[list[str], s
         "ids beyond embeddings": ([f"model.name_or_path={small_vocab}"], "300"),
         "target matches nothing": (["lora.target_modules=[qkv]"], "lora.target_modules"),
         "rank larger than layer": (["lora.rank=100"], "lora.rank"),
+        # config
+        "duplicate yaml key": ([], "config.yaml:", "train:\n  seed: 1\n"),
+        "zero lr": (["optim.lr=0"], "optim.lr: Input should be greater than 0"),
+        "negative lr": (["optim.lr=-1e-4"], "optim.lr: Input should be greater than 0"),
+        "negative batch": (["train.micro_batch_size=-4"], "train.micro_batch_size"),
+        "zero grad accum": (["train.grad_accum=0"], "train.grad_accum"),
+        "beta of one": (["optim.betas=[0.9, 1.0]"], "optim.betas"),
+        "unknown optimizer": (["optim.name=sgd"], "optim.name"),
+        "seq len too small": (["data.max_seq_len=4"], "data.max_seq_len"),
+        "zero save_every": (["train.save_every=0"], "train.save_every"),
+        "zero keep_last": (["train.keep_last=0"], "train.keep_last"),
+        "partial without patterns": (["method=partial"], "partial.patterns"),
+        "partial bad regex": (["method=partial", "partial.patterns=['(']"], "partial.patterns"),
+        "eval file and eval fraction": (["data.eval_fraction=0.2"], "data.eval_fraction"),
+        # data
+        "missing eval file": ([f"data.eval={tmp_path}/nope-eval.jsonl"], "nope-eval.jsonl"),
+        "data path is a directory": ([f"data.train={tmp_path}/not-a-model"], "not-a-model"),
+        "overlength error": (["data.overlength=error", "data.max_seq_len=16"], "train.jsonl:1"),
+        # model and tokenizer
+        "model dir without config.json": ([f"model.name_or_path={tmp_path}/not-a-model"], "no config.json"),
+        "chat template missing for messages": (
+            [f"model.name_or_path={no_template}", f"data.train={tmp_path}/chat.jsonl", "data.eval=null"],
+            "chat template",
+        ),
+        "no tokenizer in model dir": ([f"model.name_or_path={no_tokenizer}"], "cannot load a tokenizer"),
+        "tokenizer larger than embeddings": (
+            [f"model.name_or_path={short_vocab}"],
+            f"{n_tokens} tokens but the model's embedding has {n_tokens - 1} rows",
+        ),
+        # filesystem
+        "output_dir is a file": ([f"output_dir={tmp_path}/a-file"], "output_dir"),
+        "output_dir under a file": ([f"output_dir={tmp_path}/a-file/run"], "a-file is not a directory"),
+        # resume
+        "resume path missing": ([f"resume={tmp_path}/no-checkpoint"], "resume: no such checkpoint"),
+        "resume path not a checkpoint": (
+            [f"resume={tmp_path}"],
+            "is not a checkpoint (no manifest.json",
+        ),
+        "resume path is a file": ([f"resume={tmp_path}/a-file"], "is a file, not a checkpoint directory"),
+        "checkpoint of a different config": ([f"resume={checkpoint}"], "model.name_or_path"),
+        "checkpoint of a different model": (
+            [f"resume={checkpoint}", "method=full", "resume_allow_config_changes=true"],
+            "was written for a different model or method",
+        ),
+        "corrupted checkpoint": ([f"resume={corrupt}"], "optimizer.safetensors does not match its sha256"),
     }
 
 
@@ -131,16 +213,48 @@ BAD_INPUT_NAMES = [
     "ids beyond embeddings",
     "target matches nothing",
     "rank larger than layer",
+    "duplicate yaml key",
+    "zero lr",
+    "negative lr",
+    "negative batch",
+    "zero grad accum",
+    "beta of one",
+    "unknown optimizer",
+    "seq len too small",
+    "zero save_every",
+    "zero keep_last",
+    "partial without patterns",
+    "partial bad regex",
+    "eval file and eval fraction",
+    "missing eval file",
+    "data path is a directory",
+    "overlength error",
+    "model dir without config.json",
+    "chat template missing for messages",
+    "no tokenizer in model dir",
+    "tokenizer larger than embeddings",
+    "output_dir is a file",
+    "output_dir under a file",
+    "resume path missing",
+    "resume path not a checkpoint",
+    "resume path is a file",
+    "checkpoint of a different config",
+    "checkpoint of a different model",
+    "corrupted checkpoint",
 ]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_NAMES)
-def test_bad_input_one_line_exit_2_nothing_overwritten(tiny_model_dir, tmp_path, capsys, case):
+def test_bad_input_one_line_exit_2_nothing_overwritten(
+    tiny_model_dir, other_model_checkpoint, tmp_path, capsys, case
+):
     cfg = write_config(tmp_path, tiny_model_dir, overwrite=True)
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("earlier run\n")
-    overrides, fragment = _bad_inputs(tmp_path, tiny_model_dir)[case]
+    overrides, fragment, *append = _bad_inputs(tmp_path, tiny_model_dir, other_model_checkpoint)[case]
+    if append:
+        cfg.write_text(cfg.read_text() + append[0])
     code = main(["run", str(cfg), *overrides])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
