@@ -36,17 +36,19 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a CUDA card that supports it, else fp32"
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (off by default)"
+    )
     allow_download: bool = Field(False, description="let a hub id be downloaded (off: offline only)")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute block activations in backward")
 
 
 class LoRAConfig(_Strict):
     """Low-rank adapter on the target Linear layers (methods lora and qlora)."""
 
-    rank: int = Field(16, ge=1, le=4096)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rank: int = Field(16, ge=1, le=4096, description="r: A is [r, in], B is [out, r]")
+    alpha: float = Field(32.0, gt=0, description="scaling = alpha / rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[str] | None = Field(
         None,
         description="module-name suffixes (e.g. q_proj, v_proj); null: every Linear in the transformer blocks",
@@ -56,8 +58,12 @@ class LoRAConfig(_Strict):
 class QuantConfig(_Strict):
     """How the frozen base Linear weights are stored for method qlora."""
 
-    quant_type: Literal["nf4", "fp4", "int8"] = "nf4"
-    double_quant: bool = True
+    quant_type: Literal["nf4", "fp4", "int8"] = Field(
+        "nf4", description="bitsandbytes-compatible storage format"
+    )
+    double_quant: bool = Field(
+        True, description="quantize the 4-bit absmax scales too (about 0.37 bit/param saved)"
+    )
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
 
 
@@ -81,12 +87,16 @@ class DataConfig(_Strict):
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="split this share of train off as eval")
     num_train: int = Field(1024, ge=1, description="built-in task: training examples")
     num_eval: int = Field(64, ge=1, description="built-in task: held-out examples")
-    format: Literal["auto", "text", "alpaca", "messages"] = "auto"
-    max_seq_len: int = Field(512, ge=8)
-    overlength: Literal["truncate", "drop", "error"] = "truncate"
+    format: Literal["auto", "text", "alpaca", "messages"] = Field(
+        "auto", description="auto: from the first row's keys (text / instruction+output / messages)"
+    )
+    max_seq_len: int = Field(512, ge=8, description="tokens per example (or per packed sequence)")
+    overlength: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="what to do with an example longer than max_seq_len"
+    )
     completion_only: bool = Field(True, description="loss on the response tokens only")
-    packing: bool = False
-    seed: int = 0
+    packing: bool = Field(False, description="concatenate examples into max_seq_len sequences")
+    seed: int = Field(0, description="seed of the eval split and of built-in task generation")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -100,14 +110,18 @@ class DataConfig(_Strict):
 class OptimConfig(_Strict):
     """Optimizer over the trainable parameters only, and its schedule."""
 
-    name: Literal["adamw8bit", "paged_adamw8bit", "adamw32bit", "adamw_torch"] = "adamw8bit"
-    lr: float = Field(2e-4, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    name: Literal["adamw8bit", "paged_adamw8bit", "adamw32bit", "adamw_torch"] = Field(
+        "adamw8bit", description="bitsandbytes 8-bit / paged 8-bit / 32-bit AdamW, or torch.optim.AdamW"
+    )
+    lr: float = Field(2e-4, gt=0.0, description="peak learning rate")
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="decoupled weight decay on matrices (not on 1-D tensors)"
+    )
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="the schedule decays to lr * min_lr_ratio")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="null disables clipping")
 
     @model_validator(mode="after")
@@ -121,11 +135,13 @@ class TrainConfig(_Strict):
     """The loop: how many steps, how big, how often to log and evaluate."""
 
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; null: run `epochs` epochs")
-    epochs: float = Field(1.0, gt=0.0)
-    micro_batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    seed: int = 0
-    log_every: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0.0, description="passes over the training set (when max_steps is null)")
+    micro_batch_size: int = Field(4, ge=1, description="examples per forward/backward")
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per optimizer step (loss normalized by their target tokens)"
+    )
+    seed: int = Field(0, description="seed of initialisation, data order and dropout")
+    log_every: int = Field(1, ge=1, description="write metrics.jsonl every N steps")
     eval_every: int | None = Field(
         None, ge=1, description="also evaluate every N steps (always at start/end)"
     )
@@ -143,17 +159,22 @@ class TrainConfig(_Strict):
     keep_last: int = Field(
         2, ge=1, description="checkpoints kept in output_dir/checkpoints (the newest always)"
     )
-    progress: bool = True
+    progress: bool = Field(True, description="show the progress bar")
 
 
 class Config(_Strict):
     """A whole ``trainer run``."""
 
-    method: Literal["lora", "qlora", "full", "partial"] = "lora"
+    method: Literal["lora", "qlora", "full", "partial"] = Field(
+        "lora",
+        description="lora: adapters; qlora: adapters over quantized frozen Linears; full: all; partial: by name",
+    )
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto", description="auto: triton on CUDA, torch elsewhere"
     )
-    output_dir: str = "runs/default"
+    output_dir: str = Field(
+        "runs/default", description="the run directory (adapter, metrics, plot, checkpoints)"
+    )
     overwrite: bool = Field(False, description="allow writing into a non-empty output_dir")
     resume: str | None = Field(
         None,
@@ -354,3 +375,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, source)) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference: the README's config table is generated from the schema (a test keeps them in sync)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "")
+    return text.replace("NoneType", "null").replace("Literal", "one of ")
+
+
+def reference_markdown() -> str:
+    """Every config key as a Markdown table: dotted key, type, default, description."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            shown = (
+                "null"
+                if default is None
+                else json.dumps(default)
+                if not isinstance(default, str)
+                else default
+            )
+            desc = (field.description or "").replace("|", "\\|")
+            kind = _type_name(ann).replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {kind} | `{shown}` | {desc} |")
+
+    walk(Config, "")
+    return "\n".join(rows)

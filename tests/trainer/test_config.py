@@ -75,3 +75,16 @@ def test_resolved_yaml_round_trips(tmp_path):
     path.write_text(cfg.to_yaml())
     again = load_config(path)
     assert again == cfg and again.digest() == cfg.digest()
+
+
+def test_readme_config_reference_matches_schema():
+    """The README's config table is the schema's: regenerate it with reference_markdown() when this fails."""
+    from pathlib import Path
+
+    from fusedtune.trainer.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("<!-- config-reference")
+    start = readme.index("\n", start) + 1
+    end = readme.index("<!-- /config-reference -->")
+    assert readme[start:end].strip() == reference_markdown().strip()
