@@ -50,6 +50,11 @@ def test_bench_e2e_tiny(benchmark, tmp_path, method):
     )
     assert all(r["min_grad_norm"] > 0 for r in rows)
     assert (tmp_path / "e2e-tiny-cpu.json").is_file() and (tmp_path / "e2e-tiny-cpu.png").is_file()
+    from readme_table import table
+    from report import device_name
+
+    text = table(tmp_path)  # the README table names the machine of every number
+    assert text.count(device_name()) == len(rows) and "HF Trainer + PEFT + bnb" in text
 
 
 def _row(provider, losses, norms):
