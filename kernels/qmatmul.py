@@ -334,14 +334,15 @@ def _dot_args(dtype: torch.dtype) -> dict:
     }
 
 
-def _tiles(m: int, rank: int, blocksize: int) -> dict:
+def _tiles(m: int, rank: int, wmeta: dict, dtype: torch.dtype) -> dict:
     """Fixed tiles (no autotuning: the interpreter cannot time, and GPU tuning awaits measurement)."""
+    blocksize = wmeta["BLOCKSIZE"]
     block_r = max(16, next_power_of_2(rank))
     if interpreter_active():
         return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": block_r, "GROUP_M": 8}
     # GPU starting point (unmeasured): BLOCK_K <= blocksize keeps one absmax per tile row.
     block_m = 64 if m <= 64 else 128
-    return {
+    tiles = {
         "BLOCK_M": block_m,
         "BLOCK_N": 128,
         "BLOCK_K": min(64, blocksize),
@@ -350,6 +351,14 @@ def _tiles(m: int, rank: int, blocksize: int) -> dict:
         "num_warps": 8 if block_m == 128 else 4,
         "num_stages": 3,
     }
+    # Shared memory on sm_90 (227 KiB a block; sizes from compiling offline with Triton 3.6/3.7): the
+    # per-element scale gathers (K not a multiple of the block size) need 229-262 KiB at 3 stages and
+    # 128-147 KiB at 2; fp32 operands with the rank-256 LoRA tile need 256 KiB at 128x128 tiles.
+    if wmeta["FORMAT"] == _FORMAT_4BIT and not wmeta["K_ALIGNED"]:  # BLOCK_K always divides blocksize
+        tiles["num_stages"] = 2
+    if dtype == torch.float32:  # the tests' dtype, not a training one: small tiles that fit
+        tiles.update(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return tiles
 
 
 def _check(x: torch.Tensor, pw: PackedWeight, lora: tuple | None) -> None:
@@ -393,7 +402,7 @@ def qmatmul_forward(
         lora_b = lora_b.to(x.dtype).contiguous()
     rank = s_scaled.shape[1] if has_lora else 1
     wargs, wmeta = _weight_args(pw)
-    tiles = _tiles(M, rank, wmeta["BLOCKSIZE"])
+    tiles = _tiles(M, rank, wmeta, x.dtype)
     grid = (cdiv(M, tiles["BLOCK_M"]) * cdiv(N, tiles["BLOCK_N"]),)
     _qmatmul_fwd_kernel[grid](
         x,
@@ -449,7 +458,7 @@ def qmatmul_backward_dx(
         lora_a = lora_a.to(dy.dtype).contiguous()
     rank = ds.shape[1] if has_lora else 1
     wargs, wmeta = _weight_args(pw)
-    tiles = _tiles(M, rank, wmeta["BLOCKSIZE"])
+    tiles = _tiles(M, rank, wmeta, dy.dtype)
     tiles["BLOCK_N"], tiles["BLOCK_K"] = tiles["BLOCK_K"], tiles["BLOCK_N"]  # reduce over N, tile over K
     if wmeta["FORMAT"] == _FORMAT_4BIT and not interpreter_active():
         tiles["BLOCK_K"] = min(tiles["BLOCK_K"], wmeta["BLOCKSIZE"])  # keep one scale per tile row
