@@ -212,7 +212,7 @@ def _lora_bwd_ds_db_kernel(
     dy_ptr,  # dY [M, N], upstream gradient
     b_ptr,  # B [N, R]
     s_ptr,  # S' [M, R], saved by the forward
-    ds_ptr,  # dS' [M, R] fp32, output (zeroed by the launcher when SPLIT_N > 1: atomics)
+    ds_ptr,  # dS' [M, R] fp32, output (zeroed by the launcher when split_n > 1: atomics)
     db_ptr,  # dB [N, R] fp32, output, zeroed by the launcher (atomics over row tiles)
     M,
     N,
@@ -228,9 +228,10 @@ def _lora_bwd_ds_db_kernel(
     stride_dbn,  # dB row stride
     stride_dbr,  # dB column stride
     ds_scale,  # s / (1 - p)
+    split_n,  # programs sharing one row tile, each over a slice of N (runtime: no recompile per value)
     NEED_DS: tl.constexpr,
     NEED_DB: tl.constexpr,
-    SPLIT_N: tl.constexpr,  # programs sharing one row tile, each over a slice of N
+    ATOMIC_DS: tl.constexpr,  # split_n > 1: the slices' partial dS' meet in atomics
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -254,7 +255,7 @@ def _lora_bwd_ds_db_kernel(
             other=0.0,
         ).to(DOT_DTYPE)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-    n_per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), SPLIT_N) * BLOCK_N
+    n_per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), split_n) * BLOCK_N
     n_start = pid_split * n_per_split
     n_end = tl.minimum(N, n_start + n_per_split)
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -283,7 +284,7 @@ def _lora_bwd_ds_db_kernel(
         ds = ds * ds_scale
         ds_ptrs = ds_ptr + rows[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
         mask = mask_m[:, None] & mask_r[None, :]
-        if SPLIT_N == 1:
+        if not ATOMIC_DS:
             tl.store(ds_ptrs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
         else:
             tl.atomic_add(ds_ptrs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
@@ -293,7 +294,7 @@ def _lora_bwd_ds_db_kernel(
 def _lora_bwd_da_kernel(
     ds_ptr,  # dS' [M, R] fp32, from _lora_bwd_ds_db_kernel
     x_ptr,  # X [M, K], saved input
-    da_ptr,  # dA [R, K] fp32, output (zeroed by the launcher when SPLIT_M > 1: atomics)
+    da_ptr,  # dA [R, K] fp32, output (zeroed by the launcher when split_m > 1: atomics)
     M,
     K,
     R,
@@ -305,8 +306,9 @@ def _lora_bwd_da_kernel(
     stride_dak,  # dA column stride
     seed,  # dropout seed (unused without dropout)
     threshold,  # dropout threshold on 24 random bits
+    split_m,  # programs sharing one [BLOCK_R, BLOCK_K] tile, each over a slice of M (runtime)
     HAS_DROPOUT: tl.constexpr,
-    SPLIT_M: tl.constexpr,  # programs sharing one [BLOCK_R, BLOCK_K] tile, each over a slice of M
+    ATOMIC_DA: tl.constexpr,  # split_m > 1: the slices' partial dA meet in atomics
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -324,7 +326,7 @@ def _lora_bwd_da_kernel(
     mask_k = cols < K
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE)
-    m_per_split = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLIT_M) * BLOCK_M
+    m_per_split = tl.cdiv(tl.cdiv(M, BLOCK_M), split_m) * BLOCK_M
     m_start = pid_split * m_per_split
     m_end = tl.minimum(M, m_start + m_per_split)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -345,7 +347,7 @@ def _lora_bwd_da_kernel(
         acc = tl.dot(ds_t, x, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     da_ptrs = da_ptr + offs_r[:, None] * stride_dar + cols[None, :] * stride_dak
     mask = mask_r[:, None] & mask_k[None, :]
-    if SPLIT_M == 1:
+    if not ATOMIC_DA:
         tl.store(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(da_ptrs, acc.to(da_ptr.dtype.element_ty), mask=mask)
@@ -698,8 +700,8 @@ def lora_backward(
         grad_y, lora_b, s_arg, ds32, db32, m, n, r,
         grad_y.stride(0), grad_y.stride(1), lora_b.stride(0), lora_b.stride(1),
         s_arg.stride(0), s_arg.stride(1), ds32.stride(0), ds32.stride(1), db32.stride(0), db32.stride(1),
-        config.scale / (1.0 - p),
-        NEED_DS=need_ds, NEED_DB=need_db, SPLIT_N=split_n,
+        config.scale / (1.0 - p), split_n,
+        NEED_DS=need_ds, NEED_DB=need_db, ATOMIC_DS=split_n > 1,
         BLOCK_M=thin["BLOCK_M"], BLOCK_N=thin["BLOCK_N"], BLOCK_R=thin["BLOCK_R"], **launch, **dt,
     )  # fmt: skip
     if need_db:
@@ -713,8 +715,8 @@ def lora_backward(
         _lora_bwd_da_kernel[(k_tiles, r_tiles, split_m)](
             ds32, x, da32, m, k, r,
             ds32.stride(0), ds32.stride(1), x.stride(0), x.stride(1), da32.stride(0), da32.stride(1),
-            config.seed, dropout_threshold(p),
-            HAS_DROPOUT=config.has_dropout, SPLIT_M=split_m,
+            config.seed, dropout_threshold(p), split_m,
+            HAS_DROPOUT=config.has_dropout, ATOMIC_DA=split_m > 1,
             BLOCK_M=thin["BLOCK_M"], BLOCK_R=thin["BLOCK_R"], BLOCK_K=thin["BLOCK_K"], **launch, **dt,
         )  # fmt: skip
         da = da32.to(lora_a.dtype)
