@@ -1,10 +1,14 @@
 """Weight formats against bitsandbytes on CPU: bit-exact quantize and dequantize, both backends.
 
 bitsandbytes 0.50 on CPU: 4-bit quantize runs its torch "default" op; blockwise 8-bit quantize (double
-quant) and 4-bit dequantize run its C++ library. Every comparison here is ``torch.equal``.
+quant) and 4-bit dequantize run its C++ library. Every comparison here is ``torch.equal``. On a CUDA
+machine the "triton" backend runs compiled on the GPU (its kernels are launched without FMA contraction)
+and is still compared with bnb's CPU results.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -15,6 +19,19 @@ BF = bnb.functional
 from fusedtune.kernels import quant, reference  # noqa: E402
 
 BACKENDS = ["torch", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on(backend: str) -> str:
+    """Where a backend runs here: Triton compiled on the GPU when there is one, torch on the CPU."""
+    return DEVICE if backend == "triton" else "cpu"
+
+
+def to_device(pw: quant.PackedWeight4bit, device: str) -> quant.PackedWeight4bit:
+    fields = {f.name: getattr(pw, f.name) for f in dataclasses.fields(pw)}
+    return dataclasses.replace(
+        pw, **{k: v.to(device) for k, v in fields.items() if isinstance(v, torch.Tensor)}
+    )
 
 
 def bnb_dequantize_4bit_flat(packed, quant_state) -> torch.Tensor:
@@ -69,19 +86,26 @@ def test_4bit_bit_exact(shape, blocksize, dtype, quant_type, double_quant, backe
     packed, qs = BF.quantize_4bit(
         w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
     )
-    pw = quant.quantize_4bit(w, blocksize, quant_type, double_quant, backend=backend)
+    dev = on(backend)
+    pw = quant.quantize_4bit(w.to(dev), blocksize, quant_type, double_quant, backend=backend)
 
-    assert torch.equal(pw.packed, packed.reshape(-1))
-    assert torch.equal(pw.absmax, qs.absmax)
+    assert torch.equal(pw.packed.cpu(), packed.reshape(-1))
     assert pw.nested == qs.nested
-    if double_quant:
+    if double_quant and dev != "cpu":
+        # offset = mean(absmax) is torch's reduction on the GPU (bnb's CUDA path takes it there too), so
+        # the double-quant state equals bnb's CPU one only on CPU; the 8-bit kernel is checked bit for bit
+        # in test_blockwise_8bit_bit_exact. Dequantize from bnb's own state instead.
+        pw = to_device(quant.PackedWeight4bit.from_bnb(packed, qs), dev)
+    else:
+        assert torch.equal(pw.absmax.cpu(), qs.absmax)
+    if double_quant and dev == "cpu":
         assert torch.equal(pw.offset.reshape(()), qs.offset)
         assert torch.equal(pw.nested_absmax, qs.state2.absmax)
         assert torch.equal(pw.nested_code, qs.state2.code)
         decoded = BF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
         assert torch.equal(pw.absmax_fp32(), decoded)
 
-    ours = quant.dequantize_4bit(pw, backend=backend)
+    ours = quant.dequantize_4bit(pw, backend=backend).cpu()
     assert ours.dtype == dtype and ours.shape == shape
     assert torch.equal(ours, bnb_dequantize_4bit_flat(packed, qs))
     if shape[1] % blocksize == 0:  # where bnb's CPU library indexes correctly, match it too
@@ -92,10 +116,14 @@ def test_4bit_bit_exact(shape, blocksize, dtype, quant_type, double_quant, backe
 def test_4bit_dequantize_to_other_dtype(backend):
     w = make_weight((16, 128), torch.float32)
     packed, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    pw = quant.quantize_4bit(w, 64, "nf4", True, backend=backend)
+    if on(backend) == "cpu":
+        pw = quant.quantize_4bit(w, 64, "nf4", True, backend=backend)
+    else:  # bnb's CPU double-quant state (see test_4bit_bit_exact), dequantized on the GPU
+        pw = to_device(quant.PackedWeight4bit.from_bnb(packed, qs), on(backend))
     for dtype in (torch.float16, torch.bfloat16):
         qs.dtype = dtype
-        assert torch.equal(quant.dequantize_4bit(pw, dtype, backend=backend), BF.dequantize_4bit(packed, qs))
+        ours = quant.dequantize_4bit(pw, dtype, backend=backend).cpu()
+        assert torch.equal(ours, BF.dequantize_4bit(packed, qs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -109,7 +137,8 @@ def test_blockwise_8bit_bit_exact(n, backend):
     if backend == "torch":
         ours_q, ours_absmax = reference.quantize_blockwise_8bit(x, code, 256)
     else:
-        ours_q, ours_absmax = quant._quantize_blockwise_8bit_triton(x, code, 256)
+        ours_q, ours_absmax = quant._quantize_blockwise_8bit_triton(x.to(DEVICE), code, 256)
+        ours_q, ours_absmax = ours_q.cpu(), ours_absmax.cpu()
     assert torch.equal(ours_absmax, qs.absmax)
     assert torch.equal(ours_q, q)
     assert torch.equal(
@@ -127,12 +156,12 @@ def test_int8_rowwise_matches_linear8bitlt(shape, dtype, backend):
     layer = bnb.nn.Linear8bitLt(shape[1], shape[0], bias=False, has_fp16_weights=False)
     layer.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
     layer = layer.to("cpu")  # Int8Params quantizes when moved off the host copy
-    pw = quant.quantize_int8(w, backend=backend)
-    assert torch.equal(pw.qweight, layer.weight.CB)
-    assert torch.equal(pw.scale, layer.weight.SCB)
+    pw = quant.quantize_int8(w.to(on(backend)), backend=backend)
+    assert torch.equal(pw.qweight.cpu(), layer.weight.CB)
+    assert torch.equal(pw.scale.cpu(), layer.weight.SCB)
     expected = BF.int8_vectorwise_dequant(layer.weight.CB, layer.weight.SCB)
-    assert torch.equal(quant.dequantize_int8(pw, torch.float32, backend=backend), expected)
-    assert torch.equal(quant.dequantize_int8(pw, torch.float16, backend=backend), expected.half())
+    assert torch.equal(quant.dequantize_int8(pw, torch.float32, backend=backend).cpu(), expected)
+    assert torch.equal(quant.dequantize_int8(pw, torch.float16, backend=backend).cpu(), expected.half())
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "dq"])
