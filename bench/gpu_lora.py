@@ -102,33 +102,55 @@ def measure(fn, params, x, grad_y, mode: str):
     return ms, p20, p80, peak
 
 
+def cases(shapes, tokens) -> list[tuple[int, int, int]]:
+    """(K, N, M) in run order: the target shape first, so that a cut-short run still has it."""
+    all_cases = [(k, n, m) for k, n in shapes for m in tokens]
+    target = (TARGET["K"], TARGET["N"], TARGET["M"])
+    return sorted(all_cases, key=lambda c: c != target)
+
+
 def run(
-    providers: list[str], tokens: list[int], ranks: list[int], shapes, modes, device="cuda"
+    providers: list[str],
+    tokens: list[int],
+    ranks: list[int],
+    shapes,
+    modes,
+    device="cuda",
+    deadline: float | None = None,
 ) -> list[dict]:
+    """Measure every (shape, provider, rank, mode); stop starting new ones once ``deadline`` has passed."""
     rows = []
-    for k, n in shapes:
-        for m in tokens:
-            x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
-            grad_y = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-            for provider in providers:
-                for r in [None] if provider == "gemm" else ranks:
+    for k, n, m in cases(shapes, tokens):
+        if deadline is not None and time.time() > deadline:
+            print(f"time budget spent: stopping before K={k} N={n} M={m}", flush=True)
+            break
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad_y = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+        for provider in providers:
+            for r in [None] if provider == "gemm" else ranks:
+                try:  # one provider failing (a PEFT API change, a kernel error) must not end the run
                     fn, params = make_provider(provider, k, n, r or 16, device)
-                    for mode in modes:
+                except Exception as e:
+                    print(f"{provider} skipped at K={k} N={n} r={r}: {type(e).__name__}: {e}", flush=True)
+                    continue
+                for mode in modes:
+                    try:
                         ms, p20, p80, peak = measure(fn, params, x, grad_y, mode)
-                        flops = (
-                            gemm_flops(m, k, n, mode) if provider == "gemm" else lora_flops(m, k, n, r, mode)
-                        )
-                        row = {"provider": provider, "mode": mode, "M": m, "K": k, "N": n, "r": r}
-                        row.update(ms=ms, ms_p20=p20, ms_p80=p80, tflops=flops / ms / 1e9, peak_mib=peak)
-                        rows.append(row)
-                        print(
-                            f"{provider:>9} {mode:>8} M={m:<5} K={k:<5} N={n:<5} r={r!s:<4} "
-                            f"{ms:8.3f} ms [{p20:.3f}, {p80:.3f}] {row['tflops']:6.1f} TFLOPS {peak:8.1f} MiB",
-                            flush=True,
-                        )
-                    del fn, params
-            del x, grad_y
-            torch.cuda.empty_cache()
+                    except Exception as e:
+                        print(f"{provider} {mode} failed at M={m} K={k} N={n} r={r}: {type(e).__name__}: {e}")
+                        continue
+                    flops = gemm_flops(m, k, n, mode) if provider == "gemm" else lora_flops(m, k, n, r, mode)
+                    row = {"provider": provider, "mode": mode, "M": m, "K": k, "N": n, "r": r}
+                    row.update(ms=ms, ms_p20=p20, ms_p80=p80, tflops=flops / ms / 1e9, peak_mib=peak)
+                    rows.append(row)
+                    print(
+                        f"{provider:>9} {mode:>8} M={m:<5} K={k:<5} N={n:<5} r={r!s:<4} "
+                        f"{ms:8.3f} ms [{p20:.3f}, {p80:.3f}] {row['tflops']:6.1f} TFLOPS {peak:8.1f} MiB",
+                        flush=True,
+                    )
+                del fn, params
+        del x, grad_y
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -170,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     parser.add_argument("--quick", action="store_true", help="the target shape only")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new shape after this many seconds; write what ran",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(
@@ -185,15 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         import peft  # noqa: F401
 
         providers.insert(2, "peft")
-    except ImportError as e:
-        print(f"peft provider skipped: {e}", file=sys.stderr)
+    except Exception as e:  # absent, or broken against this torch/transformers
+        print(f"peft provider skipped: {type(e).__name__}: {e}", file=sys.stderr)
     if args.quick:
         shapes, tokens, ranks = [(TARGET["K"], TARGET["N"])], [TARGET["M"]], [TARGET["r"]]
     else:
         shapes, tokens, ranks = SHAPES, TOKENS, RANKS
     start = time.time()
     torch.manual_seed(0)
-    rows = run(providers, tokens, ranks, shapes, MODES)
+    deadline = start + args.budget_s if args.budget_s else None
+    rows = run(providers, tokens, ranks, shapes, MODES, deadline=deadline)
     summary = target_summary(rows)
     path = write_results("lora_linear", rows, COLUMNS, args.out)
     target_cols = [
