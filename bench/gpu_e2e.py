@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
 
 LLAMA3_8B = {
     "hidden_size": 4096,
@@ -83,13 +86,30 @@ def available_providers() -> list[tuple[str, str | None]]:
     return out
 
 
+def _write(rows: list[dict], args) -> list[dict]:
+    """Write the results so far; returns the measured rows (with their ratios)."""
+    import e2e
+    from report import write_results
+
+    measured = [r for r in rows if "skipped" not in r]
+    e2e.add_ratios(measured)
+    write_results("e2e-gpu-llama3-8b-shape", rows, [*COLUMNS, "skipped"], args.out)
+    return measured
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=140.0,
+        help="start no provider after this many seconds (results so far are kept)",
+    )
     parser.add_argument("--methods", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -100,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import e2e
-    from report import device_slug, environment, write_results
+    from report import device_slug, environment
 
+    t_start = time.monotonic()
     peak = PEAK_BF16.get(device_slug())
     tmp = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
     model_dir, n_linear = build_model(args.layers, tmp)
@@ -122,13 +143,16 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "bf16",
         }
         for provider, skipped in available_providers():
+            if skipped is None and time.monotonic() - t_start > args.budget_s:
+                skipped = f"out of time (--budget-s {args.budget_s:g})"
             if skipped:
                 rows.append({"method": method, "provider": provider, "skipped": skipped})
                 print(f"{method} {provider}: skipped ({skipped})", flush=True)
                 continue
             try:
-                res = e2e.run_provider(provider, job, timeout=240)
-            except (e2e.BenchmarkFailed, OSError) as exc:
+                left = args.budget_s + 30 - (time.monotonic() - t_start)
+                res = e2e.run_provider(provider, job, timeout=max(left, 30))
+            except (e2e.BenchmarkFailed, OSError, subprocess.TimeoutExpired) as exc:
                 failures.append(f"{method} {provider}: {exc}")
                 rows.append(
                     {"method": method, "provider": provider, "skipped": f"failed: {str(exc).splitlines()[0]}"}
@@ -142,15 +166,18 @@ def main(argv: list[str] | None = None) -> int:
             row["mfu"] = row["tokens_per_s"] * 4 * n_linear / peak if peak else None
             row.update(seq=args.seq, batch=args.batch, layers=args.layers)
             rows.append(row)
+            _write(rows, args)  # after every provider: a run cut short keeps what it measured
             print(
                 f"{method} {provider}: {row['step_s_median'] * 1e3:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s, "
                 f"MFU {row['mfu'] or float('nan'):.1%}, max allocated {row['max_allocated_gib']:.2f} GiB",
                 flush=True,
             )
-    measured = [r for r in rows if "skipped" not in r]
-    e2e.add_ratios(measured)
-    out = write_results("e2e-gpu-llama3-8b-shape", rows, [*COLUMNS, "skipped"], args.out)
+    measured = _write(rows, args)
+    out = Path(args.out or BENCH / "results") / f"e2e-gpu-llama3-8b-shape-{device_slug()}.json"
     env = environment()
+    if not measured:
+        print("error: no provider finished", file=sys.stderr)
+        return 1
     e2e.plot(
         measured,
         out.with_suffix(".png"),
