@@ -1,0 +1,212 @@
+"""Compile every kernel variant the launchers produce for sm_90, offline: no GPU needed.
+
+    PYTHONPATH=/tmp/ftsite python -P tests/kernels/compile_sm90.py [lora] [q]     (ARCH=90 by default)
+
+(``/tmp/ftsite`` as bench/gpu.sh builds it: ``fusedtune`` mapped onto the source folders.) Not a pytest
+module: a tool for before a GPU run. It drives the public launchers with CPU tensors while Triton's
+``JITFunction.run`` is forced to compile only (``warmup``) against a stand-in driver that reports a CUDA
+target, and every autotune config is compiled. That is Triton's real path to PTX and a cubin (bundled
+ptxas), so it catches what the interpreter hides: constructs the compiler rejects, shared memory over the
+227 KiB of sm_90 (flagged), and register spills (flagged, from cuobjdump). It relies on Triton internals
+(checked with 3.6.0 and 3.7.1). Exit status 1 when a variant fails to compile or does not fit.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+ARCH = int(os.environ.get("ARCH", "90"))
+MAX_SHARED = 232448 if ARCH >= 90 else 166912
+
+
+class FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", ARCH, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+driver.set_active(FakeDriver())
+RESULTS = {}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+
+
+def res_usage(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    for line in out.splitlines():
+        if "REG:" in line:
+            return " ".join(p for p in line.split() if p.split(":")[0] in ("REG", "STACK", "SHARED", "LOCAL"))
+    return "?"
+
+
+_orig_run = JITFunction.run
+
+
+def compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+    md = kernel.metadata
+    consts = {k: v for k, v in kwargs.items() if k.isupper()}
+    key = (
+        self.fn.__name__,
+        md.num_warps,
+        md.num_stages,
+        tuple(sorted((k, str(v)) for k, v in consts.items())),
+    )
+    if key not in RESULTS:
+        usage = res_usage(kernel.asm["cubin"])
+        RESULTS[key] = (md.shared, usage)
+        flag = "  <-- OVER SHARED LIMIT" if md.shared > MAX_SHARED else ""
+        spill = "  <-- SPILLS" if "STACK:0" not in usage.replace(" ", "") and "STACK" in usage else ""
+        name = self.fn.__name__
+        print(
+            f"{name:32s} w{md.num_warps} s{md.num_stages} smem={md.shared:6d} {usage} {consts}{flag}{spill}"
+        )
+    return kernel
+
+
+JITFunction.run = compile_only
+
+
+def autotune_all(self, *args, **kwargs):
+    kwargs.pop("grid", None)
+    kwargs.pop("warmup", None)
+    for config in self.configs:
+        full = {**kwargs, **config.all_kwargs()}
+        try:
+            self.fn.run(*args, grid=None, warmup=True, **full)
+        except Exception as e:  # an autotuner would prune OutOfResources at launch
+            FAILS.append(f"autotune {self.fn.fn.__name__} {config}")
+            print(f"  autotune config {config} failed to compile: {type(e).__name__}: {e}"[:400])
+
+
+Autotuner.run = autotune_all
+
+from fusedtune.kernels import lora, qmatmul, quant  # noqa: E402
+
+_real_interp = lora.interpreter_active
+_orig_check = lora._check_inputs
+
+
+def _check(*a):
+    lora.interpreter_active = lambda: True
+    try:
+        return _orig_check(*a)
+    finally:
+        lora.interpreter_active = _real_interp
+
+
+lora._check_inputs = _check
+SPLIT = int(os.environ.get("SPLIT", "3"))
+lora._split = lambda tiles, red, dev: max(1, min(SPLIT, red))
+
+FAILS = []
+
+
+def attempt(name, fn):
+    try:
+        fn()
+    except Exception as e:
+        FAILS.append(name)
+        print(f"FAIL {name}: {type(e).__name__}: {str(e)[:3000]}", flush=True)
+        traceback.print_exc(limit=3)
+
+
+def lora_case(m, k, n, r, dtype, bias, p, autotune=False):
+    def run():
+        old = lora._AUTOTUNE_MIN_MACS
+        if autotune:
+            lora._AUTOTUNE_MIN_MACS = 0
+        try:
+            x = torch.randn(m, k, dtype=dtype)
+            w = torch.randn(n, k, dtype=dtype)
+            a = torch.randn(r, k, dtype=dtype)
+            b = torch.randn(n, r, dtype=dtype)
+            bb = torch.randn(n, dtype=dtype) if bias else None
+            cfg = lora.LoRAConfig(scale=2.0, dropout_p=p, seed=7 if p else 0)
+            y, s = lora.lora_forward(x, w, a, b, bb, cfg)
+            lora.lora_backward(y, x, w, a, b, s, cfg)
+            lora.lora_backward(y, None, w, a, b, s, cfg, need_da=False)
+            lora.lora_backward(y, x, w, a, b, None, cfg, need_db=False, need_dx=False)
+        finally:
+            lora._AUTOTUNE_MIN_MACS = old
+
+    attempt(f"lora m{m} k{k} n{n} r{r} {dtype} bias{bias} p{p} at{autotune}", run)
+
+
+def q_case(m, n, k, r, dtype, fmt, dq, blocksize, bias):
+    def run():
+        w = torch.randn(n, k) * 0.05
+        pw = quant.quantize(w.to(dtype), fmt, blocksize, dq, backend="triton")
+        quant.dequantize(pw, dtype, backend="triton")
+        x = torch.randn(m, k, dtype=dtype)
+        s = torch.randn(m, r, dtype=dtype)
+        b = torch.randn(n, r, dtype=dtype)
+        bb = torch.randn(n, dtype=dtype) if bias else None
+        qmatmul.qmatmul_forward(x, pw, s, b, bb)
+        qmatmul.qmatmul_forward(x, pw)
+        dy = torch.randn(m, n, dtype=dtype)
+        qmatmul.qmatmul_backward_dx(dy, pw, s, torch.randn(r, k, dtype=dtype))
+        qmatmul.qmatmul_backward_dx(dy, pw)
+
+    attempt(f"qmatmul m{m} n{n} k{k} r{r} {dtype} {fmt} dq{dq} bs{blocksize}", run)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["lora", "q"]
+    if "lora" in which:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            lora_case(300, 256, 384, 16, dtype, True, 0.1)
+            lora_case(1000, 520, 700, 64, dtype, True, 0.0)
+        lora_case(64, 4096, 4096, 256, torch.bfloat16, False, 0.1)
+        lora_case(64, 4096, 4096, 128, torch.float32, False, 0.0)
+        lora_case(64, 4096, 4096, 256, torch.float32, False, 0.1)
+        lora_case(5, 123, 77, 3, torch.float16, False, 0.2)
+        lora_case(512, 4096, 4096, 16, torch.bfloat16, False, 0.0, autotune=True)
+        lora_case(512, 4096, 4096, 16, torch.float32, True, 0.1, autotune=True)
+    if "q" in which:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            q_case(257, 384, 512, 16, dtype, "nf4", True, 64, True)
+        q_case(257, 384, 512, 16, torch.bfloat16, "fp4", False, 64, False)
+        q_case(257, 384, 512, 16, torch.bfloat16, "int8", False, 64, False)
+        q_case(100, 96, 123, 8, torch.float16, "nf4", True, 64, False)
+        q_case(100, 96, 320, 256, torch.bfloat16, "nf4", True, 32, False)
+        q_case(100, 96, 320, 256, torch.float32, "nf4", False, 128, True)
+        q_case(100, 96, 320, 64, torch.bfloat16, "nf4", True, 256, False)
+        q_case(40, 96, 320, 64, torch.bfloat16, "int8", False, 64, True)
+        q_case(40, 96, 320, 256, torch.float32, "int8", False, 64, True)
+        q_case(300, 4096, 4096, 256, torch.bfloat16, "nf4", True, 64, False)
+        q_case(300, 4096, 4096, 256, torch.float16, "fp4", False, 128, True)
+        q_case(37, 96, 128, 8, torch.float32, "nf4", True, 64, True)
+        q_case(5, 48, 123, 16, torch.float32, "fp4", False, 64, False)
+        q_case(64, 80, 192, 64, torch.float32, "int8", False, 64, True)
+        q_case(300, 4096, 4100, 256, torch.float32, "nf4", True, 64, True)
+        quant.quantize_int8(torch.randn(64, 5000, dtype=torch.bfloat16), backend="triton")
+        for bs in (32, 4096):
+            quant.quantize_4bit(torch.randn(64, 4096), bs, "nf4", True, backend="triton")
+    over = [key for key, (shared, _) in RESULTS.items() if shared > MAX_SHARED]
+    print("failed:", FAILS)
+    print(f"variants compiled: {len(RESULTS)}, over the shared-memory limit: {len(over)}")
+    sys.exit(1 if FAILS or over else 0)
