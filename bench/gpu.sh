@@ -74,7 +74,7 @@ run_bench bench/gpu_qmatmul.py 110
 t=$(cap 150)
 if ((t >= 60)); then
   stage "bench/gpu_e2e.py (${t}s)"
-  timeout "$t" python3 -P bench/gpu_e2e.py --out "$RES" 2>&1 | tee -a "$LOG" || status=1
+  timeout "$t" python3 -P bench/gpu_e2e.py --out "$RES" --budget-s $((t - 40)) 2>&1 | tee -a "$LOG" || status=1
   pack
 else
   stage "bench/gpu_e2e.py skipped: ${t}s left"
