@@ -22,6 +22,8 @@ EXAMPLES = """examples:
   trainer run my.yaml                           your config
   trainer run my.yaml lora.rank=8 optim.lr=1e-4 dotted overrides, values parsed as YAML
   trainer run my.yaml --print-config            the resolved config, nothing run
+  trainer run my.yaml resume=auto               continue from the newest valid checkpoint
+  trainer estimate my.yaml --gpu-memory 24GB    memory breakdown without loading weights (--measure: 3 real steps)
 """
 
 
