@@ -217,7 +217,8 @@ def _select_partial(model: nn.Module, cfg: Config) -> None:
         patterns = [re.compile(p) for p in pc.patterns]
     except re.error as e:
         raise ConfigError(f"partial.patterns: invalid regular expression {e.pattern!r} ({e})") from None
-    names = [n for n, _ in model.named_parameters()]
+    # Every name, tied ones included: with tied embeddings lm_head.weight IS embed_tokens.weight.
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     for pat in patterns:
         if not any(pat.search(n) for n in names):
             raise ConfigError(f"partial.patterns: {pat.pattern!r} matches no parameter name")
@@ -227,7 +228,7 @@ def _select_partial(model: nn.Module, cfg: Config) -> None:
         if not indices:
             raise ConfigError("partial.last_n_layers: the model has no indexed blocks")
         last_blocks = {str(i) for i in indices[-pc.last_n_layers :]}
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=False):
         m = _BLOCK_INDEX.search(name)
         in_last = bool(m and m.group(1) in last_blocks)
         if in_last or any(pat.search(name) for pat in patterns):

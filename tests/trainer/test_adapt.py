@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from fusedtune.kernels import LoRALinear
 from fusedtune.trainer import memory
@@ -71,6 +71,17 @@ def test_partial_patterns_and_last_layers(tiny_model_dir):
     assert sum(p.numel() for _, p in trainable_parameters(model)) == sum(
         p.numel() for p in model.model.layers[1].parameters()
     )
+
+
+def test_partial_pattern_on_a_tied_head(tiny_model_dir):
+    # SmolLM2 ties lm_head.weight to embed_tokens.weight: a pattern naming the head trains the shared one.
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    apply_method(model, _cfg("method=partial", "partial.patterns=[lm_head]"), CPU)
+    trainable = trainable_parameters(model)
+    assert [p for _, p in trainable] == [model.lm_head.weight]
 
 
 def test_partial_bias_only(tiny_model_dir_bias):
