@@ -24,6 +24,7 @@ row (``file.csv:row 7``). Every mistake in the data raises :class:`DataError` wi
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -171,6 +172,11 @@ def _read_with_datasets(file: Path, path: str, suffix: str) -> list[Row]:
         ) from None
     builder, kwargs = DATASETS_FORMATS[suffix]
     try:
+        if builder == "csv":  # every column as text: CSV has no types ("0123" must not become 123)
+            with open(file, newline="", encoding="utf-8-sig") as f:
+                header = next(csv.reader(f, delimiter=kwargs.get("sep", ",")), [])
+            strings = datasets.Features({name: datasets.Value("string") for name in header})
+            kwargs = {**kwargs, "features": strings}
         table = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
     except Exception as e:  # the builders raise many types (pyarrow, pandas, ValueError...)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -250,6 +250,18 @@ def test_tabular_files_through_datasets(tmp_path, tiny_tokenizer, suffix):
     ]
 
 
+def test_csv_columns_are_read_as_text(tmp_path, tiny_tokenizer):
+    # CSV has no types: numeric-looking answers stay strings, leading zeros included.
+    pytest.importorskip("datasets")
+    path = tmp_path / "train.csv"
+    path.write_text("instruction,input,output\nZip code?,,01234\nWhat is 3+3?,,6\n")
+    data = build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+    assert [tiny_tokenizer.decode(target_spans(e)[0]) for e in data.train] == [
+        "01234<|im_end|>\n",
+        "6<|im_end|>\n",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input: one line, naming file:line or the field
 # ---------------------------------------------------------------------------------------------------
