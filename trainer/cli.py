@@ -84,10 +84,16 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``trainer`` console script; returns the exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may also follow a flag (`trainer estimate my.yaml --measure lora.rank=8`), which argparse
+    # alone rejects: its key=value positionals were already matched (empty) before the flag.
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
     _quiet_libraries()
     try:
         from .config import load_config

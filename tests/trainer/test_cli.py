@@ -69,6 +69,16 @@ def test_print_config_and_overrides(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_overrides_after_a_flag(tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    assert main(["run", str(cfg), "--print-config", "lora.rank=2", "train.max_steps=3"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["lora"]["rank"] == 2 and resolved["train"]["max_steps"] == 3
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(cfg), "--print-config", "--no-such-flag"])
+    assert stop.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
+
+
 def test_console_script_help_and_error_exit_code(tmp_path):
     exe = Path(sys.executable).with_name("trainer")
     help_text = subprocess.run([exe, "run", "--help"], capture_output=True, text=True, check=True).stdout
