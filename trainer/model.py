@@ -129,7 +129,7 @@ class LoadedModel:
 
 
 def load_tokenizer(path: str, cfg: ModelConfig):
-    """The model's tokenizer, with a pad token (EOS when the tokenizer has none)."""
+    """The model's tokenizer, with a pad token (EOS, else UNK, else id 0 when it has none)."""
     from transformers import AutoTokenizer
 
     try:
@@ -141,7 +141,8 @@ def load_tokenizer(path: str, cfg: ModelConfig):
             f"model.name_or_path: cannot load a tokenizer from {path} ({str(e).splitlines()[0]})"
         ) from None
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        # Padded positions are masked out of attention and loss, so any token can pad.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     return tokenizer
 
 

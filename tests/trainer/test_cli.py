@@ -4,6 +4,7 @@ counts its trainable parameters exactly; bad input exits 2 with one line and ove
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,17 @@ def test_overrides_after_a_flag(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["run", str(cfg), "--print-config", "--no-such-flag"])
     assert stop.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
+
+
+def test_tokenizer_without_pad_or_eos_token(tiny_model_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    for key in ("pad_token", "eos_token"):
+        tokenizer_config.pop(key, None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    cfg = write_config(tmp_path, model_dir, train={"max_steps": 2})
+    assert main(["run", str(cfg)]) == 0, capsys.readouterr().err
 
 
 def test_console_script_help_and_error_exit_code(tmp_path):
