@@ -21,6 +21,14 @@ Backend = Literal["torch", "triton"]
 # ---------------------------------------------------------------------------------------------------
 
 
+def _check_lora_hparams(rank: int, dropout: float) -> None:
+    """The checks both LoRA modules share: a positive rank and a dropout probability in [0, 1)."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable LoRA update ``s · B A`` (PEFT's parameterisation).
 
@@ -41,10 +49,7 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        _check_lora_hparams(rank, dropout)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -178,10 +183,7 @@ class QuantLoRALinear(nn.Module):
         lora_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        _check_lora_hparams(rank, dropout)
         out_features, in_features = packed.shape
         self.in_features = in_features
         self.out_features = out_features
