@@ -18,7 +18,6 @@ with one line.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import subprocess
 import sys
@@ -98,25 +97,22 @@ def _write(rows: list[dict], args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    from report import gpu_bench_parser, require_cuda
+
+    parser = gpu_bench_parser(
+        __doc__,
+        budget_default=140.0,
+        budget_help="start no provider after this many seconds (results so far are kept)",
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument(
-        "--budget-s",
-        type=float,
-        default=140.0,
-        help="start no provider after this many seconds (results so far are kept)",
-    )
     parser.add_argument("--methods", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            "error: bench/gpu_e2e.py needs a CUDA device (the CPU end-to-end benchmark is bench/e2e.py)",
-            file=sys.stderr,
-        )
+    if not require_cuda(
+        "error: bench/gpu_e2e.py needs a CUDA device (the CPU end-to-end benchmark is bench/e2e.py)"
+    ):
         return 2
 
     import e2e

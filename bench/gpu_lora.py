@@ -18,7 +18,6 @@ provider, so TFLOPS compare directly), and peak memory of one call above the inp
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -189,24 +188,15 @@ def target_summary(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    parser.add_argument("--quick", action="store_true", help="the target shape only")
-    parser.add_argument(
-        "--budget-s",
-        type=float,
-        default=None,
-        help="start no new shape after this many seconds; write what ran",
-    )
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            "gpu_lora.py needs a CUDA device (triton.testing.do_bench times GPU kernels); none found.",
-            file=sys.stderr,
-        )
-        return 2
+    from report import gpu_bench_parser, require_cuda, write_results
 
-    from report import write_results
+    parser = gpu_bench_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="the target shape only")
+    args = parser.parse_args(argv)
+    if not require_cuda(
+        "gpu_lora.py needs a CUDA device (triton.testing.do_bench times GPU kernels); none found."
+    ):
+        return 2
 
     providers = ["ours", "reference", "gemm"]
     try:

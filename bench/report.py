@@ -6,10 +6,12 @@ writes ``bench/results/<name>-<device>.json`` and a Markdown table beside it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
@@ -111,3 +113,24 @@ def write_results(
     header += f"bitsandbytes {env['bitsandbytes']}, commit {env['commit']}, {env['date']}.\n\n"
     stem.with_suffix(".md").write_text(header + markdown_table(rows, columns) + "\n")
     return stem.with_suffix(".json")
+
+
+def gpu_bench_parser(doc: str, budget_default: float | None = None, budget_help: str | None = None):
+    """The arguments every ``bench/gpu_*.py`` takes: ``--out DIR`` and ``--budget-s SECONDS``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=budget_default,
+        help=budget_help or "start no new shape after this many seconds; write what ran",
+    )
+    return parser
+
+
+def require_cuda(message: str) -> bool:
+    """True with a CUDA device; otherwise print ``message`` to stderr (the caller exits 2)."""
+    if torch.cuda.is_available():
+        return True
+    print(message, file=sys.stderr)
+    return False
