@@ -1,0 +1,110 @@
+"""Fused linear cross-entropy (kernels/cross_entropy.py) against autograd through F.cross_entropy.
+
+The oracle is ``reference.linear_cross_entropy`` evaluated in float64 on the same (rounded) inputs. The
+Triton kernel runs under the interpreter on CPU (fp32/fp16; bf16 on a GPU only, see conftest).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from utils import assert_close
+
+from fusedtune.kernels import reference
+from fusedtune.kernels.cross_entropy import chunk_rows, cross_entropy_grad, linear_cross_entropy
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+BACKENDS = ["triton", "torch"]
+
+
+def _problem(n, d, v, dtype, *, bias=False, ignore=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    w = torch.randn(v, d, generator=g) * (2.0 / d**0.5)
+    b = torch.randn(v, generator=g) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    for i in ignore:
+        t[i] = -100
+    cast = lambda x: None if x is None else x.to(DEVICE, dtype).requires_grad_()
+    return cast(h), cast(w), cast(b), t.to(DEVICE)
+
+
+def _oracle(h, w, b, t, grad_scale):
+    leaves = [None if x is None else x.detach().double().requires_grad_() for x in (h, w, b)]
+    loss = reference.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2])
+    (loss * grad_scale).backward()
+    return loss.detach(), [None if x is None else x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("n", "d", "v", "bias", "chunk"),
+    [
+        (7, 16, 50, False, None),  # one chunk
+        (37, 24, 1001, True, 10),  # several chunks, vocab not a multiple of the kernel's block
+        (64, 32, 2048, False, 16),  # four equal chunks
+    ],
+)
+def test_linear_cross_entropy_matches_autograd(backend, dtype, n, d, v, bias, chunk):
+    h, w, b, t = _problem(n, d, v, dtype, bias=bias, ignore=(1, n - 1))
+    chunk_bytes = (chunk or n) * v * h.element_size()
+    loss = linear_cross_entropy(h, w, t, b, backend=backend, chunk_bytes=chunk_bytes)
+    (loss * 0.37).backward()
+    ref_loss, ref_grads = _oracle(h, w, b, t, 0.37)
+    assert loss.dtype == torch.float32
+    # the loss is a sum over n rows of O(log v) terms: relative tolerance on it
+    torch.testing.assert_close(
+        loss.double().cpu(), ref_loss.cpu(), rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=0
+    )
+    for name, x, ref in zip(("dH", "dW", "db"), (h, w, b), ref_grads, strict=True):
+        if x is not None:
+            assert_close(x.grad, ref, dtype, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_gets_no_gradient(backend):
+    h, w, _, t = _problem(9, 8, 40, torch.float32)
+    w.requires_grad_(False)
+    linear_cross_entropy(h, w, t, backend=backend).backward()
+    assert w.grad is None and h.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_grad_rows(backend):
+    """Per-row loss and the in-place softmax-minus-onehot, with ignored rows at zero, against torch."""
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(6, 300, generator=g) * 4).to(DEVICE)
+    t = torch.tensor([0, 299, 5, -100, 17, 150], device=DEVICE)
+    ref_loss = torch.nn.functional.cross_entropy(z.double(), t, reduction="none")
+    ref_grad = torch.softmax(z.double(), -1) - torch.nn.functional.one_hot(t.clamp(min=0), 300)
+    ref_grad[t == -100] = 0
+    work = z.clone()
+    loss = cross_entropy_grad(work, t, backend=backend)
+    assert_close(loss, ref_loss, torch.float32, name="loss")
+    assert_close(work, ref_grad, torch.float32, name="grad")
+
+
+def test_gradcheck_float64():
+    h, w, b, t = _problem(4, 3, 11, torch.float64, bias=True, ignore=(2,))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: linear_cross_entropy(h, w, t, b, backend="torch", chunk_bytes=2 * 11 * 8),
+        (h, w, b),
+    )
+
+
+def test_chunk_rows_bounds_the_logits():
+    assert chunk_rows(240, 49152, 4, 32 << 20) == 120  # 170 rows fit; two equal chunks instead of 170 + 70
+    assert chunk_rows(10, 1000, 2, 1) == 1  # never below one row
+    assert chunk_rows(5, 10, 4) == 5
+
+
+def test_bad_input_is_rejected():
+    h, w, _, t = _problem(4, 8, 20, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        linear_cross_entropy(h, w[:, :4], t)
+    with pytest.raises(ValueError, match="target"):
+        linear_cross_entropy(h, w, t[:3])
+    with pytest.raises(ValueError, match="backend"):
+        linear_cross_entropy(h, w, t, backend="cuda")
