@@ -1,7 +1,8 @@
 """nn.Modules over the kernels: frozen base weights plus trainable low-rank adapters.
 
-``backend`` picks the path per module: ``"torch"`` runs the pure-torch reference (the CPU path),
-``"triton"`` runs the fused kernels.
+``backend`` picks the path per module: ``"torch"`` runs the same algebra in torch ops (the CPU path:
+``lora.lora_linear_torch``, ``qmatmul`` with the reference dequantize), ``"triton"`` runs the fused
+kernels. ``reference.py`` stays the plain-autograd oracle both are tested against.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import quant, reference
+from . import quant
 
 Backend = Literal["torch", "triton"]
 
@@ -118,13 +119,9 @@ class LoRALinear(nn.Module):
             return fused_lora_linear(
                 x, self.weight, self.lora_A, self.lora_B, self.scaling, bias=self.bias, dropout_p=p
             )
-        mask = None
-        if p > 0.0:
-            mask = torch.empty_like(x).bernoulli_(1.0 - p)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return reference.lora_linear(
-            x, self.weight, a, b, self.scaling, bias=self.bias, dropout_mask=mask, dropout_p=p
-        )
+        from .lora import lora_linear_torch
+
+        return lora_linear_torch(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias, p)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:

@@ -541,7 +541,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         if _fused(cfg, x2.shape[0], pw):
             y = qmatmul_forward(x2, pw, s * cfg.scale, b, bias)
         else:
-            y = F.linear(x2, _dense(pw, x.dtype, cfg), bias) + (cfg.scale * s) @ b.t()
+            y = F.linear(x2, _dense(pw, x.dtype, cfg), bias).addmm_(s, b.t(), alpha=cfg.scale)
         ctx.pw, ctx.cfg = pw, cfg
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, lora_a, lora_b, keep)
         return y.reshape(*lead, -1)
@@ -563,7 +563,7 @@ class QLoRALinearFunction(torch.autograd.Function):
             else:
                 dx = dy2 @ _dense(pw, dy.dtype, cfg)
                 if fold:
-                    dx = dx + ds @ a
+                    dx.addmm_(ds, a)
             if not fold:
                 dx = dx + (ds @ a) * keep.reshape(-1, K).to(dy.dtype) / (1.0 - cfg.dropout_p)
             dx = dx.reshape(*lead, K)
@@ -572,7 +572,7 @@ class QLoRALinearFunction(torch.autograd.Function):
             xd = x2 if keep is None else x2 * keep.reshape(-1, K).to(x.dtype) / (1.0 - cfg.dropout_p)
             da = (ds.t() @ xd).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
-            db = (cfg.scale * (dy2.t() @ s)).to(lora_b.dtype)
+            db = (dy2.t() @ s).mul_(cfg.scale).to(lora_b.dtype)
         return dx, da, db, None, None, None, None
 
 

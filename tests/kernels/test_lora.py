@@ -385,3 +385,38 @@ def test_fp32_and_fp16_on_gpu():
         ref = reference_grads(x, w, a, b, bias, 0.5, grad_y)
         for name, got, exp in zip(("Y", "dX", "dA", "dB"), (y, x.grad, a.grad, b.grad), ref):
             assert_close(got, exp, dtype, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The torch path (LoRALinear's backend "torch": what the trainer runs on CPU)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("batch", [None, 2])
+def test_torch_path_matches_reference(dropout, bias, batch):
+    """``lora_linear_torch`` (in-place accumulation, own backward) against autograd through the reference."""
+    x, w, a, b, bb = make_problem(5, 23, 17, 4, torch.float64, bias=bias, batch=batch)
+    grad_y = torch.randn(*x.shape[:-1], 17, dtype=torch.float64, device=DEVICE)
+    results = []
+    for path in ("torch", "reference"):
+        xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
+        torch.manual_seed(11)
+        if path == "torch":
+            y = lora_mod.lora_linear_torch(xi, w, ai, bi, 2.0, bb, dropout)
+        else:
+            mask = None
+            if dropout:
+                mask = torch.empty(x.shape, dtype=torch.bool, device=DEVICE).bernoulli_(1.0 - dropout)
+            y = reference.lora_linear(xi, w, ai, bi, 2.0, bb, mask, dropout)
+        y.backward(grad_y)
+        results.append((y, xi.grad, ai.grad, bi.grad))
+    for name, got, exp in zip(("Y", "dX", "dA", "dB"), *results, strict=True):
+        assert_close(got, exp, torch.float64, name)
+
+
+def test_torch_path_gradcheck():
+    x, w, a, b, bb = make_problem(3, 6, 5, 2, torch.float64, bias=True)
+    inputs = tuple(t.requires_grad_() for t in (x, a, b))
+    assert torch.autograd.gradcheck(lambda x, a, b: lora_mod.lora_linear_torch(x, w, a, b, 1.5, bb), inputs)
