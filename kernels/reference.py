@@ -49,6 +49,57 @@ def lora_linear(
     return y + scale * F.linear(F.linear(xd, lora_a), lora_b)
 
 
+# ---------------------------------------------------------------------------------------------------
+# SwiGLU
+# ---------------------------------------------------------------------------------------------------
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's ``silu(G) ⊙ U``, differentiable by autograd."""
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-entropy
+# ---------------------------------------------------------------------------------------------------
+
+
+def cross_entropy_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-row cross-entropy of ``logits [N, V]`` (fp32 math or wider); ``logits`` becomes ``softmax - onehot``.
+
+    Rows whose target is ``ignore_index`` get loss 0 and a zero gradient.
+    """
+    # At least fp32 math; the same tensor when logits are fp32/fp64: overwritten in place, no temporaries.
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    active = target != ignore_index
+    t = torch.where(active, target, 0)
+    z_t = z.gather(1, t[:, None])[:, 0]
+    m = z.amax(dim=-1)
+    z.sub_(m[:, None]).exp_()
+    total = z.sum(dim=-1)
+    loss = torch.where(active, m + total.log() - z_t, 0.0)
+    z.div_(total[:, None])
+    rows = torch.arange(z.shape[0], device=z.device)
+    z[rows, t] -= active.to(z.dtype)
+    z.mul_(active[:, None].to(z.dtype))
+    if z.data_ptr() != logits.data_ptr():
+        logits.copy_(z)
+    return loss
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` in fp32, by autograd (the oracle)."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+
+
 # The fused kernels regenerate the dropout mask from a seed with Triton's Philox (``tl.randint``: 10
 # rounds, counter (offset_lo, offset_hi, 0, 0), key (seed_lo, seed_hi)) instead of storing it. This is
 # the same stream in plain torch integer arithmetic, so that tests reproduce the kernels' mask exactly.
