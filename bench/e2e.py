@@ -151,6 +151,7 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
     from fusedtune.trainer.loop import optimizer_step
     from fusedtune.trainer.model import load_model
     from fusedtune.trainer.optim import build_optimizer, trainable_parameters
+    from fusedtune.trainer.patches import apply_patches
 
     cfg = Config.model_validate(
         {
@@ -167,7 +168,8 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
     device = torch.device(job.get("device", "cpu"))
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
     model, _ = load_model(cfg.model.name_or_path, cfg.model, device, load_device)
-    apply_method(model, cfg, device)
+    report = apply_method(model, cfg, device)
+    apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend)
     model.train()
     _set_lora_a(model)
     params = [p for _, p in trainable_parameters(model)]
@@ -178,7 +180,7 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
         micro = [{k: v.to(device) for k, v in b.items()} for b in batches[step * accum : (step + 1) * accum]]
         _sync(device)
         t0 = time.perf_counter()
-        r = optimizer_step(model, params, micro, optimizer, 1.0)
+        r = optimizer_step(model, params, micro, optimizer, 1.0, report.backend)
         _sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(r.loss)

@@ -140,6 +140,11 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(
         1, ge=1, description="micro-batches per optimizer step (loss normalized by their target tokens)"
     )
+    padding_free: bool = Field(
+        True,
+        description="run each micro-batch as its real tokens only (no pad), attention within each example; "
+        "the run says when the model cannot",
+    )
     seed: int = Field(0, description="seed of initialisation, data order and dropout")
     log_every: int = Field(1, ge=1, description="write metrics.jsonl every N steps")
     eval_every: int | None = Field(

@@ -19,15 +19,18 @@ the compute dtype):
   ``4·(2h + 2)`` (the two RMSNorm inputs and their rsqrt, kept in fp32)
   ``+ b·(h_in + n·d + 2·kv·d + n·d) + 4·n`` (normed inputs the adapters read, q, k, v, attention output,
   log-sum-exp; ``kv = n`` when a padding mask makes HF repeat the KV heads, ``n_kv`` otherwise)
-  ``+ b·4i`` (gate, up, silu(gate), their product)
+  ``+ b·3i`` (gate, up, their product; ``+ b·i`` for silu(gate) when the MLP is not on the fused SwiGLU)
   ``+ b·r`` per adapted Linear (its ``X·Aᵀ``), and ``+ 2·b·K`` per adapted Linear with LoRA dropout.
   Methods full/partial also keep each Linear's input and each norm's normalized output.
   Once per micro-batch: the RoPE tables ``2·S·d·4`` and, with padding, the ``B·S·S·4`` attention mask.
+  Padding-free micro-batches (``train.padding_free``) are one unmasked sequence: ``B = 1``, ``S`` = the
+  real tokens;
 - with gradient checkpointing: each block keeps only its input (``b·h`` per token), plus one block's
   activations while it is recomputed in backward;
-- logits and loss: the LM head runs only at the ``T_t`` target positions (``loop.loss_sum``); the peak
-  holds ``T_t·V·(3·4 + b)`` bytes (fp32 log-softmax output, its gradient and the logits' gradient, plus
-  the head's output in the compute dtype when that is not fp32); ``T_t = B·(S−1)`` at worst;
+- logits and loss: the LM head runs only at the ``T_t`` target positions, fused with the loss and
+  chunked (``kernels.cross_entropy``): one chunk of ``c`` rows of logits ``c·V·b`` (plus its fp32 copy
+  on the torch path when ``b < 4``), and the ``T_t·h`` selected hidden states with their gradient
+  ``2·T_t·h·b``; ``T_t = B·(S−1)`` at worst;
 - framework overhead (not tensors): on a GPU the CUDA context and cuBLAS workspaces (taken as 600 MiB)
   plus the caching allocator's slack (taken as 10% of the tensor peak); on a CPU the resident size of
   torch and its libraries, measured in this process.
@@ -49,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import memory
+from . import memory, padding_free
 from .config import Config
 from .errors import UserError
 
@@ -149,7 +152,12 @@ class Adapters:
 
 
 def block_activation_bytes_per_token(
-    shape: DecoderShape, adapters: Adapters, method: str, dtype_bytes: int, padded: bool
+    shape: DecoderShape,
+    adapters: Adapters,
+    method: str,
+    dtype_bytes: int,
+    padded: bool,
+    swiglu_fused: bool = True,
 ) -> float:
     """Bytes one decoder block saves for backward per token (see the module docstring)."""
     h, i, n, d = shape.hidden, shape.intermediate, shape.heads, shape.head_dim
@@ -157,7 +165,7 @@ def block_activation_bytes_per_token(
     b = dtype_bytes
     total = 4 * (2 * h + 2)  # RMSNorm inputs (fp32) and rsqrt, twice
     total += b * (n * d + 2 * kv * d + n * d) + 4 * n  # q, k, v, attention output; log-sum-exp
-    total += b * 4 * i  # gate, up, silu(gate), product
+    total += b * (3 if swiglu_fused else 4) * i  # gate, up, product (and silu(gate) unfused)
     if method in ("full", "partial"):
         total += b * 2 * h  # normed inputs of attention and MLP (the Linears' X)
         total += b * 2 * h  # normalized x before each norm's (trainable) weight
@@ -180,6 +188,7 @@ def activation_bytes(
     padded: bool,
     checkpointing: bool,
     first_trainable_layer: int = 0,
+    swiglu_fused: bool = True,
 ) -> int:
     """Activations held at the end of the forward pass (the peak's largest part).
 
@@ -190,7 +199,9 @@ def activation_bytes(
     """
     tokens = batch * seq
     layers = shape.layers - min(first_trainable_layer, shape.layers)
-    per_block = block_activation_bytes_per_token(shape, adapters, method, dtype_bytes, padded) * tokens
+    per_block = (
+        block_activation_bytes_per_token(shape, adapters, method, dtype_bytes, padded, swiglu_fused) * tokens
+    )
     shared = 2 * seq * shape.head_dim * 4 + (batch * seq * seq * 4 if padded else 0)
     final_norm = 4 * (shape.hidden + 1) * tokens
     if checkpointing:
@@ -198,9 +209,13 @@ def activation_bytes(
     return int(layers * per_block + shared + final_norm)
 
 
-def loss_buffer_bytes(vocab: int, target_tokens: int, dtype_bytes: int) -> int:
-    """Peak of the logits and cross-entropy buffers over ``target_tokens`` positions."""
-    return target_tokens * vocab * (3 * 4 + (dtype_bytes if dtype_bytes != 4 else 0))
+def loss_buffer_bytes(vocab: int, hidden: int, target_tokens: int, dtype_bytes: int, backend: str) -> int:
+    """Peak of the fused, chunked LM head + loss over ``target_tokens`` positions (module docstring)."""
+    from fusedtune.kernels.cross_entropy import chunk_rows
+
+    rows = chunk_rows(target_tokens, vocab, dtype_bytes)
+    chunk = rows * vocab * (dtype_bytes + (4 if dtype_bytes < 4 and backend == "torch" else 0))
+    return chunk + 2 * target_tokens * hidden * dtype_bytes
 
 
 def packed_weight_bytes(n: int, k: int, quant_type: str, blocksize: int, double_quant: bool) -> int:
@@ -325,6 +340,7 @@ def estimate(
     """
     from .adapt import apply_method, select_targets
     from .model import DTYPES, resolve_dtype
+    from .patches import fuse_swiglu
 
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     dtype = (
@@ -366,13 +382,19 @@ def estimate(
             if hasattr(mod, "lora_A") and first.search(name + "."):
                 adapters.per_layer[name.rsplit(".", 1)[-1]] = mod.in_features
     first_layer = _first_trainable_layer(model, shape.layers)
+    backend = "triton" if on_gpu and cfg.kernels != "torch" else "torch"
+    swiglu = fuse_swiglu(model, backend)
+    swiglu_fused = bool(swiglu.swiglu) and not swiglu.not_swiglu
+    packed = cfg.train.padding_free and padding_free.unsupported_reason(model, cfg.data.max_seq_len) is None
     b = torch.finfo(dtype).bits // 8
     batch = batch or cfg.train.micro_batch_size
     seq = seq or cfg.data.max_seq_len
-    padded = (not cfg.data.packing) if padded is None else padded
+    padded = (not cfg.data.packing and not packed) if padded is None else padded
     target_tokens = batch * (seq - 1) if target_tokens is None else target_tokens
     act = {
-        ckpt: activation_bytes(shape, adapters, cfg.method, b, batch, seq, padded, ckpt, first_layer)
+        ckpt: activation_bytes(
+            shape, adapters, cfg.method, b, batch, seq, padded, ckpt, first_layer, swiglu_fused
+        )
         for ckpt in (False, True)
     }
     est = Estimate(
@@ -383,7 +405,7 @@ def estimate(
         optimizer_state_bytes=memory.expected_optimizer_state_bytes(params, cfg.optim.name),
         activation_bytes=act[False],
         activation_bytes_checkpointed=act[True],
-        loss_buffer_bytes=loss_buffer_bytes(shape.vocab, target_tokens, b),
+        loss_buffer_bytes=loss_buffer_bytes(shape.vocab, shape.hidden, target_tokens, b, backend),
         overhead_bytes=0,
         checkpointing=cfg.model.gradient_checkpointing,
         target="cuda" if on_gpu else "cpu",
@@ -551,6 +573,7 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     from .loop import accumulate_gradients, micro_batch_stream, training_device
     from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
     from .optim import build_optimizer, trainable_parameters
+    from .patches import apply_patches
 
     torch.manual_seed(cfg.train.seed)
     device = training_device()
@@ -567,7 +590,9 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         torch.cuda.reset_peak_memory_stats(device)
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
     model, _ = load_model(path, cfg.model, device, load_device)
-    apply_method(model, cfg, device)
+    report = apply_method(model, cfg, device)
+    apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend)
+    packed = padding_free.enabled(model)
     model.train()
     params = [p for _, p in trainable_parameters(model)]
     optimizer = build_optimizer(model, cfg.optim)
@@ -583,9 +608,11 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         for b in micro:
             batch, seq = b["input_ids"].shape
             padded = bool((b["attention_mask"] == 0).any())
+            if packed and padding_free.packable(b["attention_mask"]):  # one unmasked sequence
+                batch, seq, padded = 1, int(b["attention_mask"].sum()), False
             shapes.append((int(batch), int(seq), int((b["labels"][:, 1:] != -100).sum()), padded))
         with tracker if tracker is not None else contextlib.nullcontext():
-            loss, _ = accumulate_gradients(model, micro)
+            loss, _ = accumulate_gradients(model, micro, report.backend)
             grad_bytes = memory.gradient_bytes(model)
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
             optimizer.step()

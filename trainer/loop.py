@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import memory
+from fusedtune.kernels.cross_entropy import linear_cross_entropy
+
+from . import memory, padding_free
 from .adapt import AdaptReport, apply_method
 from .checkpoint import (
     Checkpoint,
@@ -52,6 +54,7 @@ from .evaluate import heldout_loss, task_accuracy
 from .metrics import MetricsLog, plot_loss
 from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
 from .optim import build_optimizer, build_scheduler, trainable_parameters
+from .patches import apply_patches
 
 
 class TrainingDiverged(UserError):
@@ -101,21 +104,32 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], backend: str = "torch") -> torch.Tensor:
     """Sum of next-token cross-entropies over the batch's target tokens (fp32).
 
     The vocabulary projection runs only at positions that carry loss: with completion-only labels
     most positions are prompt, and the [tokens, vocab] logits are the largest activation of a
-    small model (SmolLM2-135M: 49152 x 576 per token, about a fifth of its forward FLOPs).
+    small model (SmolLM2-135M: 49152 x 576 per token, about a fifth of its forward FLOPs). It runs
+    fused with the loss (``kernels.cross_entropy``): chunked, so no [targets, vocab] buffer outlives
+    its chunk. With padding-free micro-batches (``padding_free``) the decoder sees only real tokens.
+
+    Args:
+        backend: ``triton`` or ``torch``, for the fused loss's softmax-gradient step.
     """
     targets = batch["labels"][:, 1:]
     if _head_at_targets_supported(model):
-        hidden = model.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
         keep = targets != -100
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(_at_least_fp32(logits), targets[keep], reduction="sum")
+        if padding_free.enabled(model) and padding_free.packable(batch["attention_mask"]):
+            hidden, real = padding_free.decoder_hidden(model, batch)
+            at = torch.zeros_like(real)
+            at[:, :-1] = keep
+            hidden = hidden[at[real]]  # row-major over (row, position), as targets[keep]
+        else:
+            hidden = model.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state[:, :-1][keep]
+        head = model.get_output_embeddings()
+        return linear_cross_entropy(hidden, head.weight, targets[keep], head.bias, backend=backend)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = _at_least_fp32(logits[:, :-1].flatten(0, 1))
     return F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
@@ -130,7 +144,9 @@ class StepResult:
     skipped: bool
 
 
-def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+def accumulate_gradients(
+    model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], backend: str = "torch"
+) -> tuple[float, int]:
     """Backward every micro-batch's summed token loss divided by the step's total target tokens.
 
     Returns:
@@ -141,7 +157,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
         raise UserError("every label in this optimizer step is masked; nothing to learn from")
     loss_value = 0.0
     for batch in micro_batches:
-        loss = loss_sum(model, batch) / total_targets
+        loss = loss_sum(model, batch, backend) / total_targets
         loss.backward()
         loss_value += loss.item()
     return loss_value, total_targets
@@ -153,12 +169,13 @@ def optimizer_step(
     micro_batches: list[dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float | None,
+    backend: str = "torch",
 ) -> StepResult:
     """Accumulate gradients over the micro-batches, clip, and step (or skip).
 
     A non-finite loss or gradient norm skips the optimizer update; the gradients are dropped.
     """
-    loss_value, total_targets = accumulate_gradients(model, micro_batches)
+    loss_value, total_targets = accumulate_gradients(model, micro_batches, backend)
     clip = max_grad_norm if max_grad_norm is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
@@ -439,6 +456,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     report: AdaptReport = apply_method(model, cfg, device)
     for line in report.lines():
         log(line)
+    for line in apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend):
+        log(line)
     model.train()
     params = [p for _, p in trainable_parameters(model)]
     optimizer = build_optimizer(model, cfg.optim)
@@ -525,7 +544,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     for step in range(start_step + 1, steps + 1):
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
         try:
-            result = optimizer_step(model, params, micro, optimizer, cfg.optim.max_grad_norm)
+            result = optimizer_step(model, params, micro, optimizer, cfg.optim.max_grad_norm, report.backend)
         except torch.OutOfMemoryError:
             metrics.close()
             optimizer.zero_grad(set_to_none=True)

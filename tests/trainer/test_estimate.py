@@ -95,10 +95,12 @@ def test_estimate_within_15_percent_of_measured_peak(tmp_path, tiny_model_dir, o
 
 def test_checkpointing_and_padding_move_the_estimate_the_right_way(tmp_path, tiny_model_dir):
     cfg = load_config(write_config(tmp_path, tiny_model_dir))
-    e = est_mod.estimate(cfg, on_gpu=False)
+    e = est_mod.estimate(cfg, on_gpu=False)  # padding-free micro-batches: no mask, no repeated KV heads
     assert e.activation_bytes_checkpointed < e.activation_bytes
-    packed = est_mod.estimate(cfg, on_gpu=False, padded=False)
-    assert packed.activation_bytes < e.activation_bytes
+    padded = est_mod.estimate(cfg, on_gpu=False, padded=True)
+    assert padded.activation_bytes > e.activation_bytes
+    no_pf = cfg.model_copy(update={"train": cfg.train.model_copy(update={"padding_free": False})})
+    assert est_mod.estimate(no_pf, on_gpu=False).activation_bytes == padded.activation_bytes
     bf16 = est_mod.estimate(
         cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bf16"})}), on_gpu=True
     )

@@ -1,0 +1,170 @@
+"""Padding-free micro-batches (trainer/padding_free.py): the same loss and gradients as the padded forward.
+
+The oracle is each row run alone, unpadded (no mask at all), in float64: the padded forward, the packed
+forward and that oracle must agree to rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from fusedtune.trainer import padding_free
+from fusedtune.trainer.loop import loss_sum
+
+VOCAB = 97
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **overrides,
+    )
+    model = LlamaForCausalLM(cfg).double()
+    model.config.use_cache = False
+    return model
+
+
+def _batch(lengths=(20, 13, 17), width=20, prompt=6, left=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lengths)
+    pos = torch.arange(width)[None]
+    mask = (pos >= width - lens[:, None]) if left else (pos < lens[:, None])
+    mask = mask.long()
+    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=g) * mask
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, n in enumerate(lengths):  # the first `prompt` real tokens of each row carry no loss
+        start = width - n if left else 0
+        labels[i, start : start + prompt] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model, fn):
+    model.zero_grad()
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _per_row(model, batch):
+    """Each row alone, its pad columns cut off: no mask, no padding."""
+    total = 0.0
+    for i in range(batch["input_ids"].shape[0]):
+        real = batch["attention_mask"][i].bool()
+        row = {k: v[i : i + 1, real] for k, v in batch.items()}
+        row["attention_mask"] = torch.ones_like(row["input_ids"])
+        total = total + loss_sum(model, row)
+    return total
+
+
+def _assert_same(a, b, rtol=1e-9, atol=1e-11):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_matches_padded_and_per_row(checkpointing):
+    model = _model()
+    if checkpointing:  # the row boundaries must reach the recomputed attention in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    batch = _batch()
+    oracle = _loss_and_grads(model, lambda: _per_row(model, batch))
+    padded = _loss_and_grads(model, lambda: loss_sum(model, batch))
+    assert padding_free.setup(model, True, 64).startswith("padding-free micro-batches: on")
+    assert padding_free.enabled(model)
+    packed = _loss_and_grads(model, lambda: loss_sum(model, batch))
+    _assert_same(padded, oracle)
+    _assert_same(packed, oracle)
+
+
+def test_packed_forward_builds_no_mask_and_attends_per_row(monkeypatch):
+    model = _model()
+    padding_free.enable(model)
+    calls = []
+    real = padding_free._packed_attention
+
+    def spy(module, query, key, value, attention_mask, **kw):
+        calls.append((attention_mask, kw.get(padding_free._SEGMENTS_KWARG), query.shape))
+        return real(module, query, key, value, attention_mask, **kw)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(padding_free.PACKED_ATTENTION, spy)
+    try:
+        loss_sum(model, _batch())
+    finally:
+        AttentionInterface.register(padding_free.PACKED_ATTENTION, real)
+    assert len(calls) == 2  # one per layer
+    for mask, segments, shape in calls:
+        assert mask is None
+        assert segments == (0, 20, 33, 50)
+        assert shape[0] == 1 and shape[2] == 50  # one sequence of the 50 real tokens
+
+
+def test_unpacked_calls_are_plain_sdpa():
+    """Evaluation and generation (padded batches, no row boundaries) see exactly the sdpa model."""
+    model = _model()
+    batch = _batch()
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        padding_free.enable(model)
+        after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(after[real], before[real], rtol=0, atol=0)
+
+
+def test_left_padded_batch_takes_the_padded_path():
+    model = _model()
+    padding_free.enable(model)
+    batch = _batch(left=True)
+    assert not padding_free.packable(batch["attention_mask"])
+    # transformers gives left-padded rows absolute positions from the left edge and computes the RoPE
+    # tables in fp32: the same attention up to fp32 rounding of cos/sin, hence the looser tolerance.
+    _assert_same(
+        _loss_and_grads(model, lambda: loss_sum(model, batch)),
+        _loss_and_grads(model, lambda: _per_row(model, batch)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_reasons_it_cannot_run():
+    model = _model()
+    assert padding_free.unsupported_reason(model, 64) is None
+    model.set_attn_implementation("eager")
+    assert padding_free.unsupported_reason(model, 64) is None
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            sliding_window=16,
+        )
+    )
+    assert "sliding-window attention (window 16 < max_seq_len 64)" in padding_free.unsupported_reason(
+        mistral, 64
+    )
+    assert padding_free.unsupported_reason(mistral, 16) is None
+    line = padding_free.setup(mistral, True, 64)
+    assert line.startswith("padding-free micro-batches: off (sliding-window") and "right-padded" in line
+    assert not padding_free.enabled(mistral)
+    assert (
+        padding_free.setup(model, False, 64) == "padding-free micro-batches: off (train.padding_free: false)"
+    )
+    assert not padding_free.enabled(model)

@@ -1,0 +1,76 @@
+"""Fused SwiGLU in the model's MLPs (trainer/patches.py): same outputs and gradients, and a say on which."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from fusedtune.trainer.patches import apply_patches, fuse_swiglu
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
+    )
+    return LlamaForCausalLM(cfg).double()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_mlp_gives_the_same_loss_and_gradients(backend):
+    ids = torch.randint(0, 61, (2, 9))
+    results = []
+    for fuse in (False, True):
+        model = _llama()
+        if fuse:
+            report = fuse_swiglu(model, backend)
+            assert report.lines() == ["fused SwiGLU: 2/2 gated MLPs"]
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_other_mlps_keep_their_forward_and_are_named():
+    torch.manual_seed(0)
+    gemma = GemmaForCausalLM(
+        GemmaConfig(
+            vocab_size=61,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        )
+    )
+    report = fuse_swiglu(gemma, "torch")
+    assert report.swiglu == []
+    assert report.lines()[1].startswith("  not fused (activation GELUTanh, not SiLU): all")
+
+    class Extra(nn.Module):  # SiLU-gated, but its forward does more than the fused gate would
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 4)
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * 2
+
+    extra = nn.Sequential(Extra())
+    report = fuse_swiglu(extra, "torch")
+    assert report.not_swiglu == {"0": "Extra.forward is not down(act(gate(x)) * up(x))"}
+    assert "forward" not in vars(extra[0])
+
+
+def test_apply_patches_says_what_took_effect():
+    lines = apply_patches(_llama(), True, 64, "torch")
+    assert lines == [
+        "fused SwiGLU: 2/2 gated MLPs",
+        "padding-free micro-batches: on (no pad tokens; attention within each example)",
+    ]
