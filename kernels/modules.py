@@ -256,6 +256,7 @@ class QuantLoRALinear(nn.Module):
         double_quant: bool = True,
         backend: Backend = "torch",
         compute_dtype: torch.dtype | None = None,
+        lora_dtype: torch.dtype | None = None,
     ) -> QuantLoRALinear:
         """Quantize an ``nn.Linear``'s weight (bit-exact with bitsandbytes) and wrap it.
 
@@ -265,19 +266,29 @@ class QuantLoRALinear(nn.Module):
             quant_type: ``"nf4"``, ``"fp4"`` or ``"int8"``.
             blocksize, double_quant: 4-bit block size and bnb's ``compress_statistics``.
             backend: ``"torch"`` or ``"triton"``.
-            compute_dtype: dtype the matmul runs in (default: the input's); also the LoRA dtype.
+            compute_dtype: dtype the matmul runs in (default: the input's).
+            lora_dtype: dtype of A and B (default: the linear's weight dtype).
 
         Returns:
             The new module, on the linear's device.
         """
         packed = quant.quantize(linear.weight.detach(), quant_type, blocksize, double_quant)
-        return cls(packed, rank, alpha, dropout, linear.bias, backend, compute_dtype, linear.weight.dtype)
+        a_dtype = lora_dtype or linear.weight.dtype
+        return cls(packed, rank, alpha, dropout, linear.bias, backend, compute_dtype, a_dtype)
 
     @classmethod
     def from_bnb(
-        cls, layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0, backend: Backend = "torch"
+        cls,
+        layer: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        backend: Backend = "torch",
+        lora_dtype: torch.dtype | None = None,
     ) -> QuantLoRALinear:
         """Take over a ``bnb.nn.Linear4bit`` or ``bnb.nn.Linear8bitLt`` as is (no re-quantization).
+
+        ``lora_dtype``: dtype of A and B (default: the layer's compute dtype, else its weight's).
 
         Raises:
             TypeError: not one of those layers.
@@ -296,13 +307,15 @@ class QuantLoRALinear(nn.Module):
                 data, qs = bnb.functional._convert_weight_packed_for_cpu_inverse(data, qs)
             packed = quant.PackedWeight4bit.from_bnb(data, qs)
             compute = getattr(layer, "compute_dtype", None)
-            return cls(packed, rank, alpha, dropout, bias, backend, compute, compute or qs.dtype)
+            return cls(
+                packed, rank, alpha, dropout, bias, backend, compute, lora_dtype or compute or qs.dtype
+            )
         if isinstance(layer, bnb.nn.Linear8bitLt):
             cb, scb = layer.weight.CB, layer.weight.SCB
             if cb is None or scb is None:
                 raise ValueError("the Linear8bitLt is not quantized yet: move it to a device first")
             packed = quant.PackedWeightInt8(cb, scb, torch.float16)
-            return cls(packed, rank, alpha, dropout, bias, backend, None, torch.float16)
+            return cls(packed, rank, alpha, dropout, bias, backend, None, lora_dtype or torch.float16)
         raise TypeError(f"expected bnb.nn.Linear4bit or bnb.nn.Linear8bitLt, got {type(layer).__name__}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

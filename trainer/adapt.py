@@ -25,6 +25,15 @@ _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def adapter_dtype(base: torch.dtype) -> torch.dtype:
+    """LoRA A and B are at least fp32 whatever the base dtype (as PEFT's autocast_adapter_dtype).
+
+    Their updates are small against their values, and the optimizer's 8-bit state is dequantized to fp32
+    anyway. The GEMMs run in the input's dtype; the gradients come back in the adapters' dtype.
+    """
+    return torch.promote_types(base, torch.float32)
+
+
 @dataclass
 class AdaptReport:
     """What :func:`apply_method` did, for the run's log and summary."""
@@ -155,7 +164,14 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                     f"method: {name} is bitsandbytes-quantized; use method: qlora for this checkpoint"
                 )
             if cfg.method == "lora":
-                new = LoRALinear.from_linear(linear, lc.rank, lc.alpha, lc.dropout, backend=layer_backend)
+                new = LoRALinear.from_linear(
+                    linear,
+                    lc.rank,
+                    lc.alpha,
+                    lc.dropout,
+                    backend=layer_backend,
+                    lora_dtype=adapter_dtype(linear.weight.dtype),
+                )
             else:
                 new = _quantize_linear(linear, cfg, layer_backend, device)
                 report.quantized.append(name)
@@ -185,7 +201,12 @@ def _quantize_linear(linear: nn.Linear, cfg: Config, backend: str, device: torch
     lc, qc = cfg.lora, cfg.quant
     if _is_bnb_quantized(linear):  # an already bnb-quantized checkpoint: take the packed data over
         return QuantLoRALinear.from_bnb(
-            linear.to(device), lc.rank, lc.alpha, dropout=lc.dropout, backend=backend
+            linear.to(device),
+            lc.rank,
+            lc.alpha,
+            dropout=lc.dropout,
+            backend=backend,
+            lora_dtype=torch.float32,
         )
     linear = linear.to(device)
     return QuantLoRALinear.from_linear(
@@ -197,6 +218,7 @@ def _quantize_linear(linear: nn.Linear, cfg: Config, backend: str, device: torch
         blocksize=qc.blocksize,
         double_quant=qc.double_quant,
         backend=backend,
+        lora_dtype=adapter_dtype(linear.weight.dtype),
     )
 
 

@@ -136,3 +136,18 @@ def test_only_trainable_parameters_carry_grad_and_state(tiny_model_dir, optimize
         # the embedding (400 x 64) is over bitsandbytes' 4096-element threshold: 8-bit state
         emb = model.get_input_embeddings().weight
         assert opt.state[emb]["state1"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapters_are_fp32_over_a_bf16_base(tiny_model_dir, method):
+    """As PEFT's autocast_adapter_dtype: A and B (and their gradients) in fp32, the base in bf16."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    apply_method(model, _cfg(f"method={method}"), CPU)
+    trainable = trainable_parameters(model)
+    assert trainable and all(p.dtype == torch.float32 for _, p in trainable)
+    ids = torch.randint(0, 100, (2, 7))
+    out = model(input_ids=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in trainable)
+    assert any(p.grad.abs().sum() > 0 for _, p in trainable)
