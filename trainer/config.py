@@ -104,7 +104,16 @@ class DataConfig(_Strict):
             raise ValueError("set data.train (a file) or data.task (a built-in task)")
         if self.task is not None and self.train is not None:
             raise ValueError("set only one of data.train and data.task")
+        if self.task is not None and self.eval is not None:
+            raise ValueError("data.eval: a built-in task brings its own held-out set (data.num_eval)")
+        if self.task is not None and self.eval_fraction > 0:
+            raise ValueError(
+                "data.eval_fraction: a built-in task brings its own held-out set; set data.num_eval instead"
+            )
         return self
+
+
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "partial": 2e-5}
 
 
 class OptimConfig(_Strict):
@@ -113,7 +122,9 @@ class OptimConfig(_Strict):
     name: Literal["adamw8bit", "paged_adamw8bit", "adamw32bit", "adamw_torch"] = Field(
         "adamw8bit", description="bitsandbytes 8-bit / paged 8-bit / 32-bit AdamW, or torch.optim.AdamW"
     )
-    lr: float = Field(2e-4, gt=0.0, description="peak learning rate")
+    lr: float | None = Field(
+        None, gt=0.0, description="peak learning rate; null: 2e-4 for lora/qlora, 2e-5 for full/partial"
+    )
     weight_decay: float = Field(
         0.0, ge=0.0, description="decoupled weight decay on matrices (not on 1-D tensors)"
     )
@@ -202,6 +213,8 @@ class Config(_Strict):
     def _method_needs(self) -> Config:
         if self.method == "partial" and not (self.partial.patterns or self.partial.last_n_layers):
             raise ValueError("method 'partial' needs partial.patterns or partial.last_n_layers")
+        if self.optim.lr is None:  # adapters take a ~10x larger step than whole weight matrices
+            self.optim.lr = DEFAULT_LR[self.method]
         return self
 
     def to_yaml(self) -> str:

@@ -69,6 +69,18 @@ class OutOfMemory(UserError):
     exit_code = 4
 
 
+def lr_warning(cfg: Config) -> str | None:
+    """A line when a full/partial run takes an adapter-sized learning rate (it usually diverges)."""
+    from .config import DEFAULT_LR
+
+    if cfg.method in ("full", "partial") and cfg.optim.lr >= 1e-4:
+        return (
+            f"optim.lr {cfg.optim.lr:g} is large for method {cfg.method} (whole weight matrices train; "
+            f"1e-5 to 5e-5 is usual, the default for full/partial is {DEFAULT_LR['full']:g})"
+        )
+    return None
+
+
 def training_device() -> torch.device:
     """The first CUDA device when there is one, else the CPU."""
     return (
@@ -456,6 +468,13 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     report: AdaptReport = apply_method(model, cfg, device)
     for line in report.lines():
         log(line)
+    if (warning := lr_warning(cfg)) is not None:
+        log(warning)
+    if dtype == torch.float16:
+        log(
+            "model.dtype fp16: activations and their gradients run in fp16 without loss scaling "
+            "(adapters are fp32); use bf16 where the GPU supports it"
+        )
     for line in apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend):
         log(line)
     model.train()

@@ -38,6 +38,8 @@ def test_overrides_parse_yaml_values():
         (["data.task=null"], "set data.train (a file) or data.task"),
         (["method=partial"], "method 'partial' needs partial.patterns"),
         (["optim.betas=[0.9, 1.5]"], "optim.betas must lie in [0, 1)"),
+        (["data.eval_fraction=0.1"], "data.eval_fraction: a built-in task brings its own held-out set"),
+        (["data.eval=x.jsonl"], "data.eval: a built-in task brings its own held-out set"),
         (["lora.dropout=1.0"], "lora.dropout: Input should be less than 1"),
         (["novalue"], "expected key=value"),
     ],
@@ -88,3 +90,25 @@ def test_readme_config_reference_matches_schema():
     start = readme.index("\n", start) + 1
     end = readme.index("<!-- /config-reference -->")
     assert readme[start:end].strip() == reference_markdown().strip()
+
+
+def test_default_lr_follows_the_method():
+    """Whole matrices take a ~10x smaller step than adapters; an explicit lr always wins."""
+    lr = lambda **tree: Config.model_validate({"data": {"task": "dates"}, **tree}).optim.lr
+    assert lr() == pytest.approx(2e-4)
+    assert lr(method="qlora") == pytest.approx(2e-4)
+    assert lr(method="full") == pytest.approx(2e-5)
+    assert lr(method="partial", partial={"last_n_layers": 1}) == pytest.approx(2e-5)
+    assert lr(method="full", optim={"lr": 1e-3}) == pytest.approx(1e-3)
+
+
+def test_large_lr_for_whole_matrices_is_called_out():
+    from fusedtune.trainer.loop import lr_warning
+
+    assert lr_warning(load_config()) is None  # the embedded default: lora at 1e-3
+    line = lr_warning(load_config(None, ["method=full"]))  # the same lr on whole matrices
+    assert line == (
+        "optim.lr 0.001 is large for method full (whole weight matrices train; 1e-5 to 5e-5 is usual, "
+        "the default for full/partial is 2e-05)"
+    )
+    assert lr_warning(load_config(None, ["method=full", "optim.lr=2e-5"])) is None
