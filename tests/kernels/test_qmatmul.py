@@ -300,3 +300,17 @@ def test_quant_kernels_bit_exact_gpu(quant_type):
     assert torch.equal(t.packed, r.packed) and torch.equal(t.absmax, r.absmax)
     assert torch.equal(t.nested_absmax, r.nested_absmax)
     assert torch.equal(quant.dequantize_4bit(t, backend="triton"), quant.dequantize_4bit(r, backend="torch"))
+
+
+@pytest.mark.parametrize(
+    ("fmt", "double_quant"), [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False)]
+)
+def test_torch_path_dense_weight_is_the_reference(fmt, double_quant):
+    """The torch path's dequantize (bitsandbytes' CPU kernel where it runs) is bit-identical to ours."""
+    w = torch.randn(37, 201, device=DEVICE) * 0.1
+    pw = quant.quantize(w, fmt, 64, double_quant, backend="torch")
+    cfg = qmatmul.QLoRAConfig(scale=1.0, backend="torch")
+    for dtype in (torch.float32, torch.float16):
+        expected = quant.dequantize(pw, dtype, backend="torch")
+        got = qmatmul._dense(pw, dtype, cfg)
+        assert got.dtype == dtype and torch.equal(got, expected)
