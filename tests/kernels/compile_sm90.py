@@ -1,6 +1,6 @@
 """Compile every kernel variant the launchers produce for sm_90, offline: no GPU needed.
 
-    PYTHONPATH=/tmp/ftsite python -P tests/kernels/compile_sm90.py [lora] [q]     (ARCH=90 by default)
+    PYTHONPATH=/tmp/ftsite python -P tests/kernels/compile_sm90.py [lora] [q] [ce] [swiglu]   (ARCH=90)
 
 (``/tmp/ftsite`` as bench/gpu.sh builds it: ``fusedtune`` mapped onto the source folders.) Not a pytest
 module: a tool for before a GPU run. It drives the public launchers with CPU tensors while Triton's
@@ -104,7 +104,7 @@ def autotune_all(self, *args, **kwargs):
 
 Autotuner.run = autotune_all
 
-from fusedtune.kernels import lora, qmatmul, quant  # noqa: E402
+from fusedtune.kernels import cross_entropy, lora, qmatmul, quant, swiglu  # noqa: E402
 
 _real_interp = lora.interpreter_active
 _orig_check = lora._check_inputs
@@ -174,8 +174,34 @@ def q_case(m, n, k, r, dtype, fmt, dq, blocksize, bias):
     attempt(f"qmatmul m{m} n{n} k{k} r{r} {dtype} {fmt} dq{dq} bs{blocksize}", run)
 
 
+def ce_case(n, v, dtype):
+    def run():
+        z = torch.randn(n, v, dtype=dtype)
+        t = torch.randint(0, v, (n,))
+        t[0] = -100
+        cross_entropy.cross_entropy_grad(z, t, backend="triton")
+
+    attempt(f"cross_entropy n{n} v{v} {dtype}", run)
+
+
+def swiglu_case(n, dtype):
+    def run():
+        g, u = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+        swiglu._forward(g, u, "triton")
+        swiglu._backward(g, g, u, "triton")
+
+    attempt(f"swiglu n{n} {dtype}", run)
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["lora", "q"]
+    which = sys.argv[1:] or ["lora", "q", "ce", "swiglu"]
+    if "ce" in which:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            ce_case(7, 49152, dtype)
+        ce_case(3, 1000, torch.bfloat16)
+    if "swiglu" in which:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            swiglu_case(3 * 2100, dtype)
     if "lora" in which:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             lora_case(300, 256, 384, 16, dtype, True, 0.1)
