@@ -137,6 +137,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_w.addmm_(z.t().to(acc), h.to(acc))
             if need_b:
                 grad_b += z.sum(dim=0, dtype=acc)
+            del z  # before the next chunk's logits exist: one chunk at a time
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return loss
