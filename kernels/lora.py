@@ -159,6 +159,7 @@ def _lora_fwd_kernel(
     N,
     K,
     R,
+    M_BUCKET,  # next_power_of_2(M): the autotune key (padding-free batches change M every step)
     stride_xm,  # X row stride
     stride_xk,  # X column stride
     stride_wn,  # W row stride
@@ -373,6 +374,7 @@ def _lora_bwd_dx_kernel(
     N,
     K,
     R,
+    M_BUCKET,  # next_power_of_2(M): the autotune key
     stride_dym,  # dY row stride
     stride_dyn,  # dY column stride
     stride_wn,  # W row stride
@@ -496,7 +498,8 @@ def _gemm_launcher(name: str, macs: int) -> tuple[object, dict]:
     """The big GEMM kernel ``name`` as launched, with the meta-parameters the caller must pass.
 
     Fixed tiles under the interpreter and for small problems; on a GPU above ``_AUTOTUNE_MIN_MACS``,
-    autotuned over ``_gemm_configs()`` (keyed on M, N, K and the dtypes).
+    autotuned over ``_gemm_configs()``, keyed on N, K, the dtypes and M rounded up to a power of two:
+    padding-free micro-batches give a new M nearly every step, and a re-tune costs a second or more.
     """
     kernel = globals()[name]
     if interpreter_active():
@@ -504,7 +507,7 @@ def _gemm_launcher(name: str, macs: int) -> tuple[object, dict]:
     if macs < _AUTOTUNE_MIN_MACS:
         return kernel, dict(_GPU_SMALL_GEMM)
     if name not in _TUNED:
-        _TUNED[name] = triton.autotune(configs=_gemm_configs(), key=["M", "N", "K"])(kernel)
+        _TUNED[name] = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])(kernel)
     return _TUNED[name], {}
 
 
@@ -635,7 +638,7 @@ def lora_forward(
     kernel, meta = _gemm_launcher("_lora_fwd_kernel", m * n * (k + r))
     grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(n, META["BLOCK_N"]),)
     kernel[grid](
-        x, weight, s, lora_b, bias if bias is not None else x, y, m, n, k, r,
+        x, weight, s, lora_b, bias if bias is not None else x, y, m, n, k, r, next_power_of_2(m),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, **meta, **dt,
@@ -736,7 +739,7 @@ def lora_backward(
         kernel, meta = _gemm_launcher("_lora_bwd_dx_kernel", m * k * (n + r))
         grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(k, META["BLOCK_N"]),)
         kernel[grid](
-            grad_y, weight, ds32, lora_a, dx, m, n, k, r,
+            grad_y, weight, ds32, lora_a, dx, m, n, k, r, next_power_of_2(m),
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             ds32.stride(0), ds32.stride(1), lora_a.stride(0), lora_a.stride(1), dx.stride(0), dx.stride(1),
             config.seed, dropout_threshold(p),
