@@ -71,6 +71,7 @@ run_bench() {  # run_bench SCRIPT CAP_S: a benchmark given min(CAP_S, time left)
 }
 run_bench bench/gpu_lora.py 130
 run_bench bench/gpu_qmatmul.py 110
+run_bench bench/gpu_fused.py 45
 t=$(cap 150)
 if ((t >= 60)); then
   stage "bench/gpu_e2e.py (${t}s)"

@@ -1,0 +1,141 @@
+"""The LM head + loss and the SwiGLU gate on a GPU: fusedtune's fused versions against the alternatives.
+
+    python3 bench/gpu_fused.py --out bench/results        (bench/gpu.sh runs it with --out "$OUT")
+
+LM head + cross-entropy, forward + backward, bf16 hidden states [N, 4096], Llama-3 vocabulary 128256,
+frozen head (as in LoRA/QLoRA):
+    ours      fusedtune.kernels.cross_entropy.linear_cross_entropy (chunked, Triton softmax-gradient)
+    torch     F.linear -> .float() -> F.cross_entropy, by autograd (what HF's loss does)
+    liger     liger_kernel's LigerFusedLinearCrossEntropyLoss (skipped when not installed)
+SwiGLU gate silu(G) * U, forward + backward, bf16 [N, 14336]:
+    ours      fusedtune.kernels.swiglu.silu_mul (Triton)
+    torch     F.silu(G) * U by autograd
+    liger     liger_kernel's LigerSiLUMulFunction (skipped when not installed)
+
+Per row: ``triton.testing.do_bench`` median and 20/80 quantiles in ms, and the peak memory the pass
+allocates above its inputs (``max_memory_allocated`` after a reset).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+HIDDEN, VOCAB, INTERMEDIATE = 4096, 128256, 14336
+TOKENS = [2048, 8192, 16384]
+COLUMNS = ["op", "provider", "N", "ms", "ms_p20", "ms_p80", "peak_extra_mib"]
+
+
+def _ce_call(provider: str, n: int):
+    import torch.nn.functional as F
+
+    h = (torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.5).requires_grad_()
+    w = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
+    t = torch.randint(0, VOCAB, (n,), device="cuda")
+    if provider == "ours":
+        from fusedtune.kernels.cross_entropy import linear_cross_entropy
+
+        fn = lambda: linear_cross_entropy(h, w, t, backend="triton")
+    elif provider == "torch":
+        fn = lambda: F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
+    else:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+        def fn():
+            out = loss_fn(w, h, t)
+            return out[0] if isinstance(out, tuple) else out
+
+    def call():
+        fn().backward()
+
+    return call, [h]
+
+
+def _swiglu_call(provider: str, n: int):
+    import torch.nn.functional as F
+
+    g = torch.randn(n, INTERMEDIATE, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    u = torch.randn(n, INTERMEDIATE, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(n, INTERMEDIATE, device="cuda", dtype=torch.bfloat16)
+    if provider == "ours":
+        from fusedtune.kernels.swiglu import silu_mul
+
+        fn = lambda: silu_mul(g, u, backend="triton")
+    elif provider == "torch":
+        fn = lambda: F.silu(g) * u
+    else:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        fn = lambda: LigerSiLUMulFunction.apply(g, u)
+
+    def call():
+        fn().backward(dy)
+
+    return call, [g, u]
+
+
+def run(providers: list[str], tokens: list[int], deadline: float | None) -> list[dict]:
+    from triton.testing import do_bench
+
+    rows = []
+    for n in tokens:
+        for op, make in (("lm_head_ce", _ce_call), ("swiglu", _swiglu_call)):
+            if deadline is not None and time.time() > deadline:
+                print(f"time budget spent: stopping before {op} N={n}", flush=True)
+                return rows
+            for provider in providers:
+                try:
+                    call, grads = make(provider, n)
+                    call()
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    call()
+                    torch.cuda.synchronize()
+                    peak = torch.cuda.max_memory_allocated() - base
+                    ms, p20, p80 = do_bench(
+                        call, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads, warmup=5, rep=25
+                    )
+                except Exception as e:
+                    print(f"{provider} {op} failed at N={n}: {type(e).__name__}: {e}", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                row = {"op": op, "provider": provider, "N": n, "ms": ms, "ms_p20": p20, "ms_p80": p80}
+                row["peak_extra_mib"] = peak / 2**20
+                rows.append(row)
+                print(
+                    f"{op:>10} {provider:>6} N={n:<6} {ms:8.3f} ms [{p20:.3f}, {p80:.3f}] "
+                    f"peak +{row['peak_extra_mib']:.0f} MiB",
+                    flush=True,
+                )
+                del call, grads
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib.util
+
+    from report import gpu_bench_parser, require_cuda, write_results
+
+    args = gpu_bench_parser(__doc__).parse_args(argv)
+    if not require_cuda("gpu_fused.py needs a CUDA device (triton.testing.do_bench); none found."):
+        return 2
+    providers = ["ours", "torch"] + (["liger"] if importlib.util.find_spec("liger_kernel") else [])
+    start = time.time()
+    torch.manual_seed(0)
+    rows = run(providers, TOKENS, start + args.budget_s if args.budget_s else None)
+    path = write_results("fused_ops", rows, COLUMNS, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
