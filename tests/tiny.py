@@ -85,6 +85,25 @@ def build_tiny_model(path: Path, seed: int = 0, with_bias: bool = False) -> Path
     return path
 
 
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides):
+    """An in-memory 2-layer Llama (vocab 97, hidden 64, GQA 4/2 heads), no tokenizer; ``overrides`` the config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).to(dtype)
+    model.config.use_cache = False
+    return model
+
+
 MONTHS = [
     "January",
     "February",

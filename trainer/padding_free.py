@@ -36,6 +36,11 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
     segments = kwargs.pop(_SEGMENTS_KWARG, None)
     if segments is None:
+        if _IN_PACKED_FORWARD.get():  # a layer dropped the boundaries: attention would cross examples
+            raise RuntimeError(
+                f"padding-free: {type(module).__name__} was called without the row boundaries; "
+                "set train.padding_free: false for this model"
+            )
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -82,14 +87,27 @@ def unsupported_reason(model: nn.Module, max_seq_len: int) -> str | None:
         return f"{name} is not a transformers decoder model"
     if not getattr(type(model), "_supports_attention_backend", False):
         return f"{name} does not route attention through transformers' attention interface"
+    if not getattr(type(model), "_supports_sdpa", False):
+        return f"{name} does not support sdpa attention"
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", "eager", PACKED_ATTENTION):
         return f"attention implementation {impl!r} (padding-free runs on sdpa)"
     if getattr(cfg, "attn_logit_softcapping", None):
         return "attention logit soft-capping (sdpa has none)"
+    if getattr(cfg, "is_causal", True) is False or getattr(cfg, "use_bidirectional_attention", False):
+        return "non-causal attention"
+    if getattr(cfg, "attention_chunk_size", None):
+        return "chunked attention"
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) and window < max_seq_len:
         return f"sliding-window attention (window {window} < max_seq_len {max_seq_len})"
+    # Hybrid models (Mamba, linear attention, convolutions) carry state along the sequence: packed rows
+    # would leak into each other through those layers.
+    other = sorted(set(getattr(cfg, "layer_types", None) or ()) - {"full_attention", "sliding_attention"})
+    if other:
+        return f"layers that carry state along the sequence ({', '.join(other)})"
+    if any(getattr(m, "sinks", None) is not None for m in model.modules()):
+        return "attention sinks (sdpa has none)"
     params = inspect.signature(model.get_decoder().forward).parameters
     if "position_ids" not in params:
         return f"{type(model.get_decoder()).__name__}.forward takes no position_ids"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from tiny import tiny_llama
+from transformers import MistralConfig, MistralForCausalLM
 
 from fusedtune.trainer import padding_free
 from fusedtune.trainer.loop import loss_sum
@@ -16,21 +17,8 @@ from fusedtune.trainer.loop import loss_sum
 VOCAB = 97
 
 
-def _model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **overrides,
-    )
-    model = LlamaForCausalLM(cfg).double()
-    model.config.use_cache = False
-    return model
+def _model(seed=0):
+    return tiny_llama(seed, vocab_size=VOCAB)
 
 
 def _batch(lengths=(20, 13, 17), width=20, prompt=6, left=False, seed=0):
@@ -168,3 +156,39 @@ def test_reasons_it_cannot_run():
         padding_free.setup(model, False, 64) == "padding-free micro-batches: off (train.padding_free: false)"
     )
     assert not padding_free.enabled(model)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda m: setattr(m.config, "layer_types", ["full_attention", "linear_attention"]), "carry state"),
+        (lambda m: setattr(m.config, "attention_chunk_size", 8), "chunked attention"),
+        (lambda m: setattr(m.config, "is_causal", False), "non-causal attention"),
+        (lambda m: setattr(m.config, "use_bidirectional_attention", True), "non-causal attention"),
+        (
+            lambda m: setattr(m.model.layers[0].self_attn, "sinks", torch.nn.Parameter(torch.zeros(4))),
+            "attention sinks",
+        ),
+    ],
+)
+def test_models_that_would_mix_rows_are_refused(change, reason):
+    """Anything that lets a token see past its own row (or that sdpa cannot express) keeps padded batches."""
+    model = _model()
+    change(model)
+    assert reason in padding_free.unsupported_reason(model, 64)
+
+
+def test_eager_only_models_are_refused():
+    class EagerOnly(type(_model())):
+        _supports_sdpa = False
+
+    model = _model()
+    model.__class__ = EagerOnly
+    assert padding_free.unsupported_reason(model, 64) == "EagerOnly does not support sdpa attention"
+
+
+def test_a_layer_that_drops_the_boundaries_is_an_error():
+    model = _model()
+    padding_free.enable(model)
+    with padding_free.packed_forward(), pytest.raises(RuntimeError, match="without the row boundaries"):
+        model.get_decoder()(input_ids=torch.randint(1, VOCAB, (1, 6)))
