@@ -102,13 +102,14 @@ def target_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def _head_at_targets_supported(model: nn.Module) -> bool:
     # The LM head can be applied to the target positions alone when logits are a plain Linear of the
-    # decoder's last hidden state (no soft-capping or scaling in between, as in Gemma 2/3).
+    # decoder's last hidden state (no soft-capping or scaling in between, as in Gemma 2/3, Cohere, Granite).
     cfg = getattr(model, "config", None)
     return (
         hasattr(model, "get_decoder")
         and isinstance(model.get_output_embeddings(), nn.Linear)
         and not getattr(cfg, "final_logit_softcapping", None)
         and getattr(cfg, "logit_scale", None) in (None, 1.0)
+        and getattr(cfg, "logits_scaling", None) in (None, 1.0)  # Granite divides logits by it
     )
 
 

@@ -113,3 +113,15 @@ def test_head_at_targets_equals_full_logits_loss(tiny_model_dir):
         logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
     )
     torch.testing.assert_close(loss_sum(model, batch), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_scaled_logits_take_the_full_head_path():
+    """Granite divides its logits by config.logits_scaling: the loss must come from the model's own logits."""
+    from tiny import tiny_llama
+
+    from fusedtune.trainer.loop import _head_at_targets_supported
+
+    model = tiny_llama(vocab_size=50)
+    assert _head_at_targets_supported(model)
+    model.config.logits_scaling = 8.0
+    assert not _head_at_targets_supported(model)
