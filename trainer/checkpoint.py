@@ -487,6 +487,7 @@ RESUME_FREE_KEYS = (
     "model.gradient_checkpointing",
     "data.eval",
     "train.log_every",
+    "train.padding_free",  # the same math, to rounding
     "train.eval_every",
     "train.progress",
     "train.save_every",

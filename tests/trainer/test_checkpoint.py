@@ -63,3 +63,16 @@ def test_save_trainable_partial(tiny_model_dir, tmp_path):
     assert n == len(saved) == 5
     for name, tensor in saved.items():
         torch.testing.assert_close(model.get_parameter(name), tensor, rtol=0, atol=0)
+
+
+def test_checkpoints_from_before_padding_free_still_resume():
+    """A config saved before train.padding_free existed differs only by that key: the same math."""
+    from fusedtune.trainer.checkpoint import config_differences
+    from fusedtune.trainer.config import load_config
+
+    current = load_config().model_dump(mode="json")
+    saved = load_config().model_dump(mode="json")
+    del saved["train"]["padding_free"]
+    assert config_differences(saved, current) == []
+    saved["train"]["micro_batch_size"] = 3
+    assert config_differences(saved, current) == ["train.micro_batch_size: 3 -> 16"]
