@@ -27,6 +27,7 @@ computation in torch (the CPU path), and ``reference.linear_cross_entropy`` the 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._triton import cdiv, interpreter_active, next_power_of_2, tl, triton
@@ -119,9 +120,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Summed cross-entropy of ``H Wᵀ + b``; gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, backend, chunk_rows):
+    def forward(ctx, hidden, weight, bias, target, ignore_index, backend, chunk_rows, grad_enabled):
         n = hidden.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # needs_input_grad ignores grad mode: under no_grad (evaluation) compute the loss alone
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         acc = torch.promote_types(hidden.dtype, torch.float32)
         grad_h = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
@@ -143,14 +145,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable  # the gradients were computed in forward: no graph for a second derivative
     def backward(ctx, grad_loss):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         g = grad_loss
-        dh = None if grad_h is None else grad_h * g.to(grad_h.dtype)
+        # the scale (typically 1/targets) in fp32 or wider, not rounded to a 16-bit dtype first
+        dh = None if grad_h is None else (grad_h.to(g.dtype) * g).to(grad_h.dtype)
         dw = None if grad_w is None else (grad_w * g).to(w_dtype)
         db = None if grad_b is None else (grad_b * g).to(b_dtype)
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -188,7 +192,7 @@ def linear_cross_entropy(
         raise ValueError(f"target must be [{hidden.shape[0]}], got {tuple(target.shape)}")
     rows = chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(), chunk_bytes)
     return LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, target.to(torch.int64), ignore_index, backend, rows
+        hidden, weight, bias, target.to(torch.int64), ignore_index, backend, rows, torch.is_grad_enabled()
     )
 
 

@@ -81,7 +81,7 @@ def cross_entropy_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index:
     z.div_(total[:, None])
     rows = torch.arange(z.shape[0], device=z.device)
     z[rows, t] -= active.to(z.dtype)
-    z.mul_(active[:, None].to(z.dtype))
+    z.masked_fill_(~active[:, None], 0.0)  # not a multiply: an ignored row of -inf would give nan
     if z.data_ptr() != logits.data_ptr():
         logits.copy_(z)
     return loss

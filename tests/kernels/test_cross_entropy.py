@@ -135,3 +135,40 @@ def test_peak_memory_is_one_chunk_of_logits():
         peaks[name] = tracker.peak - base
     assert peaks["fused"] <= chunk + 3 * n * d * 4 + 4096, peaks
     assert peaks["plain"] >= 2 * n * v * 4, peaks  # the test can fail: the plain path is far above
+
+
+def test_no_grad_computes_the_loss_alone():
+    """Evaluation with a trainable head: no dW buffer, no gradient work, the same loss."""
+    from fusedtune.trainer.estimate import LiveTensorTracker
+
+    h, w, _, t = _problem(8, 16, 3000, torch.float32)
+    with torch.no_grad():
+        tracker = LiveTensorTracker()
+        for x in (h, w, t):
+            tracker.add(x)
+        base = tracker.current
+        with tracker._mode:
+            loss = linear_cross_entropy(h, w, t, backend="torch")
+    assert tracker.peak - base < w.nbytes  # an fp32 [V, d] gradient buffer would be that large
+    torch.testing.assert_close(loss, reference.linear_cross_entropy(h, w, t).detach())
+    assert w.grad is None and h.grad is None
+
+
+def test_no_second_derivative():
+    """The gradient was computed in forward: with create_graph it comes back without a graph, and
+    differentiating it again is an error, not a silent zero."""
+    h, w, _, t = _problem(4, 8, 30, torch.float32)
+    (gh,) = torch.autograd.grad(linear_cross_entropy(h, w, t, backend="torch"), h, create_graph=True)
+    assert not gh.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        gh.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_row_of_minus_inf_has_zero_gradient(backend):
+    z = torch.randn(3, 50, device=DEVICE)
+    z[1] = float("-inf")
+    t = torch.tensor([4, -100, 7], device=DEVICE)
+    loss = cross_entropy_grad(z, t, backend=backend)
+    assert loss[1] == 0 and torch.isfinite(loss).all()
+    assert torch.equal(z[1], torch.zeros_like(z[1])) and torch.isfinite(z).all()
