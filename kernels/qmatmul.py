@@ -527,7 +527,8 @@ def _dense(pw: PackedWeight, dtype: torch.dtype, cfg: QLoRAConfig) -> torch.Tens
         bnb_dequantize = _bnb_dequantize_4bit()
         if bnb_dequantize is not None:
             data, state = pw.to_bnb()
-            return bnb_dequantize(data, state).to(dtype)
+            state.dtype = dtype  # bnb computes in fp32 and rounds once, into this dtype: as the reference
+            return bnb_dequantize(data, state)
     return quant.dequantize(pw, dtype, backend=cfg.backend)
 
 

@@ -307,10 +307,11 @@ def test_quant_kernels_bit_exact_gpu(quant_type):
 )
 def test_torch_path_dense_weight_is_the_reference(fmt, double_quant):
     """The torch path's dequantize (bitsandbytes' CPU kernel where it runs) is bit-identical to ours."""
-    w = torch.randn(37, 201, device=DEVICE) * 0.1
-    pw = quant.quantize(w, fmt, 64, double_quant, backend="torch")
     cfg = qmatmul.QLoRAConfig(scale=1.0, backend="torch")
-    for dtype in (torch.float32, torch.float16):
-        expected = quant.dequantize(pw, dtype, backend="torch")
-        got = qmatmul._dense(pw, dtype, cfg)
-        assert got.dtype == dtype and torch.equal(got, expected)
+    for original in (torch.float32, torch.bfloat16, torch.float16):  # the dtype the weight was quantized from
+        w = (torch.randn(37, 201, device=DEVICE) * 0.1).to(original)
+        pw = quant.quantize(w, fmt, 64, double_quant, backend="torch")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            expected = quant.dequantize(pw, dtype, backend="torch")
+            got = qmatmul._dense(pw, dtype, cfg)
+            assert got.dtype == dtype and torch.equal(got, expected), (original, dtype)
