@@ -1,17 +1,17 @@
 """Fused pieces swapped into the model's own modules (beside the adapted Linears of ``adapt.py``).
 
-SwiGLU: a gated MLP whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a
-SiLU ``act_fn`` (Llama, Mistral, Qwen2/3, SmolLM and most of their relatives) gets a forward that calls
-``kernels.swiglu.silu_mul``: the same math, one node that saves G and U only. The check reads the
-class's forward source, so a model whose MLP differs in any way keeps its own forward, and the run says
-which and why.
+SwiGLU: a gated MLP whose ``forward(self, x)`` is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+with a SiLU ``act_fn`` (Llama, Mistral, Qwen2/3, SmolLM and most of their relatives) is replaced by a
+:class:`SwiGLUMLP` holding the same three Linears under the same names (so parameter names, adapters and
+checkpoints are unchanged), whose forward calls ``kernels.swiglu.silu_mul``: the same math, one node that
+saves G and U only. The check reads the class's forward source, so a model whose MLP differs in any way
+keeps its own, and the run says which and why.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-import types
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -50,8 +50,11 @@ def _why_not_swiglu(module: nn.Module) -> str | None:
     act = getattr(module, "act_fn", None)
     if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
         return f"activation {type(act).__name__}, not SiLU"
+    forward = type(module).forward
+    if list(inspect.signature(forward).parameters) != ["self", "x"]:
+        return f"{type(module).__name__}.forward takes more than x"
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(forward)
     except (OSError, TypeError):
         return f"{type(module).__name__}.forward has no readable source"
     lines = [ln.split("#")[0] for ln in source.splitlines()[1:]]  # the body, comments dropped
@@ -60,22 +63,35 @@ def _why_not_swiglu(module: nn.Module) -> str | None:
     return None
 
 
-def _swiglu_forward(self, x):
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), backend=self._fusedtune_backend))
+class SwiGLUMLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` over an existing MLP's own three Linears."""
+
+    def __init__(self, mlp: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.backend = backend
+        self.replaces = type(mlp).__name__
+
+    def forward(self, x):
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+
+    def extra_repr(self) -> str:
+        return f"fused SwiGLU in place of {self.replaces}, backend={self.backend}"
 
 
 def fuse_swiglu(model: nn.Module, backend: str, report: PatchReport | None = None) -> PatchReport:
     """Give every plain SiLU-gated MLP of ``model`` the fused gate (``backend``: triton or torch)."""
     report = report or PatchReport()
-    for name, module in model.named_modules():
-        if not _is_gated_mlp(module):
+    for name, module in list(model.named_modules()):
+        if not _is_gated_mlp(module) or isinstance(module, SwiGLUMLP):
             continue
-        why = _why_not_swiglu(module)
+        why = _why_not_swiglu(module) if name else "the model itself is the MLP"
         if why is not None:
             report.not_swiglu[name] = why
             continue
-        module._fusedtune_backend = backend
-        module.forward = types.MethodType(_swiglu_forward, module)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, SwiGLUMLP(module, backend))
         report.swiglu.append(name)
     return report
 

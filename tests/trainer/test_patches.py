@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
+from tiny import tiny_llama
 from torch import nn
-from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import GemmaConfig, GemmaForCausalLM
 
-from fusedtune.trainer.patches import apply_patches, fuse_swiglu
+from fusedtune.trainer.patches import SwiGLUMLP, apply_patches, fuse_swiglu
 
 
 def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
-    )
-    return LlamaForCausalLM(cfg).double()
+    return tiny_llama(seed, vocab_size=61, hidden_size=32, intermediate_size=48, num_attention_heads=2)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -62,10 +61,29 @@ def test_other_mlps_keep_their_forward_and_are_named():
         def forward(self, x):
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * 2
 
-    extra = nn.Sequential(Extra())
-    report = fuse_swiglu(extra, "torch")
-    assert report.not_swiglu == {"0": "Extra.forward is not down(act(gate(x)) * up(x))"}
-    assert "forward" not in vars(extra[0])
+    class Keyword(Extra):  # the fused gate's body, but a forward that takes more than x
+        def forward(self, x, scale=None):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    mixed = nn.Sequential(Extra(), Keyword())
+    report = fuse_swiglu(mixed, "torch")
+    assert report.not_swiglu == {
+        "0": "Extra.forward is not down(act(gate(x)) * up(x))",
+        "1": "Keyword.forward takes more than x",
+    }
+    assert type(mixed[0]) is Extra and type(mixed[1]) is Keyword
+
+
+def test_fused_mlp_keeps_names_and_pickles():
+    model = _llama()
+    names = [n for n, _ in model.named_parameters()]
+    fuse_swiglu(model, "torch")
+    assert all(isinstance(layer.mlp, SwiGLUMLP) for layer in model.model.layers)
+    assert [n for n, _ in model.named_parameters()] == names  # adapters and checkpoints see the same keys
+    again = pickle.loads(pickle.dumps(model))
+    ids = torch.randint(0, 61, (1, 5))
+    torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert fuse_swiglu(model, "torch").swiglu == []  # already fused: nothing to do twice
 
 
 def test_apply_patches_says_what_took_effect():
