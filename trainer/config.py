@@ -214,7 +214,8 @@ class Config(_Strict):
         if self.method == "partial" and not (self.partial.patterns or self.partial.last_n_layers):
             raise ValueError("method 'partial' needs partial.patterns or partial.last_n_layers")
         if self.optim.lr is None:  # adapters take a ~10x larger step than whole weight matrices
-            self.optim.lr = DEFAULT_LR[self.method]
+            # a copy: an OptimConfig passed in by the caller stays as it was (unresolved)
+            self.optim = self.optim.model_copy(update={"lr": DEFAULT_LR[self.method]})
         return self
 
     def to_yaml(self) -> str:

@@ -36,6 +36,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
     groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if cfg.lr is None:
+        raise ValueError("optim.lr is unresolved: build the optimizer from a validated Config's optim")
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
     if cfg.name == "adamw_torch":
         return torch.optim.AdamW(groups, **kwargs)
