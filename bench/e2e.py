@@ -61,6 +61,7 @@ COLUMNS = [
     "last_loss",
     "min_grad_norm",
     "step_time_ratio",
+    "paired_ratio_median",
     "peak_rss_ratio",
     "load_avg_1m",
 ]
@@ -423,6 +424,11 @@ def add_ratios(rows: list[dict]) -> None:
         if b:
             r["step_time_ratio"] = r["step_s_median"] / b["step_s_median"]
             r["peak_rss_ratio"] = r["peak_rss_mib"] / b["peak_rss_mib"]
+            # Round by round (each round runs the providers back to back): robust to the machine drifting.
+            pairs = zip(r.get("round_medians", []), b.get("round_medians", []), strict=False)
+            paired = [mine / theirs for mine, theirs in pairs]
+            if paired:
+                r["paired_ratio_median"] = statistics.median(paired)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -529,7 +535,9 @@ def run_benchmark(
             f"fp32, 8-bit AdamW lr {LR:g}. Median over steps 2..{steps} (with {rounds} interleaved round(s) per provider, the "
             f"round with the lowest median; all round medians are in the JSON); tokens/s counts non-pad tokens; "
             f"peak RSS of each provider's own process. Per-step losses agree within {LOSS_RTOL:g} relative; "
-            f"grad norms non-zero. Ratios: fusedtune / hf_peft (target <= 0.8). Device slug: {device_slug()}.\n"
+            f"grad norms non-zero. Ratios: fusedtune / hf_peft (target <= 0.8): step_time_ratio of the best rounds, "
+            f"paired_ratio_median the median over rounds of the two providers' ratio within a round. "
+            f"Device slug: {device_slug()}.\n"
         )
         log(f"wrote {json_path}, {md}, {json_path.with_suffix('.png')}")
     return rows

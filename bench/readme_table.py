@@ -38,7 +38,10 @@ def _memory(row: dict) -> str:
 def _ratio(row: dict) -> str:
     parts = []
     if row.get("step_time_ratio") is not None:
-        parts.append(f"time {row['step_time_ratio']:.2f}x")
+        time = f"time {row['step_time_ratio']:.2f}x"
+        if row.get("paired_ratio_median") is not None and len(row.get("round_medians", [])) > 1:
+            time += f" (round by round {row['paired_ratio_median']:.2f}x)"
+        parts.append(time)
     if row.get("peak_rss_ratio") is not None:
         parts.append(f"RSS {row['peak_rss_ratio']:.2f}x")
     return ", ".join(parts)
