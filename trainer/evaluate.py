@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE_INDEX, Example, collate
+from .loss import loss_sum
 from .tasks import Task
 
 
@@ -32,7 +32,7 @@ def heldout_loss(model: nn.Module, examples: list[Example], micro_batch_size: in
     The model is put in eval mode (no dropout) and returned to the mode it was in.
 
     Args:
-        model: a causal LM returning ``.logits`` ``[B, T, V]``.
+        model: a causal LM (``loss.loss_sum`` computes each micro-batch's summed loss).
         examples: held-out examples (labels aligned with ``input_ids``, -100 where no loss).
         micro_batch_size: examples per forward pass.
         pad_id: padding id for :func:`collate`.
@@ -48,14 +48,8 @@ def heldout_loss(model: nn.Module, examples: list[Example], micro_batch_size: in
         for start in range(0, len(examples), micro_batch_size):
             batch = collate(examples[start : start + micro_batch_size], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:].flatten()
-            total += float(
-                F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-            )
-            count += int((targets != IGNORE_INDEX).sum())
+            total += float(loss_sum(model, batch))  # the training loss's own code, without gradients
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
     return total / count if count else math.nan

@@ -119,9 +119,9 @@ def test_scaled_logits_take_the_full_head_path():
     """Granite divides its logits by config.logits_scaling: the loss must come from the model's own logits."""
     from tiny import tiny_llama
 
-    from fusedtune.trainer.loop import _head_at_targets_supported
+    from fusedtune.trainer.loss import head_at_targets_supported
 
     model = tiny_llama(vocab_size=50)
-    assert _head_at_targets_supported(model)
+    assert head_at_targets_supported(model)
     model.config.logits_scaling = 8.0
-    assert not _head_at_targets_supported(model)
+    assert not head_at_targets_supported(model)
