@@ -34,6 +34,17 @@ def adapter_dtype(base: torch.dtype) -> torch.dtype:
     return torch.promote_types(base, torch.float32)
 
 
+def not_fused_lines(not_fused: dict[str, str], total: int, all_label: str) -> list[str]:
+    """``  not fused (reason): names`` once per reason; ``all_label`` when a reason covers all ``total``."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in not_fused.items():
+        by_reason.setdefault(why, []).append(name)
+    return [
+        f"  not fused ({why}): {all_label if len(names) == total else ', '.join(names)}"
+        for why, names in by_reason.items()
+    ]
+
+
 @dataclass
 class AdaptReport:
     """What :func:`apply_method` did, for the run's log and summary."""
@@ -57,12 +68,7 @@ class AdaptReport:
             )
             if self.quantized:
                 out.append(f"{len(self.quantized)} frozen Linear weights quantized")
-            by_reason: dict[str, list[str]] = {}
-            for name, why in self.not_fused.items():
-                by_reason.setdefault(why, []).append(name)
-            for why, names in by_reason.items():
-                which = "all adapted layers" if len(names) == len(self.adapted) else ", ".join(names)
-                out.append(f"  not fused ({why}): {which}")
+            out += not_fused_lines(self.not_fused, len(self.adapted), "all adapted layers")
         return out
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from fusedtune.kernels.swiglu import silu_mul
 
+from .adapt import not_fused_lines
+
 _SWIGLU_EXPR = re.escape("self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))")
 # The whole body, whitespace removed: ``return EXPR`` or ``name = EXPR; return name``.
 _SWIGLU_BODY = re.compile(rf"(return{_SWIGLU_EXPR}|(?P<v>\w+)={_SWIGLU_EXPR}return(?P=v))")
@@ -32,14 +34,8 @@ class PatchReport:
         total = len(self.swiglu) + len(self.not_swiglu)
         if not total:
             return []
-        out = [f"fused SwiGLU: {len(self.swiglu)}/{total} gated MLPs"]
-        by_reason: dict[str, list[str]] = {}
-        for name, why in self.not_swiglu.items():
-            by_reason.setdefault(why, []).append(name)
-        for why, names in by_reason.items():
-            which = "all" if len(names) == total else ", ".join(names)
-            out.append(f"  not fused ({why}): {which}")
-        return out
+        head = f"fused SwiGLU: {len(self.swiglu)}/{total} gated MLPs"
+        return [head, *not_fused_lines(self.not_swiglu, total, "all")]
 
 
 def _is_gated_mlp(module: nn.Module) -> bool:
