@@ -571,6 +571,7 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     from .adapt import apply_method
     from .data import build_datasets, pack
     from .loop import accumulate_gradients, micro_batch_stream, training_device
+    from .loss import target_tokens
     from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
     from .optim import build_optimizer, trainable_parameters
     from .patches import apply_patches
@@ -610,7 +611,7 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
             padded = bool((b["attention_mask"] == 0).any())
             if packed and padding_free.packable(b["attention_mask"]):  # one unmasked sequence
                 batch, seq, padded = 1, int(b["attention_mask"].sum()), False
-            shapes.append((int(batch), int(seq), int((b["labels"][:, 1:] != -100).sum()), padded))
+            shapes.append((int(batch), int(seq), target_tokens(b), padded))
         with tracker if tracker is not None else contextlib.nullcontext():
             loss, _ = accumulate_gradients(model, micro, report.backend)
             grad_bytes = memory.gradient_bytes(model)

@@ -16,8 +16,8 @@ import math
 import torch
 from torch import nn
 
-from .data import IGNORE_INDEX, Example, collate
-from .loss import loss_sum
+from .data import Example, collate
+from .loss import loss_sum, target_tokens
 from .tasks import Task
 
 
@@ -49,7 +49,7 @@ def heldout_loss(model: nn.Module, examples: list[Example], micro_batch_size: in
             batch = collate(examples[start : start + micro_batch_size], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             total += float(loss_sum(model, batch))  # the training loss's own code, without gradients
-            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            count += target_tokens(batch)
     finally:
         model.train(was_training)
     return total / count if count else math.nan

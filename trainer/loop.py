@@ -48,7 +48,7 @@ from .config import Config
 from .data import Datasets, Example, build_datasets, collate, epoch_order, pack
 from .errors import ModelError, UserError
 from .evaluate import heldout_loss, task_accuracy
-from .loss import loss_sum
+from .loss import loss_sum, target_tokens
 from .metrics import MetricsLog, plot_loss
 from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
 from .optim import build_optimizer, build_scheduler, trainable_parameters
@@ -91,11 +91,6 @@ def training_device() -> torch.device:
 # ---------------------------------------------------------------------------------------------------
 # Loss and one optimizer step
 # ---------------------------------------------------------------------------------------------------
-
-
-def target_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry loss in a batch (labels are shifted by one for next-token prediction)."""
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 @dataclass

@@ -14,6 +14,12 @@ from torch import nn
 from fusedtune.kernels.cross_entropy import linear_cross_entropy
 
 from . import padding_free
+from .data import IGNORE_INDEX
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss in a batch (labels are shifted by one for next-token prediction)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def head_at_targets_supported(model: nn.Module) -> bool:
@@ -47,7 +53,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], backend: str = "t
     """
     targets = batch["labels"][:, 1:]
     if head_at_targets_supported(model):
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         if padding_free.enabled(model) and padding_free.packable(batch["attention_mask"]):
             hidden, real = padding_free.decoder_hidden(model, batch)
             at = torch.zeros_like(real)
@@ -61,4 +67,4 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], backend: str = "t
         return linear_cross_entropy(hidden, head.weight, targets[keep], head.bias, backend=backend)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = _at_least_fp32(logits[:, :-1].flatten(0, 1))
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
