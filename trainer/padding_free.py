@@ -28,7 +28,6 @@ from torch import nn
 PACKED_ATTENTION = "fusedtune_packed"
 _SEGMENTS_KWARG = "fusedtune_segments"
 _IN_PACKED_FORWARD = contextvars.ContextVar("fusedtune_in_packed_forward", default=False)
-_registered = False
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -68,17 +67,6 @@ def _packed_mask(*args, **kwargs):
     return None if _IN_PACKED_FORWARD.get() else sdpa_mask(*args, **kwargs)
 
 
-def _register() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
-        AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
-        _registered = True
-
-
 def unsupported_reason(model: nn.Module, max_seq_len: int) -> str | None:
     """Why ``model`` cannot run padding-free micro-batches, or ``None`` when it can."""
     cfg = getattr(model, "config", None)
@@ -116,7 +104,12 @@ def unsupported_reason(model: nn.Module, max_seq_len: int) -> str | None:
 
 def enable(model: nn.Module) -> None:
     """Switch ``model`` to the packed attention implementation (SDPA for every unpacked call)."""
-    _register()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    # transformers' registries are dicts keyed by name: registering again rewrites the same entry
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
     model.set_attn_implementation(PACKED_ATTENTION)
 
 
@@ -158,11 +151,8 @@ def pack_rows(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     """
     keep = attention_mask.bool()
     lengths = keep.sum(dim=1).tolist()
-    bounds = [0]
-    for n in lengths:
-        bounds.append(bounds[-1] + n)
     positions = torch.cat([torch.arange(n, device=attention_mask.device) for n in lengths])
-    return keep, positions[None], tuple(bounds)
+    return keep, positions[None], tuple(itertools.accumulate(lengths, initial=0))
 
 
 def decoder_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
