@@ -82,7 +82,7 @@ def _swiglu_call(provider: str, n: int):
 
 
 def run(providers: list[str], tokens: list[int], deadline: float | None) -> list[dict]:
-    from triton.testing import do_bench
+    from report import time_and_peak
 
     rows = []
     for n in tokens:
@@ -93,22 +93,13 @@ def run(providers: list[str], tokens: list[int], deadline: float | None) -> list
             for provider in providers:
                 try:
                     call, grads = make(provider, n)
-                    call()
-                    torch.cuda.synchronize()
-                    base = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    call()
-                    torch.cuda.synchronize()
-                    peak = torch.cuda.max_memory_allocated() - base
-                    ms, p20, p80 = do_bench(
-                        call, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads, warmup=5, rep=25
-                    )
+                    ms, p20, p80, peak = time_and_peak(call, grads, warmup=5, rep=25)
                 except Exception as e:
                     print(f"{provider} {op} failed at N={n}: {type(e).__name__}: {e}", flush=True)
                     torch.cuda.empty_cache()
                     continue
                 row = {"op": op, "provider": provider, "N": n, "ms": ms, "ms_p20": p20, "ms_p80": p80}
-                row["peak_extra_mib"] = peak / 2**20
+                row["peak_extra_mib"] = peak
                 rows.append(row)
                 print(
                     f"{op:>10} {provider:>6} N={n:<6} {ms:8.3f} ms [{p20:.3f}, {p80:.3f}] "

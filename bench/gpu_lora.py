@@ -73,7 +73,7 @@ def make_provider(name: str, k: int, n: int, r: int, device: str):
 
 def measure(fn, params, x, grad_y, mode: str):
     """do_bench (median, p20, p80) in ms and the peak memory of one call above what is already held."""
-    from triton.testing import do_bench
+    from report import time_and_peak
 
     grads = [x, *params]
     if mode == "forward":  # with autograd on, as in training: each provider saves what its backward needs
@@ -90,15 +90,7 @@ def measure(fn, params, x, grad_y, mode: str):
         def call():
             fn(x).backward(grad_y)
 
-    call()  # compile / autotune outside the timing and the memory count
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    call()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms, p20, p80 = do_bench(call, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads, warmup=10, rep=40)
-    return ms, p20, p80, peak
+    return time_and_peak(call, grads, warmup=10, rep=40)
 
 
 def cases(shapes, tokens) -> list[tuple[int, int, int]]:

@@ -134,3 +134,20 @@ def require_cuda(message: str) -> bool:
         return True
     print(message, file=sys.stderr)
     return False
+
+
+def time_and_peak(call, grads, warmup: int, rep: int) -> tuple[float, float, float, float]:
+    """One GPU pass ``call``: ``do_bench`` (median, p20, p80) in ms and its peak memory in MiB above
+    what is already held. A first call compiles / autotunes outside both; ``grads`` are reset between
+    timed calls."""
+    from triton.testing import do_bench
+
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms, p20, p80 = do_bench(call, quantiles=[0.5, 0.2, 0.8], grad_to_none=grads, warmup=warmup, rep=rep)
+    return ms, p20, p80, peak
