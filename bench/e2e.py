@@ -186,7 +186,16 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(r.loss)
         norms.append(r.grad_norm)
-    return {"times": times, "losses": losses, "grad_norms": norms}
+    out = {"times": times, "losses": losses, "grad_norms": norms}
+    if device.type == "cuda":  # `trainer estimate` at the shapes that ran, beside the measured peak
+        from fusedtune.trainer import padding_free
+        from fusedtune.trainer.estimate import estimate_for_batches, micro_batch_shape
+
+        packed = padding_free.enabled(model)
+        shapes = [micro_batch_shape(b, packed) for b in batches[: job["steps"] * accum]]
+        est = estimate_for_batches(cfg, shapes, on_gpu=True)
+        out.update(estimate_tensor_bytes=est.tensor_bytes, estimate_total_bytes=est.total_bytes)
+    return out
 
 
 def _sync(device: torch.device) -> None:

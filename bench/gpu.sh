@@ -6,6 +6,7 @@
 # benchmarks stop starting new shapes in time to write what they measured.
 # The device tool brings back at most 8 files from $OUT, so $OUT holds just gpu.log (all output) and
 # gpu-results.tar.gz (JSON/Markdown/JUnit of every stage), re-packed after each stage.
+# GPU_STAGES picks stages (default all: "tests lora qmatmul fused e2e"), e.g. GPU_STAGES="tests e2e" for a rerun.
 # bitsandbytes is not on the GPU image: ../shared/tools/gpu-wheels.sh puts its wheel in .whl/ to carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ RES=$(mktemp -d /tmp/fusedtune-gpu.XXXXXX)
 LOG="$OUT/gpu.log"
 : >"$LOG"
 END=$((SECONDS + ${GPU_BUDGET_S:-500}))
+STAGES=" ${GPU_STAGES:-tests lora qmatmul fused e2e} "
+want() { [[ $STAGES == *" $1 "* ]]; }
 left() { echo $((END - SECONDS)); }
 cap() { local l; l=$(left); if ((l < $1)); then echo "$l"; else echo "$1"; fi; }
 pack() { tar -czf "$OUT/gpu-results.tar.gz" -C "$RES" . 2>>"$LOG"; }
@@ -53,13 +56,20 @@ pack
 
 status=0
 # Kernel tests only (trainer tests are CPU tests); no -x: one GPU run must report every failure.
-stage "tests/kernels"
-timeout "$(cap 180)" python3 -P -m pytest -q tests/kernels -m "gpu or not slow" -p no:cacheprovider -rfEs \
-  --durations=15 --junitxml="$RES/gpu-tests.xml" 2>&1 | tee -a "$LOG" || status=1
-pack
+# Every test shape is a fresh compile: pytest-xdist (on the GPU image) spreads the compiles over the CPUs.
+if want tests; then
+  stage "tests/kernels"
+  par=()
+  python3 -c "import xdist" 2>/dev/null && par=(-n 8)
+  timeout "$(cap 150)" python3 -P -m pytest -q tests/kernels "${par[@]}" -m "gpu or not slow" -p no:cacheprovider \
+    -rfEs --durations=15 --junitxml="$RES/gpu-tests.xml" 2>&1 | tee -a "$LOG" || status=1
+  pack
+fi
 
 run_bench() {  # run_bench SCRIPT CAP_S: a benchmark given min(CAP_S, time left), told to stop 20 s early
-  local t
+  local t name
+  name=${1#bench/gpu_}
+  want "${name%.py}" || return 0
   t=$(cap "$2")
   if ((t < 30)); then
     stage "$1 skipped: ${t}s left"
@@ -69,11 +79,13 @@ run_bench() {  # run_bench SCRIPT CAP_S: a benchmark given min(CAP_S, time left)
   timeout "$t" python3 -P "$1" --out "$RES" --budget-s $((t - 20)) 2>&1 | tee -a "$LOG" || status=1
   pack
 }
-run_bench bench/gpu_lora.py 130
-run_bench bench/gpu_qmatmul.py 110
-run_bench bench/gpu_fused.py 45
+run_bench bench/gpu_lora.py 110
+run_bench bench/gpu_qmatmul.py 100
+run_bench bench/gpu_fused.py 40
 t=$(cap 150)
-if ((t >= 60)); then
+if ! want e2e; then
+  :
+elif ((t >= 60)); then
   stage "bench/gpu_e2e.py (${t}s)"
   timeout "$t" python3 -P bench/gpu_e2e.py --out "$RES" --budget-s $((t - 40)) 2>&1 | tee -a "$LOG" || status=1
   pack

@@ -50,6 +50,8 @@ COLUMNS = [
     "mfu",
     "max_allocated_gib",
     "max_reserved_gib",
+    "estimate_gib",
+    "estimate_error",
     "first_loss",
     "last_loss",
     "step_time_ratio",
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             row["max_allocated_gib"] = res["cuda_max_allocated"] / 2**30
             row["max_reserved_gib"] = res["cuda_max_reserved"] / 2**30
             row["n_linear_params"] = n_linear
+            if "estimate_tensor_bytes" in res:  # issue 6: `trainer estimate` within 15% of the measured peak
+                row["estimate_gib"] = res["estimate_tensor_bytes"] / 2**30
+                row["estimate_error"] = res["estimate_tensor_bytes"] / res["cuda_max_allocated"] - 1
             row["mfu"] = row["tokens_per_s"] * 4 * n_linear / peak if peak else None
             row.update(seq=args.seq, batch=args.batch, layers=args.layers)
             rows.append(row)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -54,6 +55,9 @@ def device_slug() -> str:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit; ``FUSEDTUNE_COMMIT`` where the tree travelled without ``.git`` (device runs)."""
+    if os.environ.get("FUSEDTUNE_COMMIT"):
+        return os.environ["FUSEDTUNE_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

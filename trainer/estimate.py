@@ -571,7 +571,6 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     from .adapt import apply_method
     from .data import build_datasets, pack
     from .loop import accumulate_gradients, micro_batch_stream, training_device
-    from .loss import target_tokens
     from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
     from .optim import build_optimizer, trainable_parameters
     from .patches import apply_patches
@@ -606,12 +605,7 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     shapes, losses, grad_bytes = [], [], 0
     for step in range(steps):
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-        for b in micro:
-            batch, seq = b["input_ids"].shape
-            padded = bool((b["attention_mask"] == 0).any())
-            if packed and padding_free.packable(b["attention_mask"]):  # one unmasked sequence
-                batch, seq, padded = 1, int(b["attention_mask"].sum()), False
-            shapes.append((int(batch), int(seq), target_tokens(b), padded))
+        shapes.extend(micro_batch_shape(b, packed) for b in micro)
         with tracker if tracker is not None else contextlib.nullcontext():
             loss, _ = accumulate_gradients(model, micro, report.backend)
             grad_bytes = memory.gradient_bytes(model)
@@ -639,6 +633,18 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         batches=shapes,
         losses=losses,
     )
+
+
+def micro_batch_shape(batch: dict[str, torch.Tensor], packed: bool) -> tuple[int, int, int, bool]:
+    """``(batch, seq, target tokens, padded)`` of one micro-batch as the model runs it, for
+    :func:`estimate_for_batches`. ``packed``: padding-free micro-batches are on (one unmasked sequence)."""
+    from .loss import target_tokens
+
+    rows, seq = batch["input_ids"].shape
+    mask = batch["attention_mask"]
+    if packed and padding_free.packable(mask):
+        return 1, int(mask.sum()), target_tokens(batch), False
+    return int(rows), int(seq), target_tokens(batch), bool((mask == 0).any())
 
 
 def estimate_for_batches(cfg: Config, batches: list[tuple[int, int, int, bool]], on_gpu: bool) -> Estimate:
