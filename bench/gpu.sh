@@ -6,7 +6,8 @@
 # benchmarks stop starting new shapes in time to write what they measured.
 # The device tool brings back at most 8 files from $OUT, so $OUT holds just gpu.log (all output) and
 # gpu-results.tar.gz (JSON/Markdown/JUnit of every stage), re-packed after each stage.
-# GPU_STAGES picks stages (default all: "tests lora qmatmul fused e2e"), e.g. GPU_STAGES="tests e2e" for a rerun.
+# GPU_STAGES picks stages (default all: "tests lora qmatmul fused e2e"), e.g. GPU_STAGES="tests e2e" for a rerun;
+# GPU_TESTS narrows the test stage (default tests/kernels).
 # bitsandbytes is not on the GPU image: ../shared/tools/gpu-wheels.sh puts its wheel in .whl/ to carry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,12 +62,12 @@ if want tests; then
   stage "tests/kernels"
   par=()
   python3 -c "import xdist" 2>/dev/null && par=(-n 8)
-  timeout "$(cap 150)" python3 -P -m pytest -q tests/kernels "${par[@]}" -m "gpu or not slow" -p no:cacheprovider \
+  timeout "$(cap 150)" python3 -P -m pytest -q ${GPU_TESTS:-tests/kernels} "${par[@]}" -m "gpu or not slow" -p no:cacheprovider \
     -rfEs --durations=15 --junitxml="$RES/gpu-tests.xml" 2>&1 | tee -a "$LOG" || status=1
   pack
 fi
 
-run_bench() {  # run_bench SCRIPT CAP_S: a benchmark given min(CAP_S, time left), told to stop 20 s early
+run_bench() {  # run_bench SCRIPT CAP_S [ARGS...]: given min(CAP_S, time left), told to stop 20 s early
   local t name
   name=${1#bench/gpu_}
   want "${name%.py}" || return 0
@@ -75,12 +76,13 @@ run_bench() {  # run_bench SCRIPT CAP_S: a benchmark given min(CAP_S, time left)
     stage "$1 skipped: ${t}s left"
     return
   fi
-  stage "$1 (${t}s)"
-  timeout "$t" python3 -P "$1" --out "$RES" --budget-s $((t - 20)) 2>&1 | tee -a "$LOG" || status=1
+  stage "$1 (${t}s) ${*:3}"
+  timeout "$t" python3 -P "$1" --out "$RES" --budget-s $((t - 20)) "${@:3}" 2>&1 | tee -a "$LOG" || status=1
   pack
 }
-run_bench bench/gpu_lora.py 110
-run_bench bench/gpu_qmatmul.py 100
+# GPU_LORA_ARGS / GPU_QMATMUL_ARGS: extra arguments (e.g. "--quick --tokens 2048 8192" for a rerun).
+run_bench bench/gpu_lora.py 110 ${GPU_LORA_ARGS:-}
+run_bench bench/gpu_qmatmul.py 100 ${GPU_QMATMUL_ARGS:-}
 run_bench bench/gpu_fused.py 40
 t=$(cap 150)
 if ! want e2e; then

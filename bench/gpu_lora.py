@@ -4,6 +4,8 @@
 
 Providers, all bf16, no dropout, x requiring grad (a middle layer: dX is needed):
     ours       fusedtune.kernels.lora_linear (Triton)
+    ours_cublas  fusedtune.kernels.lora_linear_torch: cuBLAS for the two big GEMMs, the LoRA terms added in
+               place (addmm_) into Y and dX, no [M, N] temporary (the CPU path, timed here on the GPU)
     reference  fusedtune.kernels.reference.lora_linear (pure torch, PEFT's arithmetic without the module)
     peft       a real ``peft.tuners.lora.Linear`` around a bf16 ``nn.Linear`` (skipped if PEFT is absent)
     gemm       the bare bf16 GEMMs a frozen layer needs anyway: Y = X Wᵀ (forward), dX = dY W (backward)
@@ -47,7 +49,7 @@ def gemm_flops(m: int, k: int, n: int, mode: str) -> int:
 
 def make_provider(name: str, k: int, n: int, r: int, device: str):
     """(fn: x -> y, trainable tensors) for one provider, bf16 on ``device``."""
-    from fusedtune.kernels import lora_linear, reference
+    from fusedtune.kernels import lora_linear, lora_linear_torch, reference
 
     dtype, scale = torch.bfloat16, 2.0
     w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
@@ -55,6 +57,8 @@ def make_provider(name: str, k: int, n: int, r: int, device: str):
     b = (torch.randn(n, r, device=device, dtype=dtype) * 0.02).requires_grad_()
     if name == "ours":
         return (lambda x: lora_linear(x, w, a, b, scale)), [a, b]
+    if name == "ours_cublas":
+        return (lambda x: lora_linear_torch(x, w, a, b, scale)), [a, b]
     if name == "reference":
         return (lambda x: reference.lora_linear(x, w, a, b, scale)), [a, b]
     if name == "gemm":
@@ -184,13 +188,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = gpu_bench_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="the target shape only")
+    parser.add_argument("--tokens", type=int, nargs="+", help="with --quick: these M at K=N=4096, r=16")
     args = parser.parse_args(argv)
     if not require_cuda(
         "gpu_lora.py needs a CUDA device (triton.testing.do_bench times GPU kernels); none found."
     ):
         return 2
 
-    providers = ["ours", "reference", "gemm"]
+    providers = ["ours", "ours_cublas", "reference", "gemm"]
     try:
         import peft  # noqa: F401
 
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # absent, or broken against this torch/transformers
         print(f"peft provider skipped: {type(e).__name__}: {e}", file=sys.stderr)
     if args.quick:
-        shapes, tokens, ranks = [(TARGET["K"], TARGET["N"])], [TARGET["M"]], [TARGET["r"]]
+        shapes, tokens, ranks = [(TARGET["K"], TARGET["N"])], args.tokens or [TARGET["M"]], [TARGET["r"]]
     else:
         shapes, tokens, ranks = SHAPES, TOKENS, RANKS
     start = time.time()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -135,6 +136,85 @@ def make_call(provider: str, mode: str, m: int, k: int, n: int, device: str = "c
     return (lambda: fn().backward(dy)), grads
 
 
+# The tile sweep run before the main table: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the
+# forward kernel (dX swaps BLOCK_N/BLOCK_K), each with the select-tree decode; the first two also with
+# table loads. Its results choose kernels/qmatmul.py's _tiles and quant.DECODE_SELECT.
+SWEEP_TILES = [
+    (128, 128, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (256, 64, 64, 8, 3),
+]
+SWEEP_CASES = [(4096, 4096, 512), (4096, 4096, 2048), (4096, 4096, 8192)]  # (K, N, M)
+SWEEP_COLUMNS = ["mode", "M", "K", "N", "decode", "tiles", "ms", "tflops"]
+
+
+def sweep(deadline: float | None = None) -> list[dict]:
+    """Time the fused kernels (and the standalone dequantize) over SWEEP_TILES x decode modes."""
+    from triton.testing import do_bench
+
+    from fusedtune.kernels import qmatmul, quant
+
+    rows = []
+    try:
+        for k, n, m in SWEEP_CASES:
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+            pw = quant.quantize_4bit(w, 64, "nf4", double_quant=True, backend="triton")
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            for select in (True, False):
+                quant.DECODE_SELECT = select
+                decode = "select" if select else "table"
+                variants = [("dequantize", None)] + [
+                    (mode, t)
+                    for t in (SWEEP_TILES if select else SWEEP_TILES[:2])
+                    for mode in ("forward", "dx")
+                ]
+                for mode, t in variants:
+                    if deadline is not None and time.time() > deadline:
+                        print("sweep: time budget spent", flush=True)
+                        return rows
+                    if mode == "dequantize" and m != SWEEP_CASES[0][2]:
+                        continue
+                    qmatmul.TILES_OVERRIDE = (
+                        None
+                        if t is None
+                        else dict(
+                            zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), t, strict=True)
+                        )
+                    )
+                    call = {
+                        "dequantize": partial(quant.dequantize, pw, torch.bfloat16),
+                        "forward": partial(qmatmul.qmatmul_forward, x, pw),
+                        "dx": partial(qmatmul.qmatmul_backward_dx, dy, pw),
+                    }[mode]
+                    try:
+                        call()
+                        torch.cuda.synchronize()
+                        ms = do_bench(call, warmup=5, rep=20)
+                    except Exception as e:  # a tile that does not fit: note it, go on
+                        print(
+                            f"sweep {mode} {decode} {t} M={m}: {type(e).__name__}: {str(e)[:200]}", flush=True
+                        )
+                        continue
+                    flops = 2 * m * n * k if mode != "dequantize" else 0
+                    row = {"mode": mode, "M": m, "K": k, "N": n, "decode": decode, "tiles": str(t), "ms": ms}
+                    row["tflops"] = flops / ms / 1e9
+                    rows.append(row)
+                    print(
+                        f"sweep {mode:>10} {decode:>6} {t!s:24} M={m:<5} {ms:8.4f} ms {row['tflops']:6.1f} TFLOPS",
+                        flush=True,
+                    )
+            del w, pw, x, dy
+            torch.cuda.empty_cache()
+    finally:
+        quant.DECODE_SELECT = True
+        qmatmul.TILES_OVERRIDE = None
+    return rows
+
+
 def cases(shapes, tokens) -> list[tuple[int, int, int]]:
     """(K, N, M) in run order: K = N = 4096 at M = 2048 and 16384 first (the targets' two ends)."""
     first = [(4096, 4096, 2048), (4096, 4096, 16384)]
@@ -219,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = gpu_bench_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="K=N=4096 at M=2048 and 16384 only")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the tile / decode sweep")
     args = parser.parse_args(argv)
     if not require_cuda(
         "gpu_qmatmul.py needs a CUDA device (triton.testing.do_bench times GPU kernels); none found."
@@ -238,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = measured_bandwidth_gbs()
     print(f"measured device bandwidth: {bandwidth:.0f} GB/s (1 GiB device-to-device copy)")
     deadline = start + args.budget_s if args.budget_s else None
+    if not args.no_sweep:
+        sweep_deadline = start + args.budget_s * 0.5 if args.budget_s else None
+        write_results("qmatmul_nf4_sweep", sweep(sweep_deadline), SWEEP_COLUMNS, args.out)
     rows = run(providers, shapes, tokens, MODES, bandwidth, deadline=deadline)
     for row in rows:
         row["bandwidth_gbs"] = bandwidth

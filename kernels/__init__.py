@@ -3,7 +3,7 @@
 This package never imports ``fusedtune.trainer``.
 """
 
-from .lora import LoRAConfig, lora_linear
+from .lora import LoRAConfig, lora_linear, lora_linear_torch
 from .modules import Backend, LoRALinear, QuantLoRALinear
 from .qmatmul import QLoRAConfig, qlora_linear
 from .quant import PackedWeight4bit, PackedWeightInt8, dequantize, quantize
@@ -18,6 +18,7 @@ __all__ = [
     "QuantLoRALinear",
     "dequantize",
     "lora_linear",
+    "lora_linear_torch",
     "qlora_linear",
     "quantize",
 ]

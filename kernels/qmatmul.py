@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import quant
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
-from .quant import PackedWeight, PackedWeightInt8, _cast_rne, _decode_absmax
+from .quant import PackedWeight, PackedWeightInt8, _cast_rne, _decode_4bit, _decode_absmax
 
 __all__ = [
     "DEQUANT_MIN_TOKENS",
@@ -78,10 +78,9 @@ def _load_w_tile(
     nested_absmax_ptr,  # *fp32 nested scales (NESTED only)
     nested_code_ptr,  # *fp32 [256] (NESTED only)
     offset_ptr,  # *fp32 [1] (NESTED only)
-    code_ptr,  # *fp32 [16] code table (4-bit only)
+    code_ptr,  # *fp32 [16] code table (4-bit, CODE == CODE_TABLE only)
     offs_n,  # [BLOCK_N] row indices of W
-    offs_k,  # [BLOCK_K] column indices of W
-    k_first,  # first column of this tile (for per-row scales)
+    k_first,  # first column of this tile (a multiple of BLOCK_K)
     N,
     K,
     FORMAT: tl.constexpr,  # 0: 4-bit bnb layout, 1: int8 row-wise
@@ -89,43 +88,51 @@ def _load_w_tile(
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     SCALE_PER_ROW: tl.constexpr,  # K % BLOCKSIZE == 0 and BLOCKSIZE % BLOCK_K == 0: one scale per tile row
+    CODE: tl.constexpr,  # 4-bit decode (quant.code_mode)
+    K_EVEN: tl.constexpr,  # K % 2 == 0: rows are whole bytes
+    BLOCK_K: tl.constexpr,
 ):
-    """Decode a ``[BLOCK_N, BLOCK_K]`` tile of ``deq(W)`` in fp32 straight from the packed weight."""
-    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    """Decode a ``[BLOCK_N, BLOCK_K]`` tile of ``deq(W)`` in fp32 straight from the packed weight.
+
+    4-bit with K even: a row of W is a whole number of bytes, so the tile is read as contiguous
+    ``[BLOCK_N, BLOCK_K / 2]`` bytes, both nibbles are decoded, and ``tl.interleave`` puts element 2i
+    (high nibble) before 2i + 1. Odd K (rows that start mid-byte) reads each element's byte.
+    """
+    offs_k = k_first + tl.arange(0, BLOCK_K)
+    rows = offs_n < N
+    mask = rows[:, None] & (offs_k < K)[None, :]
     if FORMAT == 0:
-        e = offs_n[:, None] * K + offs_k[None, :]  # flat index into the row-major weight
-        byte = tl.load(w_ptr + e // 2, mask=mask, other=0).to(tl.int32)
-        q = (byte >> (4 - 4 * (e % 2))) & 0xF  # element 2i sits in the high nibble of byte i
-        w = tl.load(code_ptr + q)
-        if SCALE_PER_ROW:
-            rows = offs_n < N
-            blocks = (offs_n * K + k_first) // BLOCKSIZE
-            scale = _decode_absmax(
-                absmax_ptr,
-                nested_absmax_ptr,
-                nested_code_ptr,
-                offset_ptr,
-                blocks,
-                rows,
-                NESTED,
-                NESTED_BLOCKSIZE,
-            )
-            w = w * scale[:, None]
+        if K_EVEN:
+            HALF_K: tl.constexpr = BLOCK_K // 2
+            offs_b = k_first // 2 + tl.arange(0, HALF_K)  # byte column within the row
+            bmask = rows[:, None] & (offs_b < K // 2)[None, :]
+            byte = tl.load(w_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :], mask=bmask, other=0)
+            byte = byte.to(tl.int32)
+            hi = _decode_4bit((byte >> 4) & 0xF, code_ptr, CODE)
+            lo = _decode_4bit(byte & 0xF, code_ptr, CODE)
+            if SCALE_PER_ROW:
+                scale = _decode_absmax(
+                    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, (offs_n * K + k_first) // BLOCKSIZE,
+                    rows, NESTED, NESTED_BLOCKSIZE,
+                )[:, None]  # fmt: skip
+            else:  # both elements of a byte share a block (blocks start at even elements)
+                scale = _decode_absmax(
+                    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                    (offs_n[:, None] * K + 2 * offs_b[None, :]) // BLOCKSIZE, bmask, NESTED, NESTED_BLOCKSIZE,
+                )  # fmt: skip
+            w = tl.interleave(hi * scale, lo * scale)
         else:
+            e = offs_n[:, None] * K + offs_k[None, :]  # flat index into the row-major weight
+            byte = tl.load(w_ptr + e // 2, mask=mask, other=0).to(tl.int32)
+            q = (byte >> (4 - 4 * (e % 2))) & 0xF  # element 2i sits in the high nibble of byte i
             scale = _decode_absmax(
-                absmax_ptr,
-                nested_absmax_ptr,
-                nested_code_ptr,
-                offset_ptr,
-                e // BLOCKSIZE,
-                mask,
-                NESTED,
+                absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, e // BLOCKSIZE, mask, NESTED,
                 NESTED_BLOCKSIZE,
-            )
-            w = w * scale
+            )  # fmt: skip
+            w = _decode_4bit(q, code_ptr, CODE) * scale
     else:
         q = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
-        scale = tl.load(absmax_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        scale = tl.load(absmax_ptr + offs_n, mask=rows, other=0.0).to(tl.float32)
         w = q * scale[:, None] * 7.874015718698502e-3  # (q · s) · (1/127), as bnb
     return tl.where(mask, w, 0.0)
 
@@ -156,6 +163,8 @@ def _qmatmul_fwd_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
+    CODE: tl.constexpr,  # 4-bit decode (quant.code_mode)
+    K_EVEN: tl.constexpr,  # K % 2 == 0
     K_ALIGNED: tl.constexpr,  # K % BLOCKSIZE == 0
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -183,8 +192,8 @@ def _qmatmul_fwd_kernel(
             other=0.0,
         )
         w = _load_w_tile(
-            w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offs_n, offs_k, k0, N, K,
-            FORMAT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SCALE_PER_ROW,
+            w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offs_n, k0, N, K,
+            FORMAT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SCALE_PER_ROW, CODE, K_EVEN, BLOCK_K,
         )  # fmt: skip
         w = _cast_rne(w, W_DTYPE, EMULATE_RNE)
         acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)
@@ -235,6 +244,8 @@ def _qmatmul_bwd_dx_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
+    CODE: tl.constexpr,
+    K_EVEN: tl.constexpr,
     K_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr,
     W_DTYPE: tl.constexpr,
@@ -262,8 +273,8 @@ def _qmatmul_bwd_dx_kernel(
             other=0.0,
         )
         w = _load_w_tile(
-            w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offs_n, offs_k, k_first,
-            N, K, FORMAT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SCALE_PER_ROW,
+            w_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, offs_n, k_first, N, K,
+            FORMAT, BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, SCALE_PER_ROW, CODE, K_EVEN, BLOCK_K,
         )  # fmt: skip
         w = _cast_rne(w, W_DTYPE, EMULATE_RNE)
         acc += tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=PRECISION)
@@ -307,6 +318,8 @@ def _weight_args(pw: PackedWeight) -> tuple[list[torch.Tensor], dict]:
             "BLOCKSIZE": 64,
             "NESTED": False,
             "NESTED_BLOCKSIZE": 256,
+            "CODE": quant.CODE_TABLE,
+            "K_EVEN": False,
             "K_ALIGNED": False,
         }
     nested_absmax, nested_code, offset = quant._nested_args(pw)
@@ -315,6 +328,8 @@ def _weight_args(pw: PackedWeight) -> tuple[list[torch.Tensor], dict]:
         "BLOCKSIZE": pw.blocksize,
         "NESTED": pw.nested,
         "NESTED_BLOCKSIZE": pw.nested_blocksize,
+        "CODE": quant.code_mode(pw.quant_type, quant.DECODE_SELECT),
+        "K_EVEN": pw.shape[1] % 2 == 0,
         "K_ALIGNED": pw.shape[1] % pw.blocksize == 0,
     }
 
@@ -335,12 +350,19 @@ def _dot_args(dtype: torch.dtype) -> dict:
     }
 
 
+# Forward-kernel tiles to use instead of _tiles' choice ({"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps",
+# "num_stages"}; dX swaps BLOCK_N and BLOCK_K): set by bench/gpu_qmatmul.py's tile sweep, never in training.
+TILES_OVERRIDE: dict | None = None
+
+
 def _tiles(m: int, rank: int, wmeta: dict, dtype: torch.dtype) -> dict:
     """Fixed tiles (no autotuning: the interpreter cannot time, and GPU tuning awaits measurement)."""
     blocksize = wmeta["BLOCKSIZE"]
     block_r = max(16, next_power_of_2(rank))
     if interpreter_active():
         return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": block_r, "GROUP_M": 8}
+    if TILES_OVERRIDE is not None:
+        return {"BLOCK_R": block_r, "GROUP_M": 8, **TILES_OVERRIDE}
     # GPU starting point (unmeasured): BLOCK_K <= blocksize keeps one absmax per tile row.
     block_m = 64 if m <= 64 else 128
     tiles = {

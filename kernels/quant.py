@@ -39,6 +39,9 @@ from ._triton import cdiv, exact_fp_options, interpreter_active, tl, triton
 
 QuantType = Literal["nf4", "fp4", "int8"]
 Backend = Literal["torch", "triton"]
+# Decode 4-bit codes with compiled-in selects (True) or loads from the code table (False); a switch for
+# bench/gpu_qmatmul.py, which times both.
+DECODE_SELECT = True
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
@@ -56,6 +59,57 @@ def _cast_rne(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)  # now exact in bf16
     return x.to(dtype)
+
+
+# How a 4-bit kernel turns a code into its table value (``CODE`` constexpr): a load from the 16-entry
+# table in memory (any table), or a tree of selects between the table's values compiled in as fp32
+# constants (NF4, FP4), which keeps the decode in registers with no dependent load behind the byte load.
+CODE_TABLE, CODE_NF4, CODE_FP4 = 0, 1, 2
+
+
+def code_mode(quant_type: str, select: bool = True) -> int:
+    """The ``CODE`` constexpr for ``quant_type``: compiled-in selects when ``select``, else table loads."""
+    if not select:
+        return CODE_TABLE
+    return {"nf4": CODE_NF4, "fp4": CODE_FP4}[quant_type]
+
+
+@triton.jit
+def _select8(q, c0, c1, c2, c3, c4, c5, c6, c7):
+    """``(c0, ..., c7)[q & 7]`` by a tree of 7 selects (the constants are fp32 scalars)."""
+    b0 = (q & 1) != 0
+    v0 = tl.where(b0, c1, c0)
+    v1 = tl.where(b0, c3, c2)
+    v2 = tl.where(b0, c5, c4)
+    v3 = tl.where(b0, c7, c6)
+    b1 = (q & 2) != 0
+    u0 = tl.where(b1, v1, v0)
+    u1 = tl.where(b1, v3, v2)
+    return tl.where((q & 4) != 0, u1, u0)
+
+
+@triton.jit
+def _decode_4bit(q, code_ptr, CODE: tl.constexpr):
+    """fp32 table value of each 4-bit code ``q`` (int32, 0..15). The constants are bnb's tables exactly
+    (``reference.code_4bit``, as fp32; tests/kernels/test_quant.py checks every entry)."""
+    if CODE == 1:  # NF4: two 8-way trees, picked by the top bit
+        neg = _select8(
+            q, -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0,
+        )  # fmt: skip
+        pos = _select8(
+            q, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+            0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+        )  # fmt: skip
+        return tl.where((q & 8) != 0, pos, neg)
+    elif CODE == 2:  # FP4: bit 3 is the sign of one 8-entry magnitude table (0 and -0 included)
+        mag = _select8(
+            q, 0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204,
+            0.25,
+        )  # fmt: skip
+        return mag * tl.where((q & 8) != 0, -1.0, 1.0)  # not -mag: Triton negates as 0 - x, losing -0
+    else:
+        return tl.load(code_ptr + q)
 
 
 @triton.jit
@@ -130,33 +184,34 @@ def _dequantize_4bit_kernel(
     nested_absmax_ptr,  # *fp32 nested block scales (NESTED only)
     nested_code_ptr,  # *fp32 [256] dynamic map (NESTED only)
     offset_ptr,  # *fp32 [1] (NESTED only)
-    code_ptr,  # *fp32 [16] code table
+    code_ptr,  # *fp32 [16] code table (CODE == CODE_TABLE)
     out_ptr,  # *fp32|fp16|bf16 [n], out
     n,  # number of elements
+    n_blocks,  # ceil(n / BLOCKSIZE)
     BLOCKSIZE: tl.constexpr,  # elements per absmax block
     NESTED: tl.constexpr,  # absmax is double-quantized
     NESTED_BLOCKSIZE: tl.constexpr,  # 256
-    BYTES_PER_PROG: tl.constexpr,  # packed bytes handled by one program
+    CODE: tl.constexpr,  # see code_mode
+    BLOCKS_PER_PROG: tl.constexpr,  # absmax blocks handled by one program
     EMULATE_RNE: tl.constexpr,  # interpreter: round to bf16 by hand
 ):
-    """``out[e] = code[q_e] · absmax[e // BLOCKSIZE]`` in fp32, cast to the output dtype."""
-    i = tl.program_id(0) * BYTES_PER_PROG + tl.arange(0, BYTES_PER_PROG)
-    in_range = 2 * i < n
-    byte = tl.load(packed_ptr + i, mask=in_range, other=0).to(tl.int32)
+    """``out[e] = code[q_e] · absmax[e // BLOCKSIZE]`` in fp32, cast to the output dtype.
+
+    One row of the program's ``[BLOCKS_PER_PROG, BLOCKSIZE / 2]`` byte tile is one absmax block: one
+    scale per row, contiguous byte loads, and both nibbles decoded and interleaved into contiguous stores.
+    """
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    blocks = tl.program_id(0) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
+    i = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte index
+    byte = tl.load(packed_ptr + i, mask=2 * i < n, other=0).to(tl.int32)
     scale = _decode_absmax(
-        absmax_ptr,
-        nested_absmax_ptr,
-        nested_code_ptr,
-        offset_ptr,
-        (2 * i) // BLOCKSIZE,
-        in_range,
-        NESTED,
+        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, blocks < n_blocks, NESTED,
         NESTED_BLOCKSIZE,
-    )
-    hi = tl.load(code_ptr + ((byte >> 4) & 0xF)) * scale
-    lo = tl.load(code_ptr + (byte & 0xF)) * scale
+    )[:, None]  # fmt: skip
+    hi = _decode_4bit((byte >> 4) & 0xF, code_ptr, CODE) * scale
+    lo = _decode_4bit(byte & 0xF, code_ptr, CODE) * scale
     vals = tl.interleave(hi, lo)  # element 2i then 2i + 1
-    offs = tl.program_id(0) * (2 * BYTES_PER_PROG) + tl.arange(0, 2 * BYTES_PER_PROG)
+    offs = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + offs, _cast_rne(vals, out_ptr.dtype.element_ty, EMULATE_RNE), mask=offs < n)
 
 
@@ -516,9 +571,10 @@ def dequantize_4bit(
         )
     n = pw.numel
     out = torch.empty(pw.shape, dtype=dtype, device=pw.packed.device)
-    bytes_per_prog = 1024
+    n_blocks = cdiv(n, pw.blocksize)
+    per_prog = max(1, 2048 // pw.blocksize)  # 1 KiB of packed bytes a program
     nested_absmax, nested_code, offset = _nested_args(pw)
-    _dequantize_4bit_kernel[(cdiv((n + 1) // 2, bytes_per_prog),)](
+    _dequantize_4bit_kernel[(cdiv(n_blocks, per_prog),)](
         pw.packed,
         pw.absmax,
         nested_absmax,
@@ -527,10 +583,12 @@ def dequantize_4bit(
         pw.code,
         out,
         n,
+        n_blocks,
         BLOCKSIZE=pw.blocksize,
         NESTED=pw.nested,
         NESTED_BLOCKSIZE=pw.nested_blocksize,
-        BYTES_PER_PROG=bytes_per_prog,
+        CODE=code_mode(pw.quant_type, DECODE_SELECT),
+        BLOCKS_PER_PROG=per_prog,
         EMULATE_RNE=interpreter_active(),
         **exact_fp_options(),
     )

@@ -88,6 +88,21 @@ def test_fused_matches_dequant_then_matmul(M, N, K, rank, bias, fmt, double_quan
     assert sqnr > SQNR_FLOOR_DB[fmt]
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("K", [128, 123], ids=["paired", "odd-K"])
+def test_fused_decode_modes_agree(fmt, K, monkeypatch):
+    """The select-tree decode and the table-load decode give bit-identical forward and dX."""
+    N, M = 80, 33
+    pw = quant.quantize(torch.randn(N, K, device=DEVICE) * 0.05, fmt, 64, True)
+    x, dy = torch.randn(M, K, device=DEVICE), torch.randn(M, N, device=DEVICE)
+    out = {}
+    for select in (True, False):
+        monkeypatch.setattr(quant, "DECODE_SELECT", select)
+        out[select] = (qmatmul.qmatmul_forward(x, pw), qmatmul.qmatmul_backward_dx(dy, pw))
+    assert torch.equal(out[True][0], out[False][0])
+    assert torch.equal(out[True][1], out[False][1])
+
+
 @pytest.mark.parametrize("fmt,double_quant", FORMATS[:2], ids=FORMAT_IDS[:2])
 def test_fused_fp16(fmt, double_quant):
     M, N, K, rank = 33, 64, 128, 16

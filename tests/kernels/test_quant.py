@@ -67,6 +67,26 @@ def test_code_tables_match_bnb():
     assert torch.equal(reference.dynamic_code(), BF.create_dynamic_map())
 
 
+@pytest.mark.parametrize("select", [True, False], ids=["select", "table"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_decode_modes_cover_every_code(quant_type, select, monkeypatch):
+    """Both decodes of the Triton kernels (compiled-in selects, table loads) on every byte value, so every
+    code in both nibbles, bit for bit against the reference (signed zeros included)."""
+    monkeypatch.setattr(quant, "DECODE_SELECT", select)
+    packed = torch.arange(256, dtype=torch.uint8).repeat(2)  # 1024 elements: a (16, 64) weight
+    absmax = torch.rand(1024 // 64) + 0.5
+    pw = quant.PackedWeight4bit(
+        packed=packed.to(DEVICE),
+        absmax=absmax.to(DEVICE),
+        shape=(16, 64),
+        blocksize=64,
+        quant_type=quant_type,
+    )
+    ours = quant.dequantize_4bit(pw, torch.float32, backend="triton").cpu()
+    ref = reference.dequantize_4bit(packed, absmax, (16, 64), 64, quant_type, torch.float32)
+    assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
+
+
 CASES_4BIT = [
     # shape, blocksize, dtype: K % 64 != 0 (blocks straddle rows), odd numel, tails, small blocks
     ((64, 128), 64, torch.float32),
