@@ -21,10 +21,9 @@ Without dropout the LoRA term of dX shares the accumulator (``[dY | dS] · [W ; 
 (``D' = keep / (1 - p)``) it is added outside the kernel. Saved for backward: X (only when dA is
 needed), S ``[M, r]`` and the keep-mask when p > 0; never a dequantized W.
 
-Large M: when the GEMM is long enough to be compute-bound, decoding W once into a temporary and calling
-cuBLAS wins; ``use_dequant_gemm`` chooses. Its threshold is a PLACEHOLDER pending measurement on a GPU
-(``bench/gpu_qmatmul.py``): no GPU was available when this file was written, so no number here is
-measured. The temporary lives for one GEMM and is never saved for backward.
+Dispatch: when the GEMM is long enough to be compute-bound, decoding W once into a temporary and
+calling cuBLAS wins; ``use_dequant_gemm`` chooses, by a threshold measured on an H200 (see
+``DEQUANT_MIN_TOKENS``). The temporary lives for one GEMM and is never saved for backward.
 """
 
 from __future__ import annotations
@@ -50,9 +49,16 @@ __all__ = [
     "use_dequant_gemm",
 ]
 
-# PLACEHOLDER, not a measurement (no GPU in the session that wrote it): at or above this many tokens the
-# dequantize + cuBLAS path is taken. Replace with the crossover bench/gpu_qmatmul.py measures on an H100.
-DEQUANT_MIN_TOKENS = 8192
+# At or above this many tokens the dequantize + cuBLAS path runs. Measured on an NVIDIA H200 (torch 2.11,
+# Triton 3.6, commit 99b4beb; bench/results/qmatmul_nf4_targets-h200.md), NF4 with double quant, bf16,
+# fused time / (Triton dequantize + cuBLAS) time, Llama-3-8B shapes 4096->4096, 4096->14336, 14336->4096:
+#   M =   512: forward 1.57/3.49/3.59x, dX 2.07/2.63/2.70x, QLoRA layer fwd+bwd 1.02/1.06/1.02x slower
+#   M =  2048: forward 4.5-5.6x, dX 3.0-5.1x slower;  M = 8192 and 16384: 4.6-7.1x slower
+# so dequantize + cuBLAS from the smallest M measured. The fused kernel decodes ~20 instructions per
+# weight per M tile (50-170 TFLOPS against cuBLAS's ~700), while the dequantize is one pass of 0.06 ms
+# for a 4096x4096 weight. Below 512 tokens nothing was measured: the fused kernel stays there, where it
+# decodes W for one or two M tiles only; bench/gpu_qmatmul.py measures M = 128 and 256 for the next card.
+DEQUANT_MIN_TOKENS = 512
 MAX_RANK = 256
 _FORMAT_4BIT, _FORMAT_INT8 = 0, 1
 
@@ -304,8 +310,8 @@ def _qmatmul_bwd_dx_kernel(
 
 
 def use_dequant_gemm(m: int, n: int, k: int) -> bool:
-    """True when dequantize-once + cuBLAS should beat the fused kernel (threshold is a placeholder)."""
-    del n, k  # the measured rule may depend on them; the placeholder does not
+    """True when dequantize-once + cuBLAS beats the fused kernel (the measured ``DEQUANT_MIN_TOKENS``)."""
+    del n, k  # on the H200 the crossover did not depend on the projection's shape
     return m >= DEQUANT_MIN_TOKENS
 
 
@@ -355,24 +361,38 @@ def _dot_args(dtype: torch.dtype) -> dict:
 TILES_OVERRIDE: dict | None = None
 
 
-def _tiles(m: int, rank: int, wmeta: dict, dtype: torch.dtype) -> dict:
-    """Fixed tiles (no autotuning: the interpreter cannot time, and GPU tuning awaits measurement)."""
+def _tiles(m: int, rank: int, wmeta: dict, dtype: torch.dtype, dx: bool = False) -> dict:
+    """Fixed tiles (no autotuning: the interpreter cannot time), from the H200 tile sweep.
+
+    Forward tiles; the dX launcher swaps BLOCK_N (there the reduction) and BLOCK_K.
+    """
     blocksize = wmeta["BLOCKSIZE"]
     block_r = max(16, next_power_of_2(rank))
     if interpreter_active():
         return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": block_r, "GROUP_M": 8}
     if TILES_OVERRIDE is not None:
         return {"BLOCK_R": block_r, "GROUP_M": 8, **TILES_OVERRIDE}
-    # GPU starting point (unmeasured): BLOCK_K <= blocksize keeps one absmax per tile row.
-    block_m = 64 if m <= 64 else 128
+    # bench/results/qmatmul_nf4_sweep-h200.md (K = N = 4096, NF4 + double quant, bf16; forward / dX ms):
+    #   M = 512:  128x64 (4 warps, 4 stages) 0.204 / 0.246, 128x128 (8, 3) 0.235 / 0.213, 256x128 0.252 / 0.248
+    #   M = 2048: 256x128 (8 warps, 3 stages) 0.483 / 0.620, 128x128 0.776 / 0.654, 128x64 0.653 / 0.641
+    #   M = 8192: 256x128 1.621 / 1.911, 128x128 2.674 / 2.158
+    # BLOCK_K <= blocksize keeps one absmax per tile row. M <= 64: one 64-row tile (not swept).
+    if m >= 2048:
+        block_m, block_n, warps, stages = 256, 128, 8, 3
+    elif m > 64 and not dx:
+        block_m, block_n, warps, stages = 128, 64, 4, 4
+    elif m > 64:
+        block_m, block_n, warps, stages = 128, 128, 8, 3
+    else:
+        block_m, block_n, warps, stages = 64, 128, 4, 3
     tiles = {
         "BLOCK_M": block_m,
-        "BLOCK_N": 128,
+        "BLOCK_N": block_n,
         "BLOCK_K": min(64, blocksize),
         "BLOCK_R": block_r,
         "GROUP_M": 8,
-        "num_warps": 8 if block_m == 128 else 4,
-        "num_stages": 3,
+        "num_warps": warps,
+        "num_stages": stages,
     }
     # Shared memory on sm_90 (227 KiB a block; sizes from compiling offline with Triton 3.6/3.7): the
     # per-element scale gathers (K not a multiple of the block size) need 229-262 KiB at 3 stages and
@@ -481,7 +501,7 @@ def qmatmul_backward_dx(
         lora_a = lora_a.to(dy.dtype).contiguous()
     rank = ds.shape[1] if has_lora else 1
     wargs, wmeta = _weight_args(pw)
-    tiles = _tiles(M, rank, wmeta, dy.dtype)
+    tiles = _tiles(M, rank, wmeta, dy.dtype, dx=True)
     tiles["BLOCK_N"], tiles["BLOCK_K"] = tiles["BLOCK_K"], tiles["BLOCK_N"]  # reduce over N, tile over K
     if wmeta["FORMAT"] == _FORMAT_4BIT and not interpreter_active():
         tiles["BLOCK_K"] = min(tiles["BLOCK_K"], wmeta["BLOCKSIZE"])  # keep one scale per tile row

@@ -224,6 +224,9 @@ if __name__ == "__main__":
         q_case(40, 96, 320, 64, torch.bfloat16, "int8", False, 64, True)
         q_case(40, 96, 320, 256, torch.float32, "int8", False, 64, True)
         q_case(300, 4096, 4096, 256, torch.bfloat16, "nf4", True, 64, False)
+        q_case(2048, 4096, 4096, 256, torch.bfloat16, "nf4", True, 64, True)  # the 256x128 tiles
+        q_case(2048, 1024, 4100, 64, torch.float16, "nf4", True, 64, False)  # 256x128, unaligned K
+        q_case(2048, 1024, 1024, 16, torch.bfloat16, "int8", False, 64, False)
         q_case(300, 4096, 4096, 256, torch.float16, "fp4", False, 128, True)
         q_case(37, 96, 128, 8, torch.float32, "nf4", True, 64, True)
         q_case(5, 48, 123, 16, torch.float32, "fp4", False, 64, False)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fusedtune.kernels import LoRALinear
-from fusedtune.trainer import memory
+from fusedtune.trainer import adapt, memory
 from fusedtune.trainer.adapt import apply_method, block_linears
 from fusedtune.trainer.config import load_config
 from fusedtune.trainer.errors import ConfigError
@@ -40,6 +40,27 @@ def test_lora_trains_exactly_the_adapters(tiny_model_dir):
     assert report.fused == [] and len(report.not_fused) == n_block_linears
     assert all("kernels=torch" in why for why in report.not_fused.values())
     assert not isinstance(model.lm_head, LoRALinear)
+
+
+@pytest.mark.parametrize(
+    ("kernels", "method", "lora_backend"),
+    [("auto", "lora", "torch"), ("triton", "lora", "triton"), ("auto", "qlora", "triton")],
+)
+def test_cuda_layer_backend_follows_the_measured_rule(tiny_model_dir, monkeypatch, kernels, method, lora_backend):
+    """With CUDA, kernels=auto gives plain-LoRA layers the cuBLAS path (faster on the H200) and says so in
+    the report; kernels=triton forces the fused kernels; QLoRA layers keep the Triton path. The layers are
+    built on the CPU (only the availability check is patched), and nothing runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = _model(tiny_model_dir)
+    cfg = load_config(None, [f"kernels={kernels}", f"method={method}", "lora.rank=4"])
+    report = apply_method(model, cfg, CPU)
+    layers = [model.get_submodule(n) for n in report.adapted]
+    assert len(layers) == 14 and {layer.backend for layer in layers} == {lora_backend}
+    if lora_backend == "torch":
+        assert report.fused == [] and set(report.not_fused.values()) == {adapt.AUTO_CUDA_LORA}
+        assert any("measured faster than fused" in line for line in report.lines())
+    else:
+        assert len(report.fused) == 14 and not report.not_fused
 
 
 def test_lora_target_modules_subset(tiny_model_dir):
