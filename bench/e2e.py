@@ -42,7 +42,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 PROVIDERS = ["fusedtune", "hf_peft"]
-GPU_ONLY_PROVIDERS = ["hf_peft_liger", "unsloth"]  # where installable (bench/gpu_e2e.py)
+GPU_ONLY_PROVIDERS = ["fusedtune_triton", "hf_peft_liger", "unsloth"]  # bench/gpu_e2e.py (where installable)
 METHODS = ["lora", "qlora"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, LR = 16, 32.0, 1e-4
@@ -145,19 +145,22 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def run_fusedtune(job: dict, batches: list[dict]) -> dict:
-    """The trainer's own path, one optimizer step per ``grad_accum`` micro-batches."""
+def fusedtune_setup(job: dict):
+    """The trainer's own set-up for ``job``: (cfg, model, trainable params, optimizer, backend, device).
+
+    ``job["kernels"]`` picks the kernels (default: ``auto`` on CUDA, ``torch`` on the CPU).
+    """
     from fusedtune.trainer.adapt import apply_method
     from fusedtune.trainer.config import Config
-    from fusedtune.trainer.loop import optimizer_step
     from fusedtune.trainer.model import load_model
     from fusedtune.trainer.optim import build_optimizer, trainable_parameters
     from fusedtune.trainer.patches import apply_patches
 
+    on_gpu = job.get("device") == "cuda"
     cfg = Config.model_validate(
         {
             "method": job["method"],
-            "kernels": "triton" if job.get("device") == "cuda" else "torch",
+            "kernels": job.get("kernels", "auto" if on_gpu else "torch"),
             "model": {"name_or_path": job["model_path"], "dtype": job.get("dtype", "fp32")},
             "lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "target_modules": TARGETS},
             "quant": {"quant_type": "nf4", "double_quant": True, "blocksize": 64},
@@ -170,18 +173,29 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
     model, _ = load_model(cfg.model.name_or_path, cfg.model, device, load_device)
     report = apply_method(model, cfg, device)
-    apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend)
+    lines = report.lines() + apply_patches(
+        model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend
+    )
+    print("\n".join(lines), file=sys.stderr, flush=True)  # what took which path (the worker's stderr)
     model.train()
     _set_lora_a(model)
     params = [p for _, p in trainable_parameters(model)]
     optimizer = build_optimizer(model, cfg.optim)
+    return cfg, model, params, optimizer, report.backend, device
+
+
+def run_fusedtune(job: dict, batches: list[dict]) -> dict:
+    """The trainer's own path, one optimizer step per ``grad_accum`` micro-batches."""
+    from fusedtune.trainer.loop import optimizer_step
+
+    cfg, model, params, optimizer, backend, device = fusedtune_setup(job)
     times, losses, norms = [], [], []
     accum = job["grad_accum"]
     for step in range(job["steps"]):
         micro = [{k: v.to(device) for k, v in b.items()} for b in batches[step * accum : (step + 1) * accum]]
         _sync(device)
         t0 = time.perf_counter()
-        r = optimizer_step(model, params, micro, optimizer, 1.0, report.backend)
+        r = optimizer_step(model, params, micro, optimizer, 1.0, backend)
         _sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(r.loss)
@@ -325,6 +339,8 @@ def worker(provider: str, job: dict) -> dict:
     batches = make_batches(vocab, job["steps"] * job["grad_accum"], job["batch"], job["seq"])
     if provider == "fusedtune":
         result = run_fusedtune(job, batches)
+    elif provider == "fusedtune_triton":  # kernels: triton, the fused LoRA kernels forced (GPU runs)
+        result = run_fusedtune(dict(job, kernels="triton"), batches)
     elif provider == "unsloth":
         result = run_unsloth(job, batches)
     else:
@@ -448,12 +464,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     methods = sorted({r["method"] for r in rows}, key=METHODS.index)
-    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    provs = [p for p in PROVIDERS + GPU_ONLY_PROVIDERS if any(r["provider"] == p for r in rows)]
+    gpu = all("max_allocated_gib" in r for r in rows)
+    memory = ("max_allocated_gib", "CUDA max allocated (GiB)") if gpu else ("peak_rss_mib", "peak RSS (MiB)")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, label in (
-        (axes[0], "step_s_median", "median step time (s)"),
-        (axes[1], "peak_rss_mib", "peak RSS (MiB)"),
-    ):
+    for ax, key, label in ((axes[0], "step_s_median", "median step time (s)"), (axes[1], *memory)):
         width = 0.8 / len(provs)
         for j, p in enumerate(provs):
             vals = [

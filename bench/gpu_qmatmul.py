@@ -11,15 +11,16 @@ Modes:
     forward   Y = X deq(W)ᵀ                                   (base GEMM only)
     dx        dX = dY deq(W)                                   (base GEMM only)
     full      a QLoRA layer, r = 16, forward + backward (dX, dA, dB; x requires grad)
-Shapes: Llama-3-8B projections (K→N) 4096→4096, 4096→14336, 14336→4096 at M = 512…16384 tokens.
+Shapes: Llama-3-8B projections (K→N) 4096→4096, 4096→14336, 14336→4096 at M = 128…16384 tokens.
 
 Per row: ``triton.testing.do_bench`` median and 20/80 quantiles in ms, TFLOPS (2·M·N·K per base GEMM),
 and the bytes the pass moves with the achieved GB/s against the card's bandwidth measured here (a
 device-to-device copy). Weight bytes per parameter: 0.5 + scales for ``ours`` and ``bnb``'s fused
 inference path, about 0.5 + 2 (write) + 2 (read) for dequantize-then-GEMM, 2 for bf16. The summary
 rows check the issue's targets: ours >= 2x dequant+cuBLAS at M <= 2048 (forward, dx), and ours >=
-0.9x the bf16 GEMM at M = 16384; they also give the crossover M that should replace the placeholder
-``DEQUANT_MIN_TOKENS`` in kernels/qmatmul.py.
+0.9x the bf16 GEMM at M = 16384; ``fused_wins`` gives the crossover M behind ``DEQUANT_MIN_TOKENS`` in
+kernels/qmatmul.py (512 on the H200, where the fused kernel lost at every M measured; M = 128 and 256
+test the region below it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (K in, N out) of Llama-3-8B's projections
-TOKENS = [512, 2048, 8192, 16384]
+TOKENS = [128, 256, 512, 2048, 8192, 16384]
 MODES = ["forward", "dx", "full"]
 RANK = 16
 COLUMNS = [
@@ -137,81 +138,108 @@ def make_call(provider: str, mode: str, m: int, k: int, n: int, device: str = "c
 
 
 # The tile sweep run before the main table: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the
-# forward kernel (dX swaps BLOCK_N/BLOCK_K), each with the select-tree decode; the first two also with
-# table loads. Its results choose kernels/qmatmul.py's _tiles and quant.DECODE_SELECT.
+# forward kernel (dX swaps BLOCK_N/BLOCK_K) with the select-tree decode, at the token counts where
+# use_dequant_gemm keeps the fused kernel (M < 512, and 512 for the crossover). The first H200 run swept
+# M = 512, 2048, 8192 and the table decode too (bench/results/qmatmul_nf4_sweep-h200.md): its results set
+# _tiles and DECODE_SELECT. Then the 4-bit dequantize's launch shape (BLOCKS_PER_PROG, num_warps).
 SWEEP_TILES = [
     (128, 128, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
-    (256, 64, 64, 8, 3),
+    (64, 128, 64, 4, 3),
+    (64, 64, 64, 4, 4),
+    (128, 32, 64, 4, 4),
+    (64, 32, 64, 4, 4),
 ]
-SWEEP_CASES = [(4096, 4096, 512), (4096, 4096, 2048), (4096, 4096, 8192)]  # (K, N, M)
-SWEEP_COLUMNS = ["mode", "M", "K", "N", "decode", "tiles", "ms", "tflops"]
+SWEEP_CASES = [(4096, 4096, 128), (4096, 4096, 256), (4096, 4096, 512)]  # (K, N, M)
+DEQUANT_LAUNCHES = [(32, 4), (8, 4), (64, 4), (128, 4), (32, 8), (128, 8)]  # (BLOCKS_PER_PROG, num_warps)
+SWEEP_COLUMNS = ["mode", "M", "K", "N", "decode", "tiles", "ms", "tflops", "gb_per_s"]
+
+
+def _time(call) -> float:
+    from triton.testing import do_bench
+
+    call()
+    torch.cuda.synchronize()
+    return do_bench(call, warmup=5, rep=20)
 
 
 def sweep(deadline: float | None = None) -> list[dict]:
-    """Time the fused kernels (and the standalone dequantize) over SWEEP_TILES x decode modes."""
-    from triton.testing import do_bench
-
+    """Time the fused kernels over SWEEP_TILES, then the standalone dequantize over DEQUANT_LAUNCHES."""
     from fusedtune.kernels import qmatmul, quant
 
     rows = []
+
+    def out_of_time() -> bool:
+        if deadline is not None and time.time() > deadline:
+            print("sweep: time budget spent", flush=True)
+            return True
+        return False
+
     try:
         for k, n, m in SWEEP_CASES:
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
             pw = quant.quantize_4bit(w, 64, "nf4", double_quant=True, backend="triton")
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-            for select in (True, False):
-                quant.DECODE_SELECT = select
-                decode = "select" if select else "table"
-                variants = [("dequantize", None)] + [
-                    (mode, t)
-                    for t in (SWEEP_TILES if select else SWEEP_TILES[:2])
-                    for mode in ("forward", "dx")
-                ]
-                for mode, t in variants:
-                    if deadline is not None and time.time() > deadline:
-                        print("sweep: time budget spent", flush=True)
+            for t in SWEEP_TILES:
+                for mode in ("forward", "dx"):
+                    if out_of_time():
                         return rows
-                    if mode == "dequantize" and m != SWEEP_CASES[0][2]:
-                        continue
-                    qmatmul.TILES_OVERRIDE = (
-                        None
-                        if t is None
-                        else dict(
-                            zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), t, strict=True)
-                        )
-                    )
+                    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+                    qmatmul.TILES_OVERRIDE = dict(zip(names, t, strict=True))
                     call = {
-                        "dequantize": partial(quant.dequantize, pw, torch.bfloat16),
                         "forward": partial(qmatmul.qmatmul_forward, x, pw),
                         "dx": partial(qmatmul.qmatmul_backward_dx, dy, pw),
                     }[mode]
                     try:
-                        call()
-                        torch.cuda.synchronize()
-                        ms = do_bench(call, warmup=5, rep=20)
+                        ms = _time(call)
                     except Exception as e:  # a tile that does not fit: note it, go on
-                        print(
-                            f"sweep {mode} {decode} {t} M={m}: {type(e).__name__}: {str(e)[:200]}", flush=True
-                        )
+                        print(f"sweep {mode} {t} M={m}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         continue
-                    flops = 2 * m * n * k if mode != "dequantize" else 0
-                    row = {"mode": mode, "M": m, "K": k, "N": n, "decode": decode, "tiles": str(t), "ms": ms}
-                    row["tflops"] = flops / ms / 1e9
+                    row = {
+                        "mode": mode,
+                        "M": m,
+                        "K": k,
+                        "N": n,
+                        "decode": "select",
+                        "tiles": str(t),
+                        "ms": ms,
+                    }
+                    row["tflops"] = 2 * m * n * k / ms / 1e9
                     rows.append(row)
                     print(
-                        f"sweep {mode:>10} {decode:>6} {t!s:24} M={m:<5} {ms:8.4f} ms {row['tflops']:6.1f} TFLOPS",
+                        f"sweep {mode:>10} {t!s:24} M={m:<5} {ms:8.4f} ms {row['tflops']:6.1f} TFLOPS",
                         flush=True,
                     )
             del w, pw, x, dy
             torch.cuda.empty_cache()
-    finally:
-        quant.DECODE_SELECT = True
         qmatmul.TILES_OVERRIDE = None
+        for k, n in ((4096, 4096), (4096, 14336)):
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+            pw = quant.quantize_4bit(w, 64, "nf4", double_quant=True, backend="triton")
+            moved = n * k * (0.5 + 2)  # packed bytes in, bf16 out (the scales are ~1.6% more)
+            for per_prog, warps in DEQUANT_LAUNCHES:
+                if out_of_time():
+                    return rows
+                quant.DEQUANT_LAUNCH_OVERRIDE = {"BLOCKS_PER_PROG": per_prog, "num_warps": warps}
+                ms = _time(partial(quant.dequantize, pw, torch.bfloat16))
+                row = {"mode": "dequantize", "M": 0, "K": k, "N": n, "decode": "select"}
+                row.update(
+                    tiles=f"blocks/prog {per_prog}, {warps} warps",
+                    ms=ms,
+                    tflops=0.0,
+                    gb_per_s=moved / ms / 1e6,
+                )
+                rows.append(row)
+                print(
+                    f"sweep dequantize {row['tiles']:24} {k}x{n} {ms:8.4f} ms {row['gb_per_s']:7.0f} GB/s",
+                    flush=True,
+                )
+            del w, pw
+            torch.cuda.empty_cache()
+    finally:
+        qmatmul.TILES_OVERRIDE = None
+        quant.DEQUANT_LAUNCH_OVERRIDE = None
     return rows
 
 
@@ -298,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from report import gpu_bench_parser, require_cuda, write_results
 
     parser = gpu_bench_parser(__doc__)
-    parser.add_argument("--quick", action="store_true", help="K=N=4096 at M=2048 and 16384 only")
+    parser.add_argument("--quick", action="store_true", help="K=N=4096 at M=256, 2048 and 16384 only")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile / decode sweep")
     args = parser.parse_args(argv)
     if not require_cuda(
@@ -313,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         providers.insert(1, "bnb")
     except Exception as e:  # absent, or without a native library for this CUDA
         print(f"bnb provider skipped: {type(e).__name__}: {e}", file=sys.stderr)
-    shapes, tokens = (SHAPES, TOKENS) if not args.quick else ([(4096, 4096)], [2048, 16384])
+    shapes, tokens = (SHAPES, TOKENS) if not args.quick else ([(4096, 4096)], [256, 2048, 16384])
     start = time.time()
     torch.manual_seed(0)
     bandwidth = measured_bandwidth_gbs()
@@ -321,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + args.budget_s if args.budget_s else None
     if not args.no_sweep:
         sweep_deadline = start + args.budget_s * 0.5 if args.budget_s else None
-        write_results("qmatmul_nf4_sweep", sweep(sweep_deadline), SWEEP_COLUMNS, args.out)
+        write_results("qmatmul_nf4_sweep_small_m", sweep(sweep_deadline), SWEEP_COLUMNS, args.out)
     rows = run(providers, shapes, tokens, MODES, bandwidth, deadline=deadline)
     for row in rows:
         row["bandwidth_gbs"] = bandwidth

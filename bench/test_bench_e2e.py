@@ -81,3 +81,18 @@ def test_check_fails_loudly_on_disagreeing_losses():
 def test_check_fails_loudly_on_zero_grad_norm():
     with pytest.raises(e2e.BenchmarkFailed, match="gradient norms"):
         e2e.check([_row("fusedtune", [2.0, 1.9], [0.5, 0.0])])
+
+
+def test_profile_runs_the_training_step(tmp_path):
+    """bench/gpu_profile.py's step loop and tables, on the CPU (no kernel events there: host ops only)."""
+    import gpu_profile
+    from transformers import AutoConfig
+
+    path = e2e.model_path("tiny")
+    batches = e2e.make_batches(AutoConfig.from_pretrained(path).vocab_size, 3, 2, 32)
+    job = {"model_path": path, "method": "lora", "kernels": "torch", "seq": 32, "batch": 2, "grad_accum": 1}
+    res = gpu_profile.profile_one(job, batches, warmup=1, steps=2)
+    assert res["kernel_ms_per_step"] == 0 and res["gpu_idle_share"] is None and res["top_kernels"] == []
+    assert len(res["warmup_step_s"]) == 1 and res["profiled_step_ms"] > 0
+    names = {r["name"] for r in res["top_cpu_ops"]}
+    assert "aten::mm" in names or "aten::addmm" in names

@@ -39,9 +39,14 @@ from ._triton import cdiv, exact_fp_options, interpreter_active, tl, triton
 
 QuantType = Literal["nf4", "fp4", "int8"]
 Backend = Literal["torch", "triton"]
-# Decode 4-bit codes with compiled-in selects (True) or loads from the code table (False); a switch for
-# bench/gpu_qmatmul.py, which times both.
+# Decode 4-bit codes with compiled-in selects (True) or loads from the code table (False). Selects measured
+# 2-4x faster on an H200 (bench/results/qmatmul_nf4_sweep-h200.md, K = N = 4096: fused forward at M = 2048,
+# 128x128 tiles, 0.776 vs 3.072 ms; dequantize 0.063 vs 0.139 ms). A switch for bench/gpu_qmatmul.py.
 DECODE_SELECT = True
+# {"BLOCKS_PER_PROG", "num_warps"} of the 4-bit dequantize launch instead of its defaults: set by
+# bench/gpu_qmatmul.py's sweep, never in training (on the H200 the default took 0.063 ms for a 4096x4096
+# NF4 weight, bitsandbytes' about 0.03 ms: its matmul_4bit minus the bf16 GEMM). The sweep measures shapes.
+DEQUANT_LAUNCH_OVERRIDE: dict | None = None
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
@@ -572,7 +577,8 @@ def dequantize_4bit(
     n = pw.numel
     out = torch.empty(pw.shape, dtype=dtype, device=pw.packed.device)
     n_blocks = cdiv(n, pw.blocksize)
-    per_prog = max(1, 2048 // pw.blocksize)  # 1 KiB of packed bytes a program
+    launch = DEQUANT_LAUNCH_OVERRIDE or {}
+    per_prog = launch.get("BLOCKS_PER_PROG", max(1, 2048 // pw.blocksize))  # 1 KiB of packed bytes a program
     nested_absmax, nested_code, offset = _nested_args(pw)
     _dequantize_4bit_kernel[(cdiv(n_blocks, per_prog),)](
         pw.packed,
@@ -590,6 +596,7 @@ def dequantize_4bit(
         CODE=code_mode(pw.quant_type, DECODE_SELECT),
         BLOCKS_PER_PROG=per_prog,
         EMULATE_RNE=interpreter_active(),
+        num_warps=launch.get("num_warps", 4),
         **exact_fp_options(),
     )
     return out

@@ -87,6 +87,18 @@ def test_4bit_decode_modes_cover_every_code(quant_type, select, monkeypatch):
     assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
 
 
+@pytest.mark.parametrize("per_prog", [1, 8, 128])
+def test_dequantize_launch_shape_does_not_change_the_result(per_prog, monkeypatch):
+    """The benchmark's launch-shape override (blocks per program, tails past the last block included)
+    gives the reference's bits, with double quant."""
+    w = torch.randn(37, 96, generator=torch.Generator().manual_seed(3))
+    pw = quant.quantize_4bit(w.to(DEVICE), 64, "nf4", double_quant=True, backend="torch")
+    ref = quant.dequantize_4bit(pw, torch.float32, backend="torch").cpu()
+    monkeypatch.setattr(quant, "DEQUANT_LAUNCH_OVERRIDE", {"BLOCKS_PER_PROG": per_prog, "num_warps": 8})
+    ours = quant.dequantize_4bit(pw, torch.float32, backend="triton").cpu()
+    assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
+
+
 CASES_4BIT = [
     # shape, blocksize, dtype: K % 64 != 0 (blocks straddle rows), odd numel, tails, small blocks
     ((64, 128), 64, torch.float32),

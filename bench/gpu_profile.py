@@ -1,0 +1,201 @@
+"""Where a fusedtune training step spends its time on a GPU: torch.profiler over the end-to-end job.
+
+    python3 -P bench/gpu_profile.py --out bench/results        (bench/gpu.sh stage "profile")
+
+The job is bench/gpu_e2e.py's (Llama-3-8B shapes with ``--layers`` blocks, random bf16 weights, micro-batch
+``--batch`` x ``--seq``, LoRA r=16 on every block Linear, 8-bit AdamW), run by the trainer's own pieces
+(``e2e.fusedtune_setup`` + ``loop.optimizer_step``) once per ``--kernels`` setting: ``--warmup`` steps
+(compiles, autotuning), then ``--steps`` profiled steps.
+
+Written to ``profile_steps-<card>.{json,md}`` per setting: the wall time of the profiled steps, the sum of
+the CUDA kernel time inside them and the GPU-idle share (wall minus kernel time); and to
+``profile-<card>.{json,md}``: the top kernels by total CUDA time (calls, total, mean) and the top host-side
+ops by self CPU time, Triton launches labelled ``triton::<class>::<kernel>``. A step whose wall time is far
+above its kernel time is bound by the host (launches, syncs, Python) rather than by its kernels; a kernel
+at the top that bench/gpu_lora.py or gpu_qmatmul.py measured as fast points at the shapes or strides the
+training step gives it.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+TOP_KERNELS = 25
+TOP_CPU = 20
+KERNEL_COLUMNS = ["kernels", "method", "kind", "name", "calls", "total_ms", "mean_us", "share"]
+
+
+def _kernel_rows(prof, steps: int) -> tuple[list[dict], float]:
+    """Kernel events grouped by name (per step), and the kernel time per step in ms."""
+    by_name: dict[str, list[float]] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        by_name.setdefault(evt.name, []).append(evt.time_range.elapsed_us())
+    total_us = sum(sum(v) for v in by_name.values())
+    rows = [
+        {
+            "name": name[:110],
+            "calls": len(us) / steps,
+            "total_ms": sum(us) / steps / 1e3,
+            "mean_us": sum(us) / len(us),
+            "share": sum(us) / total_us if total_us else 0.0,
+        }
+        for name, us in by_name.items()
+    ]
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows, total_us / steps / 1e3
+
+
+def _cpu_rows(prof, steps: int) -> list[dict]:
+    rows = [
+        {
+            "name": evt.key[:110],
+            "calls": evt.count / steps,
+            "total_ms": evt.self_cpu_time_total / steps / 1e3,
+            "mean_us": evt.self_cpu_time_total / max(evt.count, 1),
+        }
+        for evt in prof.key_averages()
+    ]
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows
+
+
+def _label_triton_launches() -> None:
+    """Wrap every Triton launch in ``record_function("triton::<kernel>")`` so that its host time shows."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    for cls in (JITFunction, Autotuner):
+        run = cls.run
+        if getattr(run, "_labelled", False):
+            continue
+
+        def labelled(self, *args, _run=run, _kind=cls.__name__, **kwargs):
+            name = getattr(getattr(self, "fn", None), "__name__", None) or getattr(self, "__name__", "?")
+            with torch.profiler.record_function(f"triton::{_kind}::{name}"):
+                return _run(self, *args, **kwargs)
+
+        labelled._labelled = True
+        cls.run = labelled
+
+
+def profile_one(job: dict, batches: list[dict], warmup: int, steps: int) -> dict:
+    """Warm up, then profile ``steps`` optimizer steps of the fusedtune job."""
+    import e2e
+    from torch.profiler import ProfilerActivity, profile
+
+    from fusedtune.trainer.loop import optimizer_step
+
+    _label_triton_launches()
+    _, model, params, optimizer, backend, device = e2e.fusedtune_setup(job)
+    micro = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    warm_s = []
+    for i in range(warmup):
+        e2e._sync(device)
+        t0 = time.perf_counter()
+        optimizer_step(model, params, [micro[i % len(micro)]], optimizer, 1.0, backend)
+        e2e._sync(device)
+        warm_s.append(time.perf_counter() - t0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        e2e._sync(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            optimizer_step(model, params, [micro[(warmup + i) % len(micro)]], optimizer, 1.0, backend)
+        e2e._sync(device)
+        wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    kernels, kernel_ms = _kernel_rows(prof, steps)
+    result = {
+        "kernels": job["kernels"],
+        "method": job["method"],
+        "warmup_step_s": warm_s,
+        "profiled_step_ms": wall_ms,  # includes the profiler's own overhead
+        "kernel_ms_per_step": kernel_ms,
+        "gpu_idle_share": max(0.0, 1.0 - kernel_ms / wall_ms) if kernel_ms else None,
+        "top_kernels": kernels[:TOP_KERNELS],
+        "top_cpu_ops": _cpu_rows(prof, steps)[:TOP_CPU],
+    }
+    del model, params, optimizer, prof
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from report import gpu_bench_parser, require_cuda, write_results
+
+    parser = gpu_bench_parser(
+        __doc__, budget_default=90.0, budget_help="start no setting after this many seconds"
+    )
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--method", default="lora", choices=["lora", "qlora"])
+    parser.add_argument(
+        "--kernels", nargs="+", default=["auto", "triton"], choices=["auto", "triton", "torch"]
+    )
+    args = parser.parse_args(argv)
+    if not require_cuda("error: bench/gpu_profile.py needs a CUDA device"):
+        return 2
+
+    import tempfile
+
+    import e2e
+    import gpu_e2e
+    from transformers import AutoConfig
+
+    start = time.monotonic()
+    model_dir, _ = gpu_e2e.build_model(args.layers, Path(tempfile.mkdtemp(prefix="llama3-8b-shape-")))
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    batches = e2e.make_batches(vocab, args.warmup + args.steps, args.batch, args.seq)
+    results, rows = [], []
+    for kernels in args.kernels:
+        if time.monotonic() - start > args.budget_s:
+            print(f"kernels {kernels}: skipped (out of time)", flush=True)
+            continue
+        job = {
+            "model_path": str(model_dir),
+            "method": args.method,
+            "kernels": kernels,
+            "seq": args.seq,
+            "batch": args.batch,
+            "grad_accum": 1,
+            "device": "cuda",
+            "dtype": "bf16",
+        }
+        res = profile_one(job, batches, args.warmup, args.steps)
+        results.append(res)
+        print(
+            f"kernels {kernels} {args.method}: {res['profiled_step_ms']:.1f} ms/step profiled, "
+            f"kernels {res['kernel_ms_per_step']:.1f} ms, GPU idle {res['gpu_idle_share']:.0%}; "
+            f"warm-up steps {[round(s, 3) for s in res['warmup_step_s']]} s",
+            flush=True,
+        )
+        for kind, key in (("kernel", "top_kernels"), ("cpu", "top_cpu_ops")):
+            for r in res[key]:
+                rows.append({"kernels": kernels, "method": args.method, "kind": kind, **r})
+        for r in res["top_kernels"][:8]:
+            print(f"  {r['total_ms']:8.2f} ms {r['calls']:6.0f} calls  {r['name']}", flush=True)
+    if not results:
+        print("error: nothing profiled", file=sys.stderr)
+        return 1
+    summary = [{k: v for k, v in r.items() if not k.startswith("top_")} for r in results]
+    write_results("profile_steps", summary, list(summary[0]), args.out)
+    write_results("profile", rows, KERNEL_COLUMNS, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
