@@ -8,7 +8,8 @@ The job is bench/gpu_e2e.py's (Llama-3-8B shapes with ``--layers`` blocks, rando
 (compiles, autotuning), then ``--steps`` profiled steps.
 
 Written to ``profile_steps-<card>.{json,md}`` per setting: the wall time of the profiled steps, the sum of
-the CUDA kernel time inside them and the GPU-idle share (wall minus kernel time); and to
+the CUDA kernel time inside them, the GPU-idle share (wall minus kernel time) and the time in Python's
+garbage collector; and to
 ``profile-<card>.{json,md}``: the top kernels by total CUDA time (calls, total, mean) and the top host-side
 ops by self CPU time, Triton launches labelled ``triton::<class>::<kernel>``. A step whose wall time is far
 above its kernel time is bound by the host (launches, syncs, Python) rather than by its kernels; a kernel
@@ -69,6 +70,27 @@ def _cpu_rows(prof, steps: int) -> list[dict]:
     return rows
 
 
+class _GcTimer:
+    """Time spent in Python's garbage collector while active (``gc.callbacks``), and collections by generation."""
+
+    def __init__(self) -> None:
+        self.seconds, self.collections, self._t0 = 0.0, [0, 0, 0], 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+            self.collections[info["generation"]] += 1
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+
 def _label_triton_launches() -> None:
     """Wrap every Triton launch in ``record_function("triton::<kernel>")`` so that its host time shows."""
     from triton.runtime.autotuner import Autotuner
@@ -106,7 +128,8 @@ def profile_one(job: dict, batches: list[dict], warmup: int, steps: int) -> dict
         e2e._sync(device)
         warm_s.append(time.perf_counter() - t0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    gc_time = _GcTimer()
+    with gc_time, profile(activities=activities) as prof:
         e2e._sync(device)
         t0 = time.perf_counter()
         for i in range(steps):
@@ -121,6 +144,8 @@ def profile_one(job: dict, batches: list[dict], warmup: int, steps: int) -> dict
         "profiled_step_ms": wall_ms,  # includes the profiler's own overhead
         "kernel_ms_per_step": kernel_ms,
         "gpu_idle_share": max(0.0, 1.0 - kernel_ms / wall_ms) if kernel_ms else None,
+        "gc_ms_per_step": gc_time.seconds / steps * 1e3,  # Python's cyclic collector, inside the steps
+        "gc_collections": gc_time.collections,
         "top_kernels": kernels[:TOP_KERNELS],
         "top_cpu_ops": _cpu_rows(prof, steps)[:TOP_CPU],
     }
@@ -179,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
         print(
             f"kernels {kernels} {args.method}: {res['profiled_step_ms']:.1f} ms/step profiled, "
-            f"kernels {res['kernel_ms_per_step']:.1f} ms, GPU idle {res['gpu_idle_share']:.0%}; "
+            f"kernels {res['kernel_ms_per_step']:.1f} ms, GPU idle {res['gpu_idle_share'] or 0:.0%}, "
+            f"gc {res['gc_ms_per_step']:.1f} ms; "
             f"warm-up steps {[round(s, 3) for s in res['warmup_step_s']]} s",
             flush=True,
         )
