@@ -86,14 +86,21 @@ def choose_backend(kernels: str) -> tuple[str, str]:
 # (``lora.lora_linear_torch``), not the fused Triton kernels, because that measured faster on an NVIDIA H200
 # (bench/results/lora_linear-h200.md, commit 99b4beb; bf16, K = N = 4096, r = 16, forward + backward, ms
 # fused Triton / cuBLAS path / PEFT): M = 512 1.175 / 0.674 / 0.904, M = 2048 1.298 / 0.872 / 0.862,
-# M = 8192 1.454 / 0.973 / 1.030, M = 16384 2.119 / 1.863 / 2.044. kernels: triton forces the fused kernels.
-# QLoRA layers keep the Triton path (dequantize + cuBLAS or the fused kernel, by qmatmul.use_dequant_gemm).
-AUTO_CUDA_LORA = "kernels auto on CUDA: cuBLAS GEMMs + in-place LoRA add, measured faster than fused on an H200"
+# M = 8192 1.454 / 0.973 / 1.030, M = 16384 2.119 / 1.863 / 2.044 (no dropout). With LoRA dropout the fused
+# kernels stay: they regenerate the keep-mask from a seed, where the cuBLAS path saves a bool [M, K] mask per
+# layer. kernels: triton forces the fused kernels. QLoRA layers keep the Triton path (dequantize + cuBLAS or
+# the fused kernel, by qmatmul.use_dequant_gemm).
+AUTO_CUDA_LORA = (
+    "kernels auto on CUDA: cuBLAS GEMMs + in-place LoRA add, measured faster than fused on an H200"
+)
 
 
-def lora_layer_backend(kernels: str, method: str, backend: str, reason: str) -> tuple[str, str]:
+def lora_layer_backend(
+    kernels: str, method: str, dropout: float, backend: str, reason: str
+) -> tuple[str, str]:
     """The backend (and the reason) for the adapted layers of ``method``, given the run's kernel backend."""
-    if kernels == "auto" and backend == "triton" and method == "lora" and torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if kernels == "auto" and backend == "triton" and method == "lora" and dropout == 0.0 and cuda:
         return "torch", AUTO_CUDA_LORA
     return backend, reason
 
@@ -178,7 +185,9 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
         targets = select_targets(model, lc.target_modules)
         for name, linear in targets.items():
             _check_rank(name, linear, lc.rank)
-        method_backend, method_reason = lora_layer_backend(cfg.kernels, cfg.method, backend, reason)
+        method_backend, method_reason = lora_layer_backend(
+            cfg.kernels, cfg.method, lc.dropout, backend, reason
+        )
         for name, linear in targets.items():
             why = _why_not_fused(linear, lc.rank, method_backend, method_reason)
             layer_backend = "triton" if why is None else "torch"

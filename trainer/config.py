@@ -188,7 +188,8 @@ class Config(_Strict):
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto",
         description="auto: on CUDA the path measured faster per op (plain LoRA layers: cuBLAS GEMMs + "
-        "in-place LoRA add; QLoRA, SwiGLU, loss: Triton), torch elsewhere; triton: the fused kernels "
+        "in-place LoRA add, fused kernels with lora.dropout; QLoRA, SwiGLU, loss: Triton), torch elsewhere; "
+        "triton: the fused kernels "
         "everywhere (Triton's interpreter without CUDA); torch: torch ops only",
     )
     output_dir: str = Field(

@@ -43,16 +43,26 @@ def test_lora_trains_exactly_the_adapters(tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    ("kernels", "method", "lora_backend"),
-    [("auto", "lora", "torch"), ("triton", "lora", "triton"), ("auto", "qlora", "triton")],
+    ("kernels", "method", "dropout", "lora_backend"),
+    [
+        ("auto", "lora", 0.0, "torch"),
+        ("auto", "lora", 0.1, "triton"),
+        ("triton", "lora", 0.0, "triton"),
+        ("auto", "qlora", 0.0, "triton"),
+    ],
 )
-def test_cuda_layer_backend_follows_the_measured_rule(tiny_model_dir, monkeypatch, kernels, method, lora_backend):
-    """With CUDA, kernels=auto gives plain-LoRA layers the cuBLAS path (faster on the H200) and says so in
-    the report; kernels=triton forces the fused kernels; QLoRA layers keep the Triton path. The layers are
-    built on the CPU (only the availability check is patched), and nothing runs."""
+def test_cuda_layer_backend_follows_the_measured_rule(
+    tiny_model_dir, monkeypatch, kernels, method, dropout, lora_backend
+):
+    """With CUDA, kernels=auto gives plain-LoRA layers without dropout the cuBLAS path (faster on the H200)
+    and says so in the report; with dropout the fused kernels (the mask is regenerated, never stored);
+    kernels=triton forces the fused kernels; QLoRA layers keep the Triton path. The layers are built on the
+    CPU (only the availability check is patched), and nothing runs."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     model = _model(tiny_model_dir)
-    cfg = load_config(None, [f"kernels={kernels}", f"method={method}", "lora.rank=4"])
+    cfg = load_config(
+        None, [f"kernels={kernels}", f"method={method}", "lora.rank=4", f"lora.dropout={dropout}"]
+    )
     report = apply_method(model, cfg, CPU)
     layers = [model.get_submodule(n) for n in report.adapted]
     assert len(layers) == 14 and {layer.backend for layer in layers} == {lora_backend}
