@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
+from .dropout import apply_keep, draw_keep, pack_keep, unpack_keep
 from .reference import dropout_threshold
 
 __all__ = [
@@ -795,7 +796,7 @@ class LoRALinearTorchFunction(torch.autograd.Function):
     Y is the base GEMM's output with the LoRA product added in place (``addmm_``), and dX is ``dY W``
     with ``dS' A`` added in place, so, as in the fused kernels, no ``[M, N]`` temporary exists beside
     Y (the autograd composition ``y + s · (X Aᵀ) Bᵀ`` makes three) and nothing of size ``[M, N]`` is
-    saved. Dropout uses an explicit keep-mask (bool), saved for backward.
+    saved. Dropout uses an explicit keep-mask (``dropout.draw_keep``), saved packed as bits.
     """
 
     @staticmethod
@@ -803,35 +804,38 @@ class LoRALinearTorchFunction(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        xd = x2 if keep is None else x2 * keep.reshape(-1, K) / (1.0 - dropout_p)
+        keep2 = None if keep is None else keep.reshape(-1, K)
+        xd = x2 if keep2 is None else apply_keep(x2, keep2, dropout_p)
         s = xd @ a.t()  # [M, r]
+        del xd
         y = F.linear(x2, weight, bias)
         y.addmm_(s, b.t(), alpha=scale)
         ctx.scale, ctx.dropout_p, ctx.x_shape = scale, dropout_p, x.shape
         need_da, need_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        ctx.save_for_backward(x2 if need_da else None, weight, lora_a, lora_b, s if need_db else None, keep)
+        bits = None if keep2 is None else pack_keep(keep2)
+        ctx.save_for_backward(x2 if need_da else None, weight, lora_a, lora_b, s if need_db else None, bits)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, weight, lora_a, lora_b, s, keep = ctx.saved_tensors
+        x2, weight, lora_a, lora_b, s, bits = ctx.saved_tensors
         need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
         if need_dw or need_dbias:
             raise RuntimeError("LoRA never computes a gradient for the frozen weight or bias")
         dy = grad_y.reshape(-1, weight.shape[0])
         a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
         ds = (dy @ b).mul_(ctx.scale)  # [M, r]
-        keep2 = None if keep is None else keep.reshape(ds.shape[0], -1)
+        keep2 = None if bits is None else unpack_keep(bits, weight.shape[1])
         dx = da = db = None
         if need_dx:
             dx = dy @ weight.to(dy.dtype)
             if keep2 is None:
                 dx.addmm_(ds, a)
             else:
-                dx.add_((ds @ a).mul_(keep2).div_(1.0 - ctx.dropout_p))
+                dx.add_(apply_keep(ds @ a, keep2, ctx.dropout_p))
             dx = dx.reshape(ctx.x_shape)
         if need_da:
-            xd = x2 if keep2 is None else x2 * keep2 / (1.0 - ctx.dropout_p)
+            xd = x2 if keep2 is None else apply_keep(x2, keep2, ctx.dropout_p)
             da = (ds.t() @ xd).to(lora_a.dtype)
         if need_db:
             db = (dy.t() @ s).mul_(ctx.scale).to(lora_b.dtype)
@@ -853,9 +857,7 @@ def lora_linear_torch(
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    keep = None
-    if dropout_p > 0.0:
-        keep = torch.empty(x.shape, device=x.device, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+    keep = draw_keep(x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     return LoRALinearTorchFunction.apply(
         x, weight, lora_a, lora_b, bias, float(scale), keep, float(dropout_p)
     )

@@ -19,7 +19,8 @@ packed weight along N (``W`` rather than ``Wᵀ``), so there is one stored copy 
 
 Without dropout the LoRA term of dX shares the accumulator (``[dY | dS] · [W ; A]``); with dropout
 (``D' = keep / (1 - p)``) it is added outside the kernel. Saved for backward: X (only when dA is
-needed), S ``[M, r]`` and the keep-mask when p > 0; never a dequantized W.
+needed), S ``[M, r]`` and the keep-mask packed as bits when p > 0 (``dropout.py``); never a
+dequantized W.
 
 Dispatch: when the GEMM is long enough to be compute-bound, decoding W once into a temporary and
 calling cuBLAS wins; ``use_dequant_gemm`` chooses, by a threshold measured on an H200 (see
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 from . import quant
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
+from .dropout import apply_keep, draw_keep, pack_keep, unpack_keep
 from .quant import PackedWeight, PackedWeightInt8, _cast_rne, _decode_4bit, _decode_absmax
 
 __all__ = [
@@ -600,28 +602,32 @@ class QLoRALinearFunction(torch.autograd.Function):
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        xd = x2 if keep is None else x2 * keep.reshape(-1, K).to(x.dtype) / (1.0 - cfg.dropout_p)
+        keep2 = None if keep is None else keep.reshape(-1, K)
+        xd = x2 if keep2 is None else apply_keep(x2, keep2, cfg.dropout_p)
         s = xd @ a.t()  # [M, r]
+        del xd
         if _fused(cfg, x2.shape[0], pw):
             y = qmatmul_forward(x2, pw, s * cfg.scale, b, bias)
         else:
             y = F.linear(x2, _dense(pw, x.dtype, cfg), bias).addmm_(s, b.t(), alpha=cfg.scale)
         ctx.pw, ctx.cfg = pw, cfg
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, lora_a, lora_b, keep)
+        bits = None if keep2 is None else pack_keep(keep2)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, lora_a, lora_b, bits)
         return y.reshape(*lead, -1)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, s, lora_a, lora_b, keep = ctx.saved_tensors
+        x, s, lora_a, lora_b, bits = ctx.saved_tensors
         pw, cfg = ctx.pw, ctx.cfg
         lead, N = dy.shape[:-1], dy.shape[-1]
         K = pw.shape[1]
         dy2 = dy.reshape(-1, N)
         a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
         ds = cfg.scale * (dy2 @ b)  # [M, r]
+        keep2 = None if bits is None else unpack_keep(bits, K)
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            fold = keep is None
+            fold = keep2 is None
             if _fused(cfg, dy2.shape[0], pw):
                 dx = qmatmul_backward_dx(dy2, pw, ds if fold else None, a if fold else None)
             else:
@@ -629,11 +635,11 @@ class QLoRALinearFunction(torch.autograd.Function):
                 if fold:
                     dx.addmm_(ds, a)
             if not fold:
-                dx = dx + (ds @ a) * keep.reshape(-1, K).to(dy.dtype) / (1.0 - cfg.dropout_p)
+                dx.add_(apply_keep(ds @ a, keep2, cfg.dropout_p))
             dx = dx.reshape(*lead, K)
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, K)
-            xd = x2 if keep is None else x2 * keep.reshape(-1, K).to(x.dtype) / (1.0 - cfg.dropout_p)
+            xd = x2 if keep2 is None else apply_keep(x2, keep2, cfg.dropout_p)
             da = (ds.t() @ xd).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
             db = (dy2.t() @ s).mul_(cfg.scale).to(lora_b.dtype)
@@ -671,8 +677,6 @@ def qlora_linear(
     Returns:
         ``Y [..., N]`` in the dtype of x.
     """
-    keep = None
-    if dropout_p > 0.0:
-        keep = torch.rand(x.shape, device=x.device) >= dropout_p
+    keep = draw_keep(x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     cfg = QLoRAConfig(scale=float(scale), dropout_p=float(dropout_p), backend=backend, path=path)
     return QLoRALinearFunction.apply(x, lora_a, lora_b, bias, keep, pw, cfg)

@@ -20,7 +20,8 @@ the compute dtype):
   ``+ b·(h_in + n·d + 2·kv·d + n·d) + 4·n`` (normed inputs the adapters read, q, k, v, attention output,
   log-sum-exp; ``kv = n`` when a padding mask makes HF repeat the KV heads, ``n_kv`` otherwise)
   ``+ b·3i`` (gate, up, their product; ``+ b·i`` for silu(gate) when the MLP is not on the fused SwiGLU)
-  ``+ b·r`` per adapted Linear (its ``X·Aᵀ``), and ``+ 2·b·K`` per adapted Linear with LoRA dropout.
+  ``+ b·r`` per adapted Linear (its ``X·Aᵀ``), and with LoRA dropout ``⌈K/8⌉`` per adapted Linear (the
+  keep-mask as bits; nothing on the fused Triton LoRA path, which regenerates it).
   Methods full/partial also keep each Linear's input and each norm's normalized output.
   Once per micro-batch: the RoPE tables ``2·S·d·4`` and, with padding, the ``B·S·S·4`` attention mask.
   Padding-free micro-batches (``train.padding_free``) are one unmasked sequence: ``B = 1``, ``S`` = the
@@ -144,6 +145,9 @@ class Adapters:
     per_layer: dict[str, int] = field(default_factory=dict)
     rank: int = 0
     dropout: float = 0.0
+    # With dropout, the torch paths and QLoRA save the keep-mask as bits (kernels/dropout.py); the fused
+    # Triton LoRA kernels regenerate it from a seed and save nothing.
+    mask_saved: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,8 +177,8 @@ def block_activation_bytes_per_token(
     groups = {_INPUT_GROUP.get(name, "attn_in") for name in adapters.per_layer}
     total += b * h * (("attn_in" in groups) + ("mlp_in" in groups))  # norm outputs kept as LoRA's X
     total += b * adapters.rank * len(adapters.per_layer)  # S = X Aᵀ per adapted Linear
-    if adapters.dropout > 0:
-        total += 2 * b * sum(adapters.per_layer.values())  # keep-mask and dropped X per adapted Linear
+    if adapters.dropout > 0 and adapters.mask_saved:
+        total += sum(-(-k // 8) for k in adapters.per_layer.values())  # keep-mask bits per adapted Linear
     return total
 
 
@@ -383,6 +387,8 @@ def estimate(
                 adapters.per_layer[name.rsplit(".", 1)[-1]] = mod.in_features
     first_layer = _first_trainable_layer(model, shape.layers)
     backend = "triton" if on_gpu and cfg.kernels != "torch" else "torch"
+    # auto keeps the fused LoRA kernels when there is dropout (adapt.lora_layer_backend)
+    adapters.mask_saved = cfg.method == "qlora" or backend == "torch"
     swiglu = fuse_swiglu(model, backend)
     swiglu_fused = bool(swiglu.swiglu) and not swiglu.not_swiglu
     packed = cfg.train.padding_free and padding_free.unsupported_reason(model, cfg.data.max_seq_len) is None

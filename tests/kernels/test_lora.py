@@ -16,6 +16,7 @@ from torch import nn
 from utils import assert_close
 
 from fusedtune.kernels import LoRALinear, reference
+from fusedtune.kernels import dropout as dropout_mod
 from fusedtune.kernels import lora as lora_mod
 from fusedtune.kernels._triton import TORCH_TO_TL
 from fusedtune.kernels.lora import LoRAConfig, lora_backward, lora_forward, lora_linear
@@ -420,3 +421,37 @@ def test_torch_path_gradcheck():
     x, w, a, b, bb = make_problem(3, 6, 5, 2, torch.float64, bias=True)
     inputs = tuple(t.requires_grad_() for t in (x, a, b))
     assert torch.autograd.gradcheck(lambda x, a, b: lora_mod.lora_linear_torch(x, w, a, b, 1.5, bb), inputs)
+
+
+@pytest.mark.parametrize("k", [1, 8, 23, 64])
+def test_keep_mask_packs_to_bits_and_back(k):
+    keep = torch.rand(7, k, generator=torch.Generator().manual_seed(k)) >= 0.4
+    bits = dropout_mod.pack_keep(keep)
+    assert bits.dtype == torch.uint8 and tuple(bits.shape) == (7, (k + 7) // 8)
+    assert torch.equal(dropout_mod.unpack_keep(bits, k), keep)
+
+
+@pytest.mark.parametrize("path", ["lora", "qlora"])
+def test_torch_paths_save_the_dropout_mask_as_bits(path):
+    """With dropout the torch paths save ⌈K/8⌉ bytes of mask per row, no bool [M, K] mask, no dropped X."""
+    from fusedtune.kernels import qmatmul, quant
+
+    m, k, n, r = 6, 40, 24, 4
+    x, w, a, b, _ = make_problem(m, k, n, r, torch.float32)
+    a.requires_grad_()
+    b.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if path == "lora":
+            lora_mod.lora_linear_torch(x, w, a, b, 2.0, None, 0.3)
+        else:
+            pw = quant.quantize(w, "nf4", 32, False, backend="torch")
+            qmatmul.qlora_linear(x, pw, a, b, 2.0, None, 0.3, backend="torch")
+    assert ((m, k // 8), torch.uint8) in saved
+    assert not any(shape == (m, k) and dtype != torch.float32 for shape, dtype in saved), saved
+    assert sum(1 for shape, _ in saved if shape == (m, k)) == 1, saved  # X itself (for dA), once

@@ -80,7 +80,15 @@ def test_packed_weight_bytes_formula(shape, qtype, blocksize, dq):
 
 
 @pytest.mark.parametrize(
-    "overrides", [[], ["method=qlora"], ["model.gradient_checkpointing=true"]], ids=["lora", "qlora", "ckpt"]
+    "overrides",
+    [
+        [],
+        ["method=qlora"],
+        ["model.gradient_checkpointing=true"],
+        ["lora.dropout=0.1"],
+        ["method=qlora", "lora.dropout=0.1"],
+    ],
+    ids=["lora", "qlora", "ckpt", "lora-dropout", "qlora-dropout"],
 )
 def test_estimate_within_15_percent_of_measured_peak(tmp_path, tiny_model_dir, overrides):
     cfg = load_config(write_config(tmp_path, tiny_model_dir), overrides)
