@@ -38,7 +38,9 @@ def _kernel_rows(prof, steps: int) -> tuple[list[dict], float]:
     """Kernel events grouped by name (per step), and the kernel time per step in ms."""
     by_name: dict[str, list[float]] = {}
     for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
+        # record_function ranges (our triton:: labels, Optimizer.step#...) also appear on the device
+        # timeline as user annotations: counting them would count their kernels twice
+        if evt.device_type != torch.autograd.DeviceType.CUDA or getattr(evt, "is_user_annotation", False):
             continue
         by_name.setdefault(evt.name, []).append(evt.time_range.elapsed_us())
     total_us = sum(sum(v) for v in by_name.values())
@@ -214,12 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"kernels": kernels, "method": args.method, "kind": kind, **r})
         for r in res["top_kernels"][:8]:
             print(f"  {r['total_ms']:8.2f} ms {r['calls']:6.0f} calls  {r['name']}", flush=True)
+        # after every setting: a later one cut short by gpu.sh's timeout keeps this one's results
+        summary = [{k: v for k, v in r.items() if not k.startswith("top_")} for r in results]
+        write_results("profile_steps", summary, list(summary[0]), args.out)
+        write_results("profile", rows, KERNEL_COLUMNS, args.out)
     if not results:
         print("error: nothing profiled", file=sys.stderr)
         return 1
-    summary = [{k: v for k, v in r.items() if not k.startswith("top_")} for r in results]
-    write_results("profile_steps", summary, list(summary[0]), args.out)
-    write_results("profile", rows, KERNEL_COLUMNS, args.out)
     return 0
 
 

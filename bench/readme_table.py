@@ -72,14 +72,19 @@ def _memory(row: dict) -> str:
     return ""
 
 
-def _ratio(row: dict) -> str:
+def _ratio(row: dict, base: dict | None = None) -> str:
+    """Time (and memory) against HF + PEFT of the same run; on a GPU the memory is max_memory_allocated
+    (every GPU worker's peak RSS is the same host-side number, so an RSS ratio says nothing there)."""
     parts = []
     if row.get("step_time_ratio") is not None:
         time = f"time {row['step_time_ratio']:.2f}x"
         if row.get("paired_ratio_median") is not None and len(row.get("round_medians", [])) > 1:
             time += f" (round by round {row['paired_ratio_median']:.2f}x)"
         parts.append(time)
-    if row.get("peak_rss_ratio") is not None:
+    if "max_allocated_gib" in row:
+        if base and base.get("max_allocated_gib"):
+            parts.append(f"allocated {row['max_allocated_gib'] / base['max_allocated_gib']:.2f}x")
+    elif row.get("peak_rss_ratio") is not None:
         parts.append(f"RSS {row['peak_rss_ratio']:.2f}x")
     return ", ".join(parts)
 
@@ -103,6 +108,7 @@ def table(results_dir: Path = BENCH / "results") -> str:
         machine = (
             f"{env['device']}; torch {env['torch']}, commit {env.get('commit')}, {env.get('date', '')[:10]}"
         )
+        bases = {r["method"]: r for r in data["results"] if r["provider"] == "hf_peft" and "skipped" not in r}
         for r in data["results"]:
             run = path.stem
             if "batch" in r:
@@ -113,7 +119,7 @@ def table(results_dir: Path = BENCH / "results") -> str:
                 continue
             lines.append(
                 f"| {run} | {r['method']} | {who} | {r['step_s_median']:.3f} s | {r['tokens_per_s']:.0f} | "
-                f"{_memory(r)} | {_ratio(r) if r['provider'] != 'hf_peft' else '1.00x'} | {machine} |"
+                f"{_memory(r)} | {_ratio(r, bases.get(r['method'])) if r['provider'] != 'hf_peft' else '1.00x'} | {machine} |"
             )
     return "\n".join(lines)
 

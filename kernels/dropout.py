@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["apply_keep", "draw_keep", "pack_keep", "unpack_keep"]
-
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+__all__ = ["apply_keep", "apply_keep_", "draw_keep", "pack_keep", "unpack_keep"]
 
 
 def draw_keep(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -27,6 +25,16 @@ def apply_keep(x2: torch.Tensor, keep2: torch.Tensor, p: float) -> torch.Tensor:
     return (x2 * keep2).div_(1.0 - p)
 
 
+def apply_keep_(t: torch.Tensor, keep2: torch.Tensor, p: float) -> torch.Tensor:
+    """:func:`apply_keep` in place on ``t`` (a temporary the caller owns)."""
+    return t.mul_(keep2).div_(1.0 - p)
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    # made on the device itself: a CPU tensor moved to a GPU here would be a blocking copy per call
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+
+
 def pack_keep(keep2: torch.Tensor) -> torch.Tensor:
     """``[M, K]`` bool -> ``[M, ⌈K/8⌉]`` uint8, element ``k`` in bit ``k % 8`` of byte ``k // 8``."""
     m, k = keep2.shape
@@ -34,12 +42,11 @@ def pack_keep(keep2: torch.Tensor) -> torch.Tensor:
     bits = keep2.to(torch.uint8)
     if pad:
         bits = torch.cat([bits, bits.new_zeros(m, pad)], dim=1)
-    shifts = _BIT_SHIFTS.to(keep2.device)
-    return (bits.view(m, -1, 8) << shifts).sum(dim=-1, dtype=torch.uint8)
+    return (bits.view(m, (k + pad) // 8, 8) * _bit_values(keep2.device)).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_keep(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_keep`: ``[M, ⌈K/8⌉]`` uint8 -> ``[M, K]`` bool."""
-    shifts = _BIT_SHIFTS.to(packed.device)
-    bits = (packed[..., None] >> shifts) & 1
-    return bits.view(packed.shape[0], -1)[:, :k].bool()
+    m, nbytes = packed.shape
+    bits = (packed[..., None] & _bit_values(packed.device)) != 0
+    return bits.view(m, nbytes * 8)[:, :k]

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
-from .dropout import apply_keep, draw_keep, pack_keep, unpack_keep
+from .dropout import apply_keep, apply_keep_, draw_keep, pack_keep, unpack_keep
 from .reference import dropout_threshold
 
 __all__ = [
@@ -832,7 +832,7 @@ class LoRALinearTorchFunction(torch.autograd.Function):
             if keep2 is None:
                 dx.addmm_(ds, a)
             else:
-                dx.add_(apply_keep(ds @ a, keep2, ctx.dropout_p))
+                dx.add_(apply_keep_(ds @ a, keep2, ctx.dropout_p))
             dx = dx.reshape(ctx.x_shape)
         if need_da:
             xd = x2 if keep2 is None else apply_keep(x2, keep2, ctx.dropout_p)

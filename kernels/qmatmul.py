@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import quant
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
-from .dropout import apply_keep, draw_keep, pack_keep, unpack_keep
+from .dropout import apply_keep, apply_keep_, draw_keep, pack_keep, unpack_keep
 from .quant import PackedWeight, PackedWeightInt8, _cast_rne, _decode_4bit, _decode_absmax
 
 __all__ = [
@@ -378,7 +378,9 @@ def _tiles(m: int, rank: int, wmeta: dict, dtype: torch.dtype, dx: bool = False)
     #   M = 512:  128x64 (4 warps, 4 stages) 0.204 / 0.246, 128x128 (8, 3) 0.235 / 0.213, 256x128 0.252 / 0.248
     #   M = 2048: 256x128 (8 warps, 3 stages) 0.483 / 0.620, 128x128 0.776 / 0.654, 128x64 0.653 / 0.641
     #   M = 8192: 256x128 1.621 / 1.911, 128x128 2.674 / 2.158
-    # BLOCK_K <= blocksize keeps one absmax per tile row. M <= 64: one 64-row tile (not swept).
+    # BLOCK_K <= blocksize keeps one absmax per tile row; dX's K tile (the swapped BLOCK_N) is clamped to
+    # the blocksize too, so at blocksize 64 its 128x128 and 128x64 rows differ in warps and stages only.
+    # M <= 64: one 64-row tile (not swept).
     if m >= 2048:
         block_m, block_n, warps, stages = 256, 128, 8, 3
     elif m > 64 and not dx:
@@ -613,7 +615,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         ctx.pw, ctx.cfg = pw, cfg
         bits = None if keep2 is None else pack_keep(keep2)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, lora_a, lora_b, bits)
-        return y.reshape(*lead, -1)
+        return y.reshape(*lead, pw.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -635,7 +637,7 @@ class QLoRALinearFunction(torch.autograd.Function):
                 if fold:
                     dx.addmm_(ds, a)
             if not fold:
-                dx.add_(apply_keep(ds @ a, keep2, cfg.dropout_p))
+                dx.add_(apply_keep_(ds @ a, keep2, cfg.dropout_p))
             dx = dx.reshape(*lead, K)
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, K)

@@ -85,7 +85,7 @@ def choose_backend(kernels: str) -> tuple[str, str]:
 # kernels: auto on CUDA runs plain-LoRA layers as cuBLAS GEMMs plus an in-place low-rank add
 # (``lora.lora_linear_torch``), not the fused Triton kernels, because that measured faster on an NVIDIA H200
 # (bench/results/lora_linear-h200.md, commit 99b4beb; bf16, K = N = 4096, r = 16, forward + backward, ms
-# fused Triton / cuBLAS path / PEFT): M = 512 1.175 / 0.674 / 0.904, M = 2048 1.298 / 0.872 / 0.862,
+# fused Triton / cuBLAS path / PEFT): M = 512 1.175 / 0.674 / 0.903, M = 2048 1.298 / 0.872 / 0.862,
 # M = 8192 1.454 / 0.973 / 1.030, M = 16384 2.119 / 1.863 / 2.044 (no dropout). With LoRA dropout the fused
 # kernels stay: they regenerate the keep-mask from a seed, where the cuBLAS path saves a bool [M, K] mask per
 # layer. kernels: triton forces the fused kernels. QLoRA layers keep the Triton path (dequantize + cuBLAS or

@@ -455,3 +455,20 @@ def test_torch_paths_save_the_dropout_mask_as_bits(path):
     assert ((m, k // 8), torch.uint8) in saved
     assert not any(shape == (m, k) and dtype != torch.float32 for shape, dtype in saved), saved
     assert sum(1 for shape, _ in saved if shape == (m, k)) == 1, saved  # X itself (for dA), once
+
+
+@pytest.mark.parametrize("path", ["lora", "qlora"])
+def test_torch_paths_take_an_empty_batch_with_dropout(path):
+    from fusedtune.kernels import qmatmul, quant
+
+    _, w, a, b, _ = make_problem(1, 40, 24, 4, torch.float32)
+    x = torch.zeros(0, 40, device=DEVICE, requires_grad=True)
+    a.requires_grad_()
+    if path == "lora":
+        y = lora_mod.lora_linear_torch(x, w, a, b, 2.0, None, 0.3)
+    else:
+        y = qmatmul.qlora_linear(
+            x, quant.quantize(w, "nf4", 32, False, backend="torch"), a, b, 2.0, None, 0.3, "torch"
+        )
+    y.sum().backward()
+    assert tuple(y.shape) == (0, 24) and tuple(x.grad.shape) == (0, 40) and float(a.grad.abs().sum()) == 0.0
