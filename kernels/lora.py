@@ -107,7 +107,9 @@ def _lora_down_kernel(
     out_scale,  # s / (1 - p)
     seed,  # dropout seed (unused without dropout)
     threshold,  # dropout threshold on 24 random bits
+    split_k,  # programs sharing one tile's K reduction (grid axis 2)
     HAS_DROPOUT: tl.constexpr,
+    ATOMIC_S: tl.constexpr,  # split_k > 1: add the partial sums into an fp32 S' (zeroed)
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -115,16 +117,17 @@ def _lora_down_kernel(
     ACC_DTYPE: tl.constexpr,  # accumulator dtype (fp32, or fp64 for fp64 inputs)
     INPUT_PRECISION: tl.constexpr,  # "ieee": no tf32 for fp32 inputs
 ):
-    """S' = s/(1-p) · (keep ⊙ X) Aᵀ for one [BLOCK_M, BLOCK_R] tile, reducing over K."""
+    """S' = s/(1-p) · (keep ⊙ X) Aᵀ for one [BLOCK_M, BLOCK_R] tile, over every split_k-th K block."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = rows < M
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, split_k * BLOCK_K):
         cols = k0 + offs_k
         mask_k = cols < K
         x = tl.load(
@@ -141,11 +144,11 @@ def _lora_down_kernel(
         ).to(DOT_DTYPE)
         acc = tl.dot(x, a_t, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     acc = acc * out_scale
-    tl.store(
-        s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-        acc.to(s_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_r[None, :],
-    )
+    s_ptrs = s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    if ATOMIC_S:
+        tl.atomic_add(s_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+    else:
+        tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
@@ -630,12 +633,20 @@ def lora_forward(
         key: thin[key] for key in ("BLOCK_M", "BLOCK_R", "BLOCK_K", "num_warps", "num_stages") if key in thin
     }
     p = config.dropout_p
-    _lora_down_kernel[(cdiv(m, thin["BLOCK_M"]), cdiv(r, thin["BLOCK_R"]))](
-        x, lora_a, s, m, k, r,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
-        config.scale / (1.0 - p), config.seed, dropout_threshold(p),
-        HAS_DROPOUT=config.has_dropout, **down_meta, **dt,
+    # One program per [BLOCK_M, BLOCK_R] tile leaves the GPU idle at small M (M = 512: 8 programs, each
+    # walking all of K); split K across programs to fill it, summing into an fp32 S' with atomics.
+    m_tiles, r_tiles = cdiv(m, thin["BLOCK_M"]), cdiv(r, thin["BLOCK_R"])
+    split_k = _split(m_tiles * r_tiles, cdiv(k, thin["BLOCK_K"]), x.device)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s_out = torch.zeros((m, r), device=x.device, dtype=acc_dtype) if split_k > 1 else s
+    _lora_down_kernel[(m_tiles, r_tiles, split_k)](
+        x, lora_a, s_out, m, k, r,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), s_out.stride(0), s_out.stride(1),
+        config.scale / (1.0 - p), config.seed, dropout_threshold(p), split_k,
+        HAS_DROPOUT=config.has_dropout, ATOMIC_S=split_k > 1, **down_meta, **dt,
     )  # fmt: skip
+    if split_k > 1:
+        s.copy_(s_out)  # rounded to x's dtype once, as the single-program path stores it
     kernel, meta = _gemm_launcher("_lora_fwd_kernel", m * n * (k + r))
     grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(n, META["BLOCK_N"]),)
     kernel[grid](

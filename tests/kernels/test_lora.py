@@ -472,3 +472,23 @@ def test_torch_paths_take_an_empty_batch_with_dropout(path):
         )
     y.sum().backward()
     assert tuple(y.shape) == (0, 24) and tuple(x.grad.shape) == (0, 40) and float(a.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_split_reductions_match_single_program(monkeypatch, dtype, dropout):
+    """The split-reduction paths a GPU takes when a tile grid alone would not fill it (S' over K, dS'/dB
+    over N, dA over M, summed with fp32 atomics) against one program per tile, forced here under the
+    interpreter (where ``_split`` otherwise returns 1)."""
+    x, w, a, b, bias = make_problem(70, 150, 90, 8, dtype, bias=True)
+    grad_y = torch.randn(70, 90, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    results = []
+    for split in (1, 3):
+        monkeypatch.setattr(lora_mod, "_split", lambda tiles, red, dev, split=split: max(1, min(split, red)))
+        xi, ai, bi = (t.clone().requires_grad_() for t in (x, a, b))
+        y = lora_linear(xi, w, ai, bi, 2.0, bias=bias, dropout_p=dropout, dropout_seed=7)
+        y.backward(grad_y)
+        results.append((y, xi.grad, ai.grad, bi.grad))
+    for name, got, exp in zip(("Y", "dX", "dA", "dB"), *results, strict=True):
+        assert_close(got, exp, dtype, f"{name} split 3 vs 1")
+    assert not torch.equal(results[0][2], torch.zeros_like(results[0][2]))
