@@ -28,6 +28,8 @@ the compute dtype):
   real tokens;
 - with gradient checkpointing: each block keeps only its input (``b·h`` per token), plus one block's
   activations while it is recomputed in backward;
+- either way, backward holds one block's widest gradients beside them: the MLP's dG and dU, ``2·b·i``
+  per token;
 - logits and loss: the LM head runs only at the ``T_t`` target positions, fused with the loss and
   chunked (``kernels.cross_entropy``): one chunk of ``c`` rows of logits ``c·V·b`` (plus its fp32 copy
   on the torch path when ``b < 4``), and the ``T_t·h`` selected hidden states with their gradient
@@ -208,9 +210,12 @@ def activation_bytes(
     )
     shared = 2 * seq * shape.head_dim * 4 + (batch * seq * seq * 4 if padded else 0)
     final_norm = 4 * (shape.hidden + 1) * tokens
+    # Backward holds one block's widest gradients beside the saved activations: the MLP's dG and dU.
+    backward_transient = 2 * dtype_bytes * shape.intermediate * tokens if layers else 0
     if checkpointing:
-        return int(layers * dtype_bytes * shape.hidden * tokens + per_block + shared + final_norm)
-    return int(layers * per_block + shared + final_norm)
+        kept = layers * dtype_bytes * shape.hidden * tokens
+        return int(kept + per_block + shared + final_norm + backward_transient)
+    return int(layers * per_block + shared + final_norm + backward_transient)
 
 
 def loss_buffer_bytes(vocab: int, hidden: int, target_tokens: int, dtype_bytes: int, backend: str) -> int:

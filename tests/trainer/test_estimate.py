@@ -1,5 +1,5 @@
 """``trainer estimate``: the exact parts equal the live tensors after a real step; the formulas land
-within 15% of the measured peak; the CLI prints the breakdown and answers bad input with one line."""
+within 15% of the measured peak (6% asserted on the tiny model); the CLI prints the breakdown and answers bad input with one line."""
 
 from __future__ import annotations
 
@@ -87,15 +87,19 @@ def test_packed_weight_bytes_formula(shape, qtype, blocksize, dq):
         ["model.gradient_checkpointing=true"],
         ["lora.dropout=0.1"],
         ["method=qlora", "lora.dropout=0.1"],
+        ["method=full"],
+        ["train.padding_free=false"],
     ],
-    ids=["lora", "qlora", "ckpt", "lora-dropout", "qlora-dropout"],
+    ids=["lora", "qlora", "ckpt", "lora-dropout", "qlora-dropout", "full", "padded"],
 )
 def test_estimate_within_15_percent_of_measured_peak(tmp_path, tiny_model_dir, overrides):
     cfg = load_config(write_config(tmp_path, tiny_model_dir), overrides)
     m = est_mod.measure(cfg, steps=3, log=lambda *_: None)
     here = est_mod.estimate_for_batches(cfg, m.batches, on_gpu=False)
     assert m.peak_tensor_bytes > here.frozen_bytes + here.trainable_bytes + here.optimizer_state_bytes
-    assert abs(here.tensor_bytes - m.peak_tensor_bytes) <= 0.15 * m.peak_tensor_bytes, (
+    # the target is 15%; these tiny configs land within 3% (backward's dG/dU transient included), so a
+    # formula that drifts is caught well before it misses the target
+    assert abs(here.tensor_bytes - m.peak_tensor_bytes) <= 0.06 * m.peak_tensor_bytes, (
         here.tensor_bytes,
         m.peak_tensor_bytes,
     )
