@@ -30,9 +30,17 @@ def apply_keep_(t: torch.Tensor, keep2: torch.Tensor, p: float) -> torch.Tensor:
     return t.mul_(keep2).div_(1.0 - p)
 
 
+_BIT_VALUES: dict[torch.device, torch.Tensor] = {}
+
+
 def _bit_values(device: torch.device) -> torch.Tensor:
-    # made on the device itself: a CPU tensor moved to a GPU here would be a blocking copy per call
-    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+    """``[1, 2, 4, ..., 128]`` uint8 on ``device``, made there once (a host-to-GPU copy per call would
+    wait for the stream)."""
+    bits = _BIT_VALUES.get(device)
+    if bits is None:
+        shifts = torch.arange(8, dtype=torch.uint8, device=device)
+        bits = _BIT_VALUES[device] = torch.ones_like(shifts) << shifts
+    return bits
 
 
 def pack_keep(keep2: torch.Tensor) -> torch.Tensor:
