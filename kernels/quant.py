@@ -306,6 +306,19 @@ def _dequantize_int8_rowwise_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 
+_CODE_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _code_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """``reference.code_4bit`` on ``device``, built once per (type, device): every fused matmul and
+    dequantize passes it, and a host-to-GPU copy per call would wait for the GPU's stream each time."""
+    key = (quant_type, device)
+    table = _CODE_TABLES.get(key)
+    if table is None:
+        table = _CODE_TABLES[key] = reference.code_4bit(quant_type, device)
+    return table
+
+
 @dataclass
 class PackedWeight4bit:
     """A 4-bit weight in bitsandbytes' layout (the data of a ``Params4bit`` plus its ``QuantState``).
@@ -344,7 +357,7 @@ class PackedWeight4bit:
 
     @property
     def code(self) -> torch.Tensor:
-        return reference.code_4bit(self.quant_type, self.packed.device)
+        return _code_table(self.quant_type, self.packed.device)
 
     def absmax_fp32(self) -> torch.Tensor:
         """Per-block absmax in fp32, decoding double quantization (bit-exact with bnb)."""
