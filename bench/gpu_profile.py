@@ -7,6 +7,9 @@ The job is bench/gpu_e2e.py's (Llama-3-8B shapes with ``--layers`` blocks, rando
 (``e2e.fusedtune_setup`` + ``loop.optimizer_step``) once per ``--kernels`` setting: ``--warmup`` steps
 (compiles, autotuning), then ``--steps`` profiled steps.
 
+First, one LoRA layer (K = N = 4096, r = 16, bf16, forward + backward at M = 512 and 8192) on the fused
+and the cuBLAS path: wall and kernel time and where they go (``profile_layer-<card>.{json,md}``).
+
 Written to ``profile_steps-<card>.{json,md}`` per setting: the wall time of the profiled steps, the sum of
 the CUDA kernel time inside them, the GPU-idle share (wall minus kernel time) and the time in Python's
 garbage collector; and to
@@ -158,6 +161,55 @@ def profile_one(job: dict, batches: list[dict], warmup: int, steps: int) -> dict
     return result
 
 
+LAYER_TOKENS = (512, 8192)
+
+
+def profile_layer(
+    m: int, k: int = 4096, n: int = 4096, r: int = 16, iters: int = 20, device: str = "cuda"
+) -> list[dict]:
+    """One LoRA layer, forward + backward, bf16: the fused Triton path and the cuBLAS path side by side.
+
+    bench/gpu_lora.py measured the fused path at 1.18 ms against 0.67 ms at M=512 with GPU work of tens
+    of microseconds; this says which kernels (or which host ops) the time is in.
+    """
+    import e2e
+    from torch.profiler import ProfilerActivity, profile
+
+    from fusedtune.kernels import lora_linear, lora_linear_torch
+
+    _label_triton_launches()
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the interpreter: no bf16 math
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(m, k, device=dev, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(n, k, device=dev, generator=g) / k**0.5).to(dtype)
+    a = (torch.randn(r, k, device=dev, generator=g) / k**0.5).requires_grad_()
+    b = torch.randn(n, r, device=dev, generator=g).requires_grad_()
+    dy = torch.randn(m, n, device=dev, generator=g).to(dtype)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    rows = []
+    for path, fn in (("fused", lora_linear), ("cublas", lora_linear_torch)):
+        for _ in range(5):  # compile, autotune
+            fn(x, w, a, b, 2.0).backward(dy)
+        e2e._sync(dev)
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn(x, w, a, b, 2.0).backward(dy)
+            e2e._sync(dev)
+            wall_ms = (time.perf_counter() - t0) / iters * 1e3
+        kernels, kernel_ms = _kernel_rows(prof, iters)
+        head = {"kernels": path, "method": f"layer M={m}", "kind": "total", "name": "wall / kernels"}
+        rows.append({**head, "calls": 1, "total_ms": wall_ms, "mean_us": kernel_ms * 1e3, "share": None})
+        for kind, found in (("kernel", kernels[:12]), ("cpu", _cpu_rows(prof, iters)[:12])):
+            rows += [{**head, "kind": kind, **r} for r in found]
+        print(
+            f"layer M={m} {path}: {wall_ms:.3f} ms wall, {kernel_ms:.3f} ms in kernels per fwd+bwd",
+            flush=True,
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from report import gpu_bench_parser, require_cuda, write_results
 
@@ -184,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     start = time.monotonic()
+    layer_rows = []
+    for m in LAYER_TOKENS:  # a few seconds: first, so that a cut-short end-to-end part keeps it
+        layer_rows += profile_layer(m)
+        write_results("profile_layer", layer_rows, KERNEL_COLUMNS, args.out)
     model_dir, _ = gpu_e2e.build_model(args.layers, Path(tempfile.mkdtemp(prefix="llama3-8b-shape-")))
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
     batches = e2e.make_batches(vocab, args.warmup + args.steps, args.batch, args.seq)

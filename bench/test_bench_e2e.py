@@ -96,3 +96,13 @@ def test_profile_runs_the_training_step(tmp_path):
     assert len(res["warmup_step_s"]) == 1 and res["profiled_step_ms"] > 0
     names = {r["name"] for r in res["top_cpu_ops"]}
     assert "aten::mm" in names or "aten::addmm" in names
+
+
+def test_profile_layer_runs_both_paths(monkeypatch):
+    """bench/gpu_profile.py's one-layer profile on the CPU (the fused path under Triton's interpreter)."""
+    import gpu_profile
+
+    rows = gpu_profile.profile_layer(8, k=32, n=16, r=4, iters=2, device="cpu")
+    totals = [r for r in rows if r["kind"] == "total"]
+    assert [r["kernels"] for r in totals] == ["fused", "cublas"] and all(r["total_ms"] > 0 for r in totals)
+    assert any(r["kind"] == "cpu" and r["name"].startswith("aten::") for r in rows)
