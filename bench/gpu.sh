@@ -99,7 +99,7 @@ fi
 # first), then lora and fused get what is left (both ran in full on the H200 already).
 run_bench bench/gpu_qmatmul.py 100 ${GPU_QMATMUL_ARGS:-}
 run_bench bench/gpu_lora.py 110 ${GPU_LORA_ARGS:---quick}
-run_bench bench/gpu_fused.py 40
+run_bench bench/gpu_fused.py 60
 stage "done, status $status; results in $OUT/gpu-results.tar.gz"
 ls -la "$RES" | tee -a "$LOG"
 exit $status

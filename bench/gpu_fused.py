@@ -5,6 +5,8 @@
 LM head + cross-entropy, forward + backward, bf16 hidden states [N, 4096], Llama-3 vocabulary 128256,
 frozen head (as in LoRA/QLoRA):
     ours      fusedtune.kernels.cross_entropy.linear_cross_entropy (chunked, Triton softmax-gradient)
+    ours_chunkNNN   the same with NNN MiB of logits a chunk instead of the default 32 MiB: every chunk
+              reads the whole head (1 GiB here) twice, so small chunks trade speed for memory
     torch     F.linear -> .float() -> F.cross_entropy, by autograd (what HF's loss does)
     liger     liger_kernel's LigerFusedLinearCrossEntropyLoss (skipped when not installed)
 SwiGLU gate silu(G) * U, forward + backward, bf16 [N, 14336]:
@@ -37,10 +39,11 @@ def _ce_call(provider: str, n: int):
     h = (torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.5).requires_grad_()
     w = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
     t = torch.randint(0, VOCAB, (n,), device="cuda")
-    if provider == "ours":
-        from fusedtune.kernels.cross_entropy import linear_cross_entropy
+    if provider.startswith("ours"):
+        from fusedtune.kernels.cross_entropy import DEFAULT_CHUNK_BYTES, linear_cross_entropy
 
-        fn = lambda: linear_cross_entropy(h, w, t, backend="triton")
+        chunk = int(provider.removeprefix("ours_chunk")) << 20 if "chunk" in provider else DEFAULT_CHUNK_BYTES
+        fn = lambda: linear_cross_entropy(h, w, t, backend="triton", chunk_bytes=chunk)
     elif provider == "torch":
         fn = lambda: F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
     else:
@@ -91,6 +94,8 @@ def run(providers: list[str], tokens: list[int], deadline: float | None) -> list
                 print(f"time budget spent: stopping before {op} N={n}", flush=True)
                 return rows
             for provider in providers:
+                if op == "swiglu" and provider.startswith("ours_chunk"):
+                    continue
                 try:
                     call, grads = make(provider, n)
                     ms, p20, p80, peak = time_and_peak(call, grads, warmup=5, rep=25)
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if not require_cuda("gpu_fused.py needs a CUDA device (triton.testing.do_bench); none found."):
         return 2
     providers = ["ours", "torch"] + (["liger"] if importlib.util.find_spec("liger_kernel") else [])
+    providers += ["ours_chunk128", "ours_chunk512"]
     start = time.time()
     torch.manual_seed(0)
     rows = run(providers, TOKENS, start + args.budget_s if args.budget_s else None)

@@ -52,7 +52,13 @@ KERNEL_BENCHES = {
         "fused ops",
         lambda r: True,
         lambda r: f"{r['op']} N={r['N']}",
-        {"ours": "fusedtune", "torch": "torch autograd", "liger": "Liger"},
+        {
+            "ours": "fusedtune",
+            "ours_chunk128": "fusedtune, 128 MiB chunks",
+            "ours_chunk512": "fusedtune, 512 MiB chunks",
+            "torch": "torch autograd",
+            "liger": "Liger",
+        },
     ),
 }
 PROVIDER_NAMES = {
