@@ -15,6 +15,7 @@ from torch import nn
 
 from fusedtune.kernels import LoRALinear
 from fusedtune.kernels.lora import MAX_RANK as FUSED_MAX_RANK
+from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 
 from .config import Config
 from .errors import ConfigError
@@ -68,6 +69,12 @@ class AdaptReport:
             )
             if self.quantized:
                 out.append(f"{len(self.quantized)} frozen Linear weights quantized")
+            if self.method == "qlora" and self.fused:
+                out.append(
+                    f"  QLoRA matmuls on the Triton path: the fused dequantize-in-GEMM kernel below "
+                    f"{DEQUANT_MIN_TOKENS} tokens per micro-batch, dequantize + cuBLAS from "
+                    f"{DEQUANT_MIN_TOKENS} (the crossover measured on an H200)"
+                )
             out += not_fused_lines(self.not_fused, len(self.adapted), "all adapted layers")
         return out
 
@@ -145,7 +152,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def _why_not_fused(linear: nn.Linear, rank: int, backend: str, reason: str) -> str | None:
     if backend != "triton":
         return reason
-    if linear.weight.dtype not in FUSED_DTYPES:
+    # a bitsandbytes layer's weight is its packed storage (uint8/int8): the Triton path reads it as is
+    if not _is_bnb_quantized(linear) and linear.weight.dtype not in FUSED_DTYPES:
         return f"weight dtype {linear.weight.dtype} is not fp32/fp16/bf16"
     if rank > FUSED_MAX_RANK:
         return f"rank {rank} > {FUSED_MAX_RANK}, the fused kernel's limit"
@@ -188,7 +196,10 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
         method_backend, method_reason = lora_layer_backend(
             cfg.kernels, cfg.method, lc.dropout, backend, reason
         )
-        for name, linear in targets.items():
+        for name in list(targets):
+            # Popped, so that no reference outlives the swap: for qlora the layer was moved to the device
+            # to be packed, and the dict would keep every full-precision weight there until the end.
+            linear = targets.pop(name)
             why = _why_not_fused(linear, lc.rank, method_backend, method_reason)
             layer_backend = "triton" if why is None else "torch"
             if cfg.method == "lora" and _is_bnb_quantized(linear):
@@ -208,6 +219,7 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                 new = _quantize_linear(linear, cfg, layer_backend, device)
                 report.quantized.append(name)
             _set_module(model, name, new)
+            del linear, new
             report.adapted.append(name)
             if why is None:
                 report.fused.append(name)

@@ -62,3 +62,49 @@ def test_lora_on_quantized_checkpoint_is_refused(bnb_quantized_dir, tmp_path, ca
     cfg = write_config(tmp_path, bnb_quantized_dir, method="lora")
     assert main(["run", str(cfg)]) == 2
     assert "use method: qlora" in capsys.readouterr().err
+
+
+def test_prequantized_checkpoint_takes_the_triton_path(bnb_quantized_dir):
+    """The packed uint8 storage is not a reason to leave the Triton path (it reads it as is)."""
+    model = AutoModelForCausalLM.from_pretrained(bnb_quantized_dir)
+    ids = torch.randint(4, model.config.vocab_size, (2, 7))
+    model.train()
+    logits_bnb = model(input_ids=ids).logits.detach()
+    cfg = load_config(None, ["method=qlora", "kernels=triton", "lora.rank=4"])
+    report = apply_method(model, cfg, torch.device("cpu"))
+    assert len(report.fused) == 14 and not report.not_fused, report.not_fused
+    assert any("dequantize + cuBLAS" in line for line in report.lines())
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantLoRALinear) and layer.backend == "triton"
+    with torch.no_grad():  # B = 0; 14 tokens: the fused kernel (under the interpreter on the CPU)
+        torch.testing.assert_close(model(input_ids=ids).logits, logits_bnb, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_releases_each_full_precision_weight_once_packed(tiny_model_dir, monkeypatch):
+    """Layer by layer: when a Linear is packed, the weights of those packed before it are gone.
+
+    (On a GPU each layer is moved there to be packed; a lingering reference would keep every
+    full-precision target weight on the device until the whole model was done.)
+    """
+    import gc
+    import weakref
+
+    from fusedtune.trainer import adapt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    gc.collect()
+    done: list[weakref.ref] = []
+    alive_at_each_call = []
+    original = adapt._quantize_linear
+
+    def spy(linear, *args, **kwargs):
+        alive_at_each_call.append(sum(ref() is not None for ref in done))
+        out = original(linear, *args, **kwargs)
+        done.append(weakref.ref(linear.weight))
+        return out
+
+    monkeypatch.setattr(adapt, "_quantize_linear", spy)
+    cfg = load_config(None, ["method=qlora", "kernels=torch", "lora.rank=4"])
+    report = apply_method(model, cfg, torch.device("cpu"))
+    assert len(report.quantized) == 14 == len(alive_at_each_call)
+    assert alive_at_each_call == [0] * 14
