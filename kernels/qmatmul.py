@@ -408,11 +408,45 @@ def _tiles(m: int, rank: int, wmeta: dict, dtype: torch.dtype, dx: bool = False)
     return tiles
 
 
-def _check(x: torch.Tensor, pw: PackedWeight, lora: tuple | None) -> None:
+def _check(
+    x: torch.Tensor,
+    pw: PackedWeight,
+    rows: torch.Tensor | None,
+    factor: torch.Tensor | None,
+    factor_shape: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> None:
+    """Validate a fused launch before it reads memory by the shapes it is given.
+
+    Args:
+        x: the ``[M, ·]`` activation (X, or dY for dX).
+        rows: the ``[M, r]`` LoRA side input (``S'`` or ``dS``), or None.
+        factor: the LoRA factor it multiplies (``B [N, r]`` or ``A [r, K]``), with ``rows``.
+        factor_shape: ``factor``'s expected shape.
+        bias: optional ``[N]``.
+    """
     if x.dtype not in TORCH_TO_TL:
         raise ValueError(f"expected a fp32/fp16/bf16 input, got {x.dtype}")
-    if lora is not None and lora[0].shape[-1] > MAX_RANK:
-        raise ValueError(f"LoRA rank above {MAX_RANK} is not supported by the fused kernels")
+    if (rows is None) != (factor is None):
+        raise ValueError("the LoRA term needs both its [M, r] input and its factor")
+    data = pw.qweight if isinstance(pw, PackedWeightInt8) else pw.packed
+    tensors = {"weight": data, "lora input": rows, "lora factor": factor, "bias": bias}
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, the input on {x.device}")
+    if x.device.type != "cuda" and not interpreter_active():
+        raise RuntimeError("the fused quantized matmul needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    if rows is not None:
+        r = rows.shape[-1]
+        if rows.dim() != 2 or rows.shape[0] != x.shape[0]:
+            raise ValueError(f"the LoRA input must be [{x.shape[0]}, r], got {tuple(rows.shape)}")
+        if not 1 <= r <= MAX_RANK:
+            raise ValueError(f"LoRA rank must be in [1, {MAX_RANK}] for the fused kernels, got {r}")
+        want = tuple(r if d == -1 else d for d in factor_shape)
+        if tuple(factor.shape) != want:
+            raise ValueError(f"the LoRA factor must be {list(want)}, got {list(factor.shape)}")
+    if bias is not None and tuple(bias.shape) != (pw.shape[0],):
+        raise ValueError(f"bias must be [{pw.shape[0]}], got {list(bias.shape)}")
 
 
 def qmatmul_forward(
@@ -437,16 +471,20 @@ def qmatmul_forward(
     Raises:
         ValueError: shapes or dtypes disagree.
     """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
     M, K = x.shape
     N, Kw = pw.shape
     if Kw != K:
         raise ValueError(f"x has K={K} but the weight is {pw.shape}")
-    _check(x, pw, None if lora_b is None else (lora_b,))
+    _check(x, pw, s_scaled, lora_b, (N, -1), bias)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     has_lora = s_scaled is not None
     if has_lora:
         s_scaled = s_scaled.to(x.dtype).contiguous()
         lora_b = lora_b.to(x.dtype).contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # read as bias_ptr + column
     rank = s_scaled.shape[1] if has_lora else 1
     wargs, wmeta = _weight_args(pw)
     tiles = _tiles(M, rank, wmeta, x.dtype)
@@ -493,11 +531,13 @@ def qmatmul_backward_dx(
     Returns:
         ``dX [M, K]`` in the dtype of dy.
     """
+    if dy.dim() != 2:
+        raise ValueError(f"dy must be 2-D, got shape {tuple(dy.shape)}")
     M, N = dy.shape
     Nw, K = pw.shape
     if Nw != N:
         raise ValueError(f"dY has N={N} but the weight is {pw.shape}")
-    _check(dy, pw, None if lora_a is None else (lora_a.t(),))
+    _check(dy, pw, ds, lora_a, (-1, K))
     dx = torch.empty(M, K, dtype=dy.dtype, device=dy.device)
     has_lora = ds is not None
     if has_lora:
@@ -621,6 +661,8 @@ class QLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, s, lora_a, lora_b, bits = ctx.saved_tensors
         pw, cfg = ctx.pw, ctx.cfg
+        if ctx.needs_input_grad[3]:
+            raise RuntimeError("QLoRA never computes a gradient for the frozen bias (it requires grad here)")
         lead, N = dy.shape[:-1], dy.shape[-1]
         K = pw.shape[1]
         dy2 = dy.reshape(-1, N)

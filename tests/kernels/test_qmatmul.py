@@ -330,3 +330,52 @@ def test_torch_path_dense_weight_is_the_reference(fmt, double_quant):
             expected = quant.dequantize(pw, dtype, backend="torch")
             got = qmatmul._dense(pw, dtype, cfg)
             assert got.dtype == dtype and torch.equal(got, expected), (original, dtype)
+
+
+def _bad_launch(case: str):
+    """One launch of the fused kernels with one thing wrong; the launcher must refuse it."""
+    N, K, M, r = 48, 64, 5, 8
+    pw = quant.quantize(torch.randn(N, K, device=DEVICE) * 0.05, "nf4", 64, True)
+    x, dy = torch.randn(M, K, device=DEVICE), torch.randn(M, N, device=DEVICE)
+    s, a, b = (
+        torch.randn(M, r, device=DEVICE),
+        torch.randn(r, K, device=DEVICE),
+        torch.randn(N, r, device=DEVICE),
+    )
+    calls = {
+        "3-D x": lambda: qmatmul.qmatmul_forward(x[None], pw),
+        "K mismatch": lambda: qmatmul.qmatmul_forward(x[:, :32], pw),
+        "fp64 x": lambda: qmatmul.qmatmul_forward(x.double(), pw),
+        "S' rows": lambda: qmatmul.qmatmul_forward(x, pw, s[:3], b),
+        "B shape": lambda: qmatmul.qmatmul_forward(x, pw, s, b[:, :4]),
+        "B without S'": lambda: qmatmul.qmatmul_forward(x, pw, None, b),
+        "rank 0": lambda: qmatmul.qmatmul_forward(x, pw, s[:, :0], b[:, :0]),
+        "bias shape": lambda: qmatmul.qmatmul_forward(x, pw, bias=torch.zeros(N + 1, device=DEVICE)),
+        "bias device": lambda: qmatmul.qmatmul_forward(x, pw, bias=torch.zeros(N, device="meta")),
+        "dY N mismatch": lambda: qmatmul.qmatmul_backward_dx(dy[:, :40], pw),
+        "dS rows": lambda: qmatmul.qmatmul_backward_dx(dy, pw, s[:3], a),
+        "A shape": lambda: qmatmul.qmatmul_backward_dx(dy, pw, s, a[:, :32]),
+    }
+    return calls[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "3-D x", "K mismatch", "fp64 x", "S' rows", "B shape", "B without S'", "rank 0", "bias shape",
+        "bias device", "dY N mismatch", "dS rows", "A shape",
+    ],
+)  # fmt: skip
+def test_launchers_refuse_mismatched_inputs(case):
+    """Every shape the kernels index by is checked first: on a GPU a wrong one would read out of bounds."""
+    with pytest.raises(ValueError):
+        _bad_launch(case)()
+
+
+def test_qlora_function_refuses_a_bias_gradient():
+    pw = quant.quantize(torch.randn(16, 64, device=DEVICE) * 0.05, "nf4", 64, True)
+    a, b = lora_tensors(16, 64, 4)
+    bias = torch.zeros(16, device=DEVICE, requires_grad=True)
+    y = qmatmul.qlora_linear(torch.randn(3, 64, device=DEVICE), pw, a, b, 1.0, bias, backend="torch")
+    with pytest.raises(RuntimeError, match="frozen bias"):
+        y.sum().backward()
