@@ -17,20 +17,38 @@ from fusedtune.trainer.config import load_config
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("targets", [None, "[q_proj, down_proj]"])
-def test_peft_round_trip_same_logits(tiny_model_dir, tmp_path, targets):
-    overrides = ["kernels=torch", "lora.rank=4", "lora.alpha=8"]
+@pytest.mark.parametrize(
+    "method,kernels,targets",
+    [
+        ("lora", "torch", None),
+        ("lora", "torch", "[q_proj, down_proj]"),
+        ("lora", "triton", None),  # the fused kernels (Triton interpreter on the CPU)
+        ("qlora", "torch", None),
+        ("qlora", "triton", None),
+    ],
+)
+def test_peft_round_trip_same_logits(tiny_model_dir, tmp_path, method, kernels, targets):
+    """What a run saves loads into PEFT as the same adapter, whatever path trained it.
+
+    For qlora PEFT's base gets the weights the run trained against: our packed weights, dequantized.
+    """
+    overrides = [f"method={method}", f"kernels={kernels}", "lora.rank=4", "lora.alpha=8"]
     if targets:
         overrides.append(f"lora.target_modules={targets}")
     cfg = load_config(None, overrides)
     ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    apply_method(ours, cfg, CPU)
+    report = apply_method(ours, cfg, CPU)
+    assert len(report.fused) == (len(report.adapted) if kernels == "triton" else 0)
     torch.manual_seed(1)
     for mod in lora_modules(ours).values():  # B starts at zero: make the adapter do something
         torch.nn.init.normal_(mod.lora_B, std=0.2)
     adapted = save_peft_adapter(ours, cfg, str(tiny_model_dir), tmp_path / "adapter")
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    if method == "qlora":
+        with torch.no_grad():
+            for name, mod in lora_modules(ours).items():
+                base.get_submodule(name).weight.copy_(mod.dequantized_weight(torch.float32))
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     peft_names = {
         n.removeprefix("base_model.model.") for n, p in peft_model.named_parameters() if "lora_" in n
