@@ -34,6 +34,9 @@ the compute dtype):
   chunked (``kernels.cross_entropy``): one chunk of ``c`` rows of logits ``c·V·b`` (plus its fp32 copy
   on the torch path when ``b < 4``), and the ``T_t·h`` selected hidden states with their gradient
   ``2·T_t·h·b``; ``T_t = B·(S−1)`` at worst;
+- qlora through dequantize + GEMM (the torch path, and the Triton path from
+  ``qmatmul.DEQUANT_MIN_TOKENS`` tokens per micro-batch): the widest quantized weight decoded into a
+  dense temporary, ``N·K·b``, beside dG and dU in backward;
 - framework overhead (not tensors): on a GPU the CUDA context and cuBLAS workspaces (taken as 600 MiB)
   plus the caching allocator's slack (taken as 10% of the tensor peak); on a CPU the resident size of
   torch and its libraries, measured in this process.
@@ -54,6 +57,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 
 from . import memory, padding_free
 from .config import Config
@@ -271,6 +276,11 @@ class Estimate:
     seq: int
     target_tokens: int
     notes: list[str] = field(default_factory=list)
+    optimizer_name: str = ""
+    # qlora through dequantize + GEMM: the dense copy of one weight that each GEMM decodes into
+    dequant_temporary_bytes: int = 0
+    # the state under the other precision (8-bit <-> 32-bit), for the breakdown's comparison row
+    optimizer_alternative: tuple[str, int] | None = None
 
     @property
     def frozen_bytes(self) -> int:
@@ -290,6 +300,7 @@ class Estimate:
             + self.optimizer_state_bytes
             + self.chosen_activation_bytes
             + self.loss_buffer_bytes
+            + self.dequant_temporary_bytes
         )
 
     @property
@@ -408,12 +419,15 @@ def estimate(
         )
         for ckpt in (False, True)
     }
+    alt = "adamw32bit" if cfg.optim.name in ("adamw8bit", "paged_adamw8bit") else "adamw8bit"
     est = Estimate(
         frozen_by_format=by_format,
         trainable_params=sum(p.numel() for p in params),
         trainable_bytes=sum(p.nbytes for p in params),
         gradient_bytes=sum(p.nbytes for p in params),
         optimizer_state_bytes=memory.expected_optimizer_state_bytes(params, cfg.optim.name),
+        optimizer_name=cfg.optim.name,
+        optimizer_alternative=(alt, memory.expected_optimizer_state_bytes(params, alt)),
         activation_bytes=act[False],
         activation_bytes_checkpointed=act[True],
         loss_buffer_bytes=loss_buffer_bytes(shape.vocab, shape.hidden, target_tokens, b, backend),
@@ -429,8 +443,10 @@ def estimate(
         est.overhead_bytes = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * est.tensor_bytes)
     else:
         est.overhead_bytes = _process_rss()
-    if cfg.method == "qlora" and not on_gpu:
-        est.notes.append("qlora on CPU (torch path): each GEMM also dequantizes its weight into a temporary")
+    if quantized and (backend == "torch" or batch * seq >= DEQUANT_MIN_TOKENS):
+        # The torch path, and the Triton path from DEQUANT_MIN_TOKENS tokens, decode each weight into a
+        # dense temporary for one GEMM; in backward the widest one (gate/up's dX) sits beside dG and dU.
+        est.dequant_temporary_bytes = max(n * k for n, k in quantized.values()) * b
     return est
 
 
@@ -690,7 +706,17 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
         )
     )
     rows.append(("gradients (trainable only)", est.gradient_bytes, m.gradient_bytes if m else None, ""))
-    rows.append(("optimizer state", est.optimizer_state_bytes, m.optimizer_state_bytes if m else None, ""))
+    rows.append(
+        (
+            f"optimizer state, {est.optimizer_name or 'configured'} (used)",
+            est.optimizer_state_bytes,
+            m.optimizer_state_bytes if m else None,
+            "",
+        )
+    )
+    if est.optimizer_alternative is not None:
+        alt_name, alt_bytes = est.optimizer_alternative
+        rows.append((f"optimizer state, {alt_name}", alt_bytes, None, ""))
     ck = " (used)" if est.checkpointing else ""
     nock = "" if est.checkpointing else " (used)"
     rows.append(
@@ -700,6 +726,10 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
     rows.append(
         ("logits + loss buffers", est.loss_buffer_bytes, None, f"{est.target_tokens:,} target positions")
     )
+    if est.dequant_temporary_bytes:
+        rows.append(
+            ("dequantized weight temporary (qlora)", est.dequant_temporary_bytes, None, "widest layer")
+        )
     rows.append(
         ("= peak of tensors", est.tensor_bytes, m.peak_tensor_bytes if m else None, m.kind if m else "")
     )

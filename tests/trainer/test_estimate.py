@@ -129,7 +129,8 @@ def test_cli_prints_breakdown_and_fit(tmp_path, tiny_model_dir, capsys):
         "frozen weights, fp32",
         "trainable parameters",
         "gradients (trainable only)",
-        "optimizer state",
+        "optimizer state, adamw8bit (used)",
+        "optimizer state, adamw32bit",
         "activations, no checkpointing (used)",
         "activations, checkpointing",
         "logits + loss buffers",
@@ -194,3 +195,36 @@ def test_run_summary_prints_the_measured_breakdown(tmp_path, tiny_model_dir, cap
     out = capsys.readouterr().out
     assert "memory (measured): frozen weights" in out and "nf4 + double quant" in out
     assert "optimizer state" in out and "peak" in out
+
+
+@pytest.mark.parametrize("name,alt", [("adamw8bit", "adamw32bit"), ("adamw32bit", "adamw8bit")])
+def test_optimizer_state_both_precisions(tiny_model_dir, name, alt):
+    """The breakdown sets the configured optimizer's state beside the other precision's, both exact."""
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"optim.name={name}"])
+    e = est_mod.estimate(cfg, on_gpu=False)
+    model, _ = load_model(cfg.model.name_or_path, cfg.model, torch.device("cpu"))
+    apply_method(model, cfg, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert e.optimizer_alternative == (alt, memory.expected_optimizer_state_bytes(params, alt))
+    full = e.optimizer_state_bytes if name == "adamw32bit" else e.optimizer_alternative[1]
+    assert full == 8 * e.trainable_params  # two fp32 moments
+    lines = "\n".join(est_mod.breakdown_lines(e))
+    assert f"optimizer state, {name} (used)" in lines and f"optimizer state, {alt} " in lines
+
+
+def test_qlora_dequant_temporary_follows_the_path(tiny_model_dir):
+    """The widest weight's dense temporary counts where a GEMM decodes it: the torch path always, the
+    Triton path from DEQUANT_MIN_TOKENS tokens per micro-batch; the fused kernel below that never has one."""
+    from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "method=qlora", "model.dtype=bf16"])
+    widest = 128 * 64 * 2  # the tiny Llama's gate/up/down: intermediate 128 x hidden 64, bf16
+    cpu = est_mod.estimate(cfg, on_gpu=False, batch=1, seq=64)
+    assert cpu.dequant_temporary_bytes == widest
+    small = est_mod.estimate(cfg, on_gpu=True, batch=1, seq=64)
+    assert small.dequant_temporary_bytes == 0
+    big = est_mod.estimate(cfg, on_gpu=True, batch=DEQUANT_MIN_TOKENS // 64, seq=64)
+    assert big.dequant_temporary_bytes == widest
+    assert "dequantized weight temporary" in "\n".join(est_mod.breakdown_lines(big))
+    lora = est_mod.estimate(cfg.model_copy(update={"method": "lora"}), on_gpu=False, batch=1, seq=64)
+    assert lora.dequant_temporary_bytes == 0
