@@ -1,7 +1,7 @@
 """End to end, CI size: fusedtune against HF Trainer + PEFT + bitsandbytes on the tests' tiny Llama.
 
-Not collected by ``make test`` (``testpaths = ["tests"]``); ``make bench ARGS="-k e2e"`` runs it. The fuller
-run is by hand: ``python -P bench/e2e.py --model smollm2 --seq 256 --batch 2 --steps 6``.
+``make test`` runs it (``testpaths``), as does ``make bench ARGS="-k e2e"``. The fuller run is by hand:
+``python -P bench/e2e.py --model smollm2 --batch 2 --rounds 4 --threads 1``.
 The benchmark itself fails loudly (``BenchmarkFailed``) when the providers' losses disagree or a gradient
 norm vanishes; no timing is asserted.
 """

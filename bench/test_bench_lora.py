@@ -1,6 +1,7 @@
 """LoRA linear on CPU under pytest-benchmark: the pure-torch reference against a real PEFT LoRA layer.
 
-Not a test: it lives under ``bench/`` (``testpaths = ["tests"]``), so only ``make bench`` collects it.
+A benchmark, not a test: no timing is asserted. ``make test`` runs it at this size (``testpaths``) so
+that it keeps working; ``make bench`` runs ``bench/`` alone.
 The Triton kernels are not benchmarked here: on CPU they run in Triton's interpreter, which is a
 correctness path, not a performance one. The GPU comparison is ``bench/gpu_lora.py``.
 

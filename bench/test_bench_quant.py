@@ -1,6 +1,7 @@
 """Weight formats and the QLoRA layer on CPU under pytest-benchmark: fusedtune's torch references vs bnb.
 
-Not a test: it lives under ``bench/`` (``testpaths = ["tests"]``), so only ``make bench`` collects it.
+A benchmark, not a test: no timing is asserted. ``make test`` runs it at this size (``testpaths``) so
+that it keeps working; ``make bench`` runs ``bench/`` alone.
 The Triton kernels are not benchmarked here (the CPU interpreter is a correctness path); the GPU
 comparison is ``bench/gpu_qmatmul.py``.
 
