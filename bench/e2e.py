@@ -189,6 +189,7 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
     from fusedtune.trainer.loop import optimizer_step
 
     cfg, model, params, optimizer, backend, device = fusedtune_setup(job)
+    load_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     times, losses, norms = [], [], []
     accum = job["grad_accum"]
     for step in range(job["steps"]):
@@ -200,7 +201,7 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(r.loss)
         norms.append(r.grad_norm)
-    out = {"times": times, "losses": losses, "grad_norms": norms}
+    out = {"times": times, "losses": losses, "grad_norms": norms, "cuda_load_max_allocated": load_peak}
     if device.type == "cuda":  # `trainer estimate` at the shapes that ran, beside the measured peak
         from fusedtune.trainer import padding_free
         from fusedtune.trainer.estimate import estimate_for_batches, micro_batch_shape
@@ -251,6 +252,7 @@ def run_hf_peft(job: dict, batches: list[dict], liger: bool = False, model=None)
             r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
         )
         model = get_peft_model(model, lora)
+    load_peak = torch.cuda.max_memory_allocated() if on_gpu else None  # loading (and quantizing) alone
     _set_lora_a(model)
 
     accum = job["grad_accum"]
@@ -304,7 +306,7 @@ def run_hf_peft(job: dict, batches: list[dict], liger: bool = False, model=None)
     )
     trainer = Trainer(model=model, args=args, train_dataset=InOrder(), callbacks=[Timer()])
     trainer.train()
-    return {"times": times, "losses": losses, "grad_norms": norms}
+    return {"times": times, "losses": losses, "grad_norms": norms, "cuda_load_max_allocated": load_peak}
 
 
 def run_unsloth(job: dict, batches: list[dict]) -> dict:

@@ -13,7 +13,8 @@ The job and the checks are ``bench/e2e.py``'s (same micro-batches, same initial 
 block Linear, 8-bit AdamW, grad clip 1.0), with every provider in its own process.
 
 Reported per provider and method: median step time, tokens/s on non-pad tokens, MFU on the 4N basis,
-peak ``max_memory_allocated`` and ``max_memory_reserved``, losses and grad norms (checked as on CPU, with
+peak ``max_memory_allocated`` and ``max_memory_reserved``, the allocated peak of loading alone
+(for qlora: quantizing layer by layer), losses and grad norms (checked as on CPU, with
 a bf16 tolerance). MFU = tokens/s · 4N / peak bf16 FLOP/s, with N the parameters of every Linear the
 tokens pass through (block Linears + LM head; the frozen base costs forward 2N + input-gradient 2N per
 token; attention score FLOPs and the LoRA GEMMs are not counted). Needs CUDA: without it, it exits 2
@@ -54,6 +55,7 @@ COLUMNS = [
     "mfu",
     "max_allocated_gib",
     "max_reserved_gib",
+    "load_max_allocated_gib",
     "estimate_gib",
     "estimate_error",
     "first_loss",
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         row = e2e.summarize("llama3-8b-shape", method, provider, res)
         row["max_allocated_gib"] = res["cuda_max_allocated"] / 2**30
         row["max_reserved_gib"] = res["cuda_max_reserved"] / 2**30
+        if res.get("cuda_load_max_allocated") is not None:  # the peak while loading (and quantizing)
+            row["load_max_allocated_gib"] = res["cuda_load_max_allocated"] / 2**30
         row["n_linear_params"] = n_linear
         if "estimate_tensor_bytes" in res:  # issue 6: `trainer estimate` within 15% of the measured peak
             row["estimate_gib"] = res["estimate_tensor_bytes"] / 2**30
