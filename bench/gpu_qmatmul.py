@@ -155,6 +155,15 @@ DEQUANT_LAUNCHES = [(32, 4), (8, 4), (64, 4), (128, 4), (32, 8), (128, 8)]  # (B
 SWEEP_COLUMNS = ["mode", "M", "K", "N", "decode", "tiles", "ms", "tflops", "gb_per_s"]
 
 
+def _bnb_dequantize():
+    """``bitsandbytes.functional.dequantize_4bit``, or None without bitsandbytes."""
+    try:
+        from bitsandbytes.functional import dequantize_4bit
+    except ImportError:
+        return None
+    return dequantize_4bit
+
+
 def _time(call) -> float:
     from triton.testing import do_bench
 
@@ -164,7 +173,8 @@ def _time(call) -> float:
 
 
 def sweep(deadline: float | None = None) -> list[dict]:
-    """Time the fused kernels over SWEEP_TILES, then the standalone dequantize over DEQUANT_LAUNCHES."""
+    """Time the standalone dequantize (bitsandbytes', then ours over DEQUANT_LAUNCHES), then the fused
+    kernels over SWEEP_TILES. The dequantize first: it is on the default path from DEQUANT_MIN_TOKENS."""
     from fusedtune.kernels import qmatmul, quant
 
     rows = []
@@ -176,6 +186,39 @@ def sweep(deadline: float | None = None) -> list[dict]:
         return False
 
     try:
+        for k, n in ((4096, 4096), (4096, 14336)):
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+            pw = quant.quantize_4bit(w, 64, "nf4", double_quant=True, backend="triton")
+            moved = n * k * (0.5 + 2)  # packed bytes in, bf16 out (the scales are ~1.6% more)
+            # bitsandbytes' own CUDA dequantize first (bit-exact with ours): the one to beat
+            launches = ([("bnb", None)] if _bnb_dequantize() else []) + list(DEQUANT_LAUNCHES)
+            for per_prog, warps in launches:
+                if out_of_time():
+                    return rows
+                if per_prog == "bnb":
+                    data, state = pw.to_bnb()
+                    state.dtype = torch.bfloat16
+                    ms = _time(partial(_bnb_dequantize(), data, state))
+                    label = "bitsandbytes dequantize_4bit"
+                else:
+                    quant.DEQUANT_LAUNCH_OVERRIDE = {"BLOCKS_PER_PROG": per_prog, "num_warps": warps}
+                    ms = _time(partial(quant.dequantize, pw, torch.bfloat16))
+                    label = f"blocks/prog {per_prog}, {warps} warps"
+                row = {"mode": "dequantize", "M": 0, "K": k, "N": n, "decode": "select"}
+                row.update(
+                    tiles=label,
+                    ms=ms,
+                    tflops=0.0,
+                    gb_per_s=moved / ms / 1e6,
+                )
+                rows.append(row)
+                print(
+                    f"sweep dequantize {row['tiles']:24} {k}x{n} {ms:8.4f} ms {row['gb_per_s']:7.0f} GB/s",
+                    flush=True,
+                )
+            del w, pw
+            torch.cuda.empty_cache()
+        quant.DEQUANT_LAUNCH_OVERRIDE = None
         for k, n, m in SWEEP_CASES:
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
             pw = quant.quantize_4bit(w, 64, "nf4", double_quant=True, backend="triton")
@@ -214,29 +257,6 @@ def sweep(deadline: float | None = None) -> list[dict]:
             del w, pw, x, dy
             torch.cuda.empty_cache()
         qmatmul.TILES_OVERRIDE = None
-        for k, n in ((4096, 4096), (4096, 14336)):
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-            pw = quant.quantize_4bit(w, 64, "nf4", double_quant=True, backend="triton")
-            moved = n * k * (0.5 + 2)  # packed bytes in, bf16 out (the scales are ~1.6% more)
-            for per_prog, warps in DEQUANT_LAUNCHES:
-                if out_of_time():
-                    return rows
-                quant.DEQUANT_LAUNCH_OVERRIDE = {"BLOCKS_PER_PROG": per_prog, "num_warps": warps}
-                ms = _time(partial(quant.dequantize, pw, torch.bfloat16))
-                row = {"mode": "dequantize", "M": 0, "K": k, "N": n, "decode": "select"}
-                row.update(
-                    tiles=f"blocks/prog {per_prog}, {warps} warps",
-                    ms=ms,
-                    tflops=0.0,
-                    gb_per_s=moved / ms / 1e6,
-                )
-                rows.append(row)
-                print(
-                    f"sweep dequantize {row['tiles']:24} {k}x{n} {ms:8.4f} ms {row['gb_per_s']:7.0f} GB/s",
-                    flush=True,
-                )
-            del w, pw
-            torch.cuda.empty_cache()
     finally:
         qmatmul.TILES_OVERRIDE = None
         quant.DEQUANT_LAUNCH_OVERRIDE = None
