@@ -223,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--method", default="lora", choices=["lora", "qlora"])
     parser.add_argument(
-        "--kernels", nargs="+", default=["auto", "triton"], choices=["auto", "triton", "torch"]
+        "--kernels",
+        nargs="+",
+        # auto against torch isolates the Triton loss and SwiGLU kernels (both run the LoRA layers on
+        # cuBLAS), auto against triton the fused LoRA kernels; triton last, as it autotunes
+        default=["auto", "torch", "triton"],
+        choices=["auto", "triton", "torch"],
     )
     args = parser.parse_args(argv)
     if not require_cuda("error: bench/gpu_profile.py needs a CUDA device"):
