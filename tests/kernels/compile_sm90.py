@@ -119,6 +119,20 @@ def _check(*a):
 
 
 lora._check_inputs = _check
+# The qmatmul launchers refuse CPU tensors outside the interpreter too; only their check is told otherwise
+# (_tiles and _dot_args must still see the compiled path).
+_real_q_interp, _orig_q_check = qmatmul.interpreter_active, qmatmul._check
+
+
+def _q_check(*a):
+    qmatmul.interpreter_active = lambda: True
+    try:
+        return _orig_q_check(*a)
+    finally:
+        qmatmul.interpreter_active = _real_q_interp
+
+
+qmatmul._check = _q_check
 SPLIT = int(os.environ.get("SPLIT", "3"))
 lora._split = lambda tiles, red, dev: max(1, min(SPLIT, red))
 
