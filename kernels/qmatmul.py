@@ -627,6 +627,9 @@ def _bnb_dequantize_4bit():
     return dequantize_4bit
 
 
+_BIAS_GRAD_ERROR = "QLoRA never computes a gradient for the frozen bias (it requires grad here)"
+
+
 class QLoRALinearFunction(torch.autograd.Function):
     """QLoRA linear over a packed frozen weight; saves X, S (and the keep-mask), never deq(W)."""
 
@@ -661,8 +664,8 @@ class QLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, s, lora_a, lora_b, bits = ctx.saved_tensors
         pw, cfg = ctx.pw, ctx.cfg
-        if ctx.needs_input_grad[3]:
-            raise RuntimeError("QLoRA never computes a gradient for the frozen bias (it requires grad here)")
+        if ctx.needs_input_grad[3]:  # qlora_linear refuses this up front; a direct apply ends here
+            raise RuntimeError(_BIAS_GRAD_ERROR)
         lead, N = dy.shape[:-1], dy.shape[-1]
         K = pw.shape[1]
         dy2 = dy.reshape(-1, N)
@@ -721,6 +724,8 @@ def qlora_linear(
     Returns:
         ``Y [..., N]`` in the dtype of x.
     """
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(_BIAS_GRAD_ERROR)  # before any work: the backward has no gradient for it
     keep = draw_keep(x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     cfg = QLoRAConfig(scale=float(scale), dropout_p=float(dropout_p), backend=backend, path=path)
     return QLoRALinearFunction.apply(x, lora_a, lora_b, bias, keep, pw, cfg)
