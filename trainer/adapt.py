@@ -72,8 +72,8 @@ class AdaptReport:
             if self.method == "qlora" and self.fused:
                 out.append(
                     f"  QLoRA matmuls on the Triton path: the fused dequantize-in-GEMM kernel below "
-                    f"{DEQUANT_MIN_TOKENS} tokens per micro-batch, dequantize + cuBLAS from "
-                    f"{DEQUANT_MIN_TOKENS} (the crossover measured on an H200)"
+                    f"{DEQUANT_MIN_TOKENS} tokens per micro-batch, dequantize + GEMM from {DEQUANT_MIN_TOKENS} "
+                    "(the smallest M measured on an H200, where dequantize + cuBLAS already won)"
                 )
             out += not_fused_lines(self.not_fused, len(self.adapted), "all adapted layers")
         return out

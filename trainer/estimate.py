@@ -439,14 +439,19 @@ def estimate(
         seq=seq,
         target_tokens=target_tokens,
     )
-    if on_gpu:
-        est.overhead_bytes = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * est.tensor_bytes)
-    else:
-        est.overhead_bytes = _process_rss()
     if quantized and (backend == "torch" or batch * seq >= DEQUANT_MIN_TOKENS):
         # The torch path, and the Triton path from DEQUANT_MIN_TOKENS tokens, decode each weight into a
         # dense temporary for one GEMM; in backward the widest one (gate/up's dX) sits beside dG and dU.
         est.dequant_temporary_bytes = max(n * k for n, k in quantized.values()) * b
+        if backend == "torch" and (on_gpu or qc.quant_type == "int8"):
+            est.notes.append(
+                "qlora dequantize temporary: a lower bound here (the torch reference decodes through fp32 "
+                "intermediates; bitsandbytes' CPU 4-bit dequantize and the Triton kernel do not)"
+            )
+    if on_gpu:  # after every tensor part: the slack scales with their peak
+        est.overhead_bytes = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * est.tensor_bytes)
+    else:
+        est.overhead_bytes = _process_rss()
     return est
 
 
