@@ -14,6 +14,8 @@ from fusedtune.trainer.adapt import apply_method
 from fusedtune.trainer.cli import main
 from fusedtune.trainer.config import load_config
 
+CPU = torch.device("cpu")
+
 
 @pytest.fixture(scope="module")
 def bnb_quantized_dir(tiny_model_dir, tmp_path_factory):
@@ -78,6 +80,30 @@ def test_prequantized_checkpoint_takes_the_triton_path(bnb_quantized_dir):
     assert isinstance(layer, QuantLoRALinear) and layer.backend == "triton"
     with torch.no_grad():  # B = 0; 14 tokens: the fused kernel (under the interpreter on the CPU)
         torch.testing.assert_close(model(input_ids=ids).logits, logits_bnb, rtol=1e-4, atol=1e-4)
+
+
+def test_prequantized_checkpoint_gradients_match_the_torch_path(bnb_quantized_dir):
+    """Backward through bitsandbytes' packed layout: the fused dX kernel (Triton) against the torch path."""
+    from fusedtune.trainer.checkpoint import lora_modules
+
+    ids = torch.randint(4, 90, (2, 7))
+
+    def grads(kernels):
+        model = AutoModelForCausalLM.from_pretrained(bnb_quantized_dir)
+        model.train()
+        torch.manual_seed(0)
+        apply_method(model, load_config(None, ["method=qlora", f"kernels={kernels}", "lora.rank=4"]), CPU)
+        torch.manual_seed(1)
+        for mod in lora_modules(model).values():  # B = 0 would leave dA = 0 and dX without its LoRA term
+            torch.nn.init.normal_(mod.lora_B, std=0.2)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fused, torch_path = grads("triton"), grads("torch")
+    assert fused.keys() == torch_path.keys() and len(fused) == 28
+    for name in fused:
+        assert fused[name].abs().sum() > 0, name
+        torch.testing.assert_close(fused[name], torch_path[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_qlora_releases_each_full_precision_weight_once_packed(tiny_model_dir, monkeypatch):
