@@ -225,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kernels",
         nargs="+",
-        # auto against torch isolates the Triton loss and SwiGLU kernels (both run the LoRA layers on
-        # cuBLAS), auto against triton the fused LoRA kernels; triton last, as it autotunes
+        # with --method lora (no dropout): auto against torch isolates the Triton loss and SwiGLU kernels
+        # (both run the LoRA layers on cuBLAS), auto against triton the fused LoRA kernels (with qlora,
+        # auto keeps the QLoRA layers on Triton); triton last, as it autotunes
         default=["auto", "torch", "triton"],
         choices=["auto", "triton", "torch"],
     )
