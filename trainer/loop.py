@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -671,6 +672,9 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        # Python may run a second signal's handler inside the first one, between any two bytecodes: a
+        # check-then-set on ``signum`` could see both as the first. ``next`` on a count is one C call.
+        self._seen = itertools.count()
 
     def __call__(self, step: int | None = None) -> bool:
         return self.signum is not None
@@ -680,8 +684,9 @@ class StopRequest:
         return 128 + (self.signum or signal.SIGINT)
 
     def handle(self, signum: int, frame) -> None:
+        first = next(self._seen) == 0
         name = signal.Signals(signum).name
-        if self.signum is not None:
+        if not first:
             print(f"\n{name} again: exiting now; the last complete checkpoint is kept", file=sys.stderr)
             sys.stderr.flush()
             os._exit(128 + signum)

@@ -268,6 +268,36 @@ def test_kill_9_before_the_manifest_keeps_the_previous_checkpoint(
     _assert_same_checkpoint(root / f"step-{STEPS}", straight_dir / "checkpoints" / f"step-{STEPS}")
 
 
+def test_second_signal_inside_the_first_handler_still_exits(monkeypatch):
+    """A second signal whose handler runs nested inside the first one (Python may run it between any two
+    bytecodes of the first) must count as the second. A check-then-set on the request would see both as
+    the first, and the run would sleep on through a double Ctrl-C (as CI once saw)."""
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    request = loop.StopRequest()
+    nested = []
+    real_signals = signal.Signals
+
+    def signals_with_a_nested_signal(signum):
+        if not nested:  # the first handler's first lookup: the second signal lands right here
+            nested.append(True)
+            with pytest.raises(Exited) as exited:
+                request.handle(signal.SIGINT, None)
+            nested.append(exited.value.args[0])
+        return real_signals(signum)
+
+    monkeypatch.setattr(loop.os, "_exit", fake_exit)
+    monkeypatch.setattr(loop.signal, "Signals", signals_with_a_nested_signal)
+    request.handle(signal.SIGTERM, None)
+    assert nested == [True, 128 + signal.SIGINT]
+    assert request.signum == signal.SIGTERM and request()
+
+
 def test_second_signal_exits_at_once_mid_write(
     tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch, capsys
 ):
