@@ -206,6 +206,12 @@ def test_optimizer_state_both_precisions(tiny_model_dir, name, alt):
     apply_method(model, cfg, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     assert e.optimizer_alternative == (alt, memory.expected_optimizer_state_bytes(params, alt))
+    # and against the alternative optimizer's live state after a real step
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = build_optimizer(model, cfg.optim.model_copy(update={"name": alt}))
+    optimizer.step()
+    assert memory.optimizer_state_bytes(optimizer) == e.optimizer_alternative[1]
     full = e.optimizer_state_bytes if name == "adamw32bit" else e.optimizer_alternative[1]
     assert full == 8 * e.trainable_params  # two fp32 moments
     lines = "\n".join(est_mod.breakdown_lines(e))
