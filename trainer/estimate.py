@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fusedtune.kernels.lora import MAX_RANK as FUSED_MAX_RANK
 from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 
 from . import memory, padding_free
@@ -439,11 +440,12 @@ def estimate(
         seq=seq,
         target_tokens=target_tokens,
     )
-    if quantized and (backend == "torch" or batch * seq >= DEQUANT_MIN_TOKENS):
+    layer_torch = backend == "torch" or cfg.lora.rank > FUSED_MAX_RANK  # adapt: such layers run on torch
+    if quantized and (layer_torch or batch * seq >= DEQUANT_MIN_TOKENS):
         # The torch path, and the Triton path from DEQUANT_MIN_TOKENS tokens, decode each weight into a
         # dense temporary for one GEMM; in backward the widest one (gate/up's dX) sits beside dG and dU.
         est.dequant_temporary_bytes = max(n * k for n, k in quantized.values()) * b
-        if backend == "torch" and (on_gpu or qc.quant_type == "int8"):
+        if layer_torch and (on_gpu or qc.quant_type == "int8"):
             est.notes.append(
                 "qlora dequantize temporary: a lower bound here (the torch reference decodes through fp32 "
                 "intermediates; bitsandbytes' CPU 4-bit dequantize and the Triton kernel do not)"
