@@ -106,33 +106,24 @@ Autotuner.run = autotune_all
 
 from fusedtune.kernels import cross_entropy, lora, qmatmul, quant, swiglu  # noqa: E402
 
-_real_interp = lora.interpreter_active
-_orig_check = lora._check_inputs
+
+def _check_as_if_interpreted(module, name: str) -> None:
+    """The launchers refuse CPU tensors outside the interpreter: tell only their check otherwise (the tile
+    and dtype choices must still see the compiled path)."""
+    check, real = getattr(module, name), module.interpreter_active
+
+    def wrapped(*a):
+        module.interpreter_active = lambda: True
+        try:
+            return check(*a)
+        finally:
+            module.interpreter_active = real
+
+    setattr(module, name, wrapped)
 
 
-def _check(*a):
-    lora.interpreter_active = lambda: True
-    try:
-        return _orig_check(*a)
-    finally:
-        lora.interpreter_active = _real_interp
-
-
-lora._check_inputs = _check
-# The qmatmul launchers refuse CPU tensors outside the interpreter too; only their check is told otherwise
-# (_tiles and _dot_args must still see the compiled path).
-_real_q_interp, _orig_q_check = qmatmul.interpreter_active, qmatmul._check
-
-
-def _q_check(*a):
-    qmatmul.interpreter_active = lambda: True
-    try:
-        return _orig_q_check(*a)
-    finally:
-        qmatmul.interpreter_active = _real_q_interp
-
-
-qmatmul._check = _q_check
+_check_as_if_interpreted(lora, "_check_inputs")
+_check_as_if_interpreted(qmatmul, "_check")
 SPLIT = int(os.environ.get("SPLIT", "3"))
 lora._split = lambda tiles, red, dev: max(1, min(SPLIT, red))
 
