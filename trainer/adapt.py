@@ -94,7 +94,7 @@ def choose_backend(kernels: str) -> tuple[str, str]:
 # (bench/results/lora_linear-h200.md, commit 99b4beb; bf16, K = N = 4096, r = 16, forward + backward, ms
 # fused Triton / cuBLAS path / PEFT): M = 512 1.175 / 0.674 / 0.903, M = 2048 1.298 / 0.872 / 0.862,
 # M = 8192 1.454 / 0.973 / 1.030, M = 16384 2.119 / 1.863 / 2.044 (no dropout). With LoRA dropout the fused
-# kernels stay: they regenerate the keep-mask from a seed, where the cuBLAS path saves a bool [M, K] mask per
+# kernels stay: they regenerate the keep-mask from a seed, where the cuBLAS path saves it (as bits) per
 # layer. kernels: triton forces the fused kernels. QLoRA layers keep the Triton path (dequantize + cuBLAS or
 # the fused kernel, by qmatmul.use_dequant_gemm).
 AUTO_CUDA_LORA = (
@@ -105,9 +105,11 @@ AUTO_CUDA_LORA = (
 def lora_layer_backend(
     kernels: str, method: str, dropout: float, backend: str, reason: str
 ) -> tuple[str, str]:
-    """The backend (and the reason) for the adapted layers of ``method``, given the run's kernel backend."""
-    cuda = torch.cuda.is_available()
-    if kernels == "auto" and backend == "triton" and method == "lora" and dropout == 0.0 and cuda:
+    """The backend (and the reason) for the adapted layers of ``method``, given the run's kernel backend.
+
+    ``kernels == "auto"`` resolves to ``triton`` only on CUDA (:func:`choose_backend`).
+    """
+    if kernels == "auto" and backend == "triton" and method == "lora" and dropout == 0.0:
         return "torch", AUTO_CUDA_LORA
     return backend, reason
 
