@@ -276,12 +276,12 @@ class Estimate:
     batch: int
     seq: int
     target_tokens: int
+    optimizer_name: str
+    # the state under the other precision (8-bit <-> 32-bit), for the breakdown's comparison row
+    optimizer_alternative: tuple[str, int]
     notes: list[str] = field(default_factory=list)
-    optimizer_name: str = ""
     # qlora through dequantize + GEMM: the dense copy of one weight that each GEMM decodes into
     dequant_temporary_bytes: int = 0
-    # the state under the other precision (8-bit <-> 32-bit), for the breakdown's comparison row
-    optimizer_alternative: tuple[str, int] | None = None
 
     @property
     def frozen_bytes(self) -> int:
@@ -715,15 +715,14 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
     rows.append(("gradients (trainable only)", est.gradient_bytes, m.gradient_bytes if m else None, ""))
     rows.append(
         (
-            f"optimizer state, {est.optimizer_name or 'configured'} (used)",
+            f"optimizer state, {est.optimizer_name} (used)",
             est.optimizer_state_bytes,
             m.optimizer_state_bytes if m else None,
             "",
         )
     )
-    if est.optimizer_alternative is not None:
-        alt_name, alt_bytes = est.optimizer_alternative
-        rows.append((f"optimizer state, {alt_name}", alt_bytes, None, ""))
+    alt_name, alt_bytes = est.optimizer_alternative
+    rows.append((f"optimizer state, {alt_name}", alt_bytes, None, ""))
     ck = " (used)" if est.checkpointing else ""
     nock = "" if est.checkpointing else " (used)"
     rows.append(
