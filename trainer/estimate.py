@@ -13,37 +13,49 @@ Exact (the same bytes the live tensors hold after a step, checked by tests):
 
 Formulas (a Llama-style decoder block, per token, with ``h`` hidden, ``i`` intermediate, ``n``/``n_kv``
 query/key-value heads of dim ``d``, LoRA rank ``r``; ``T = B·S`` tokens of a micro-batch; ``b`` bytes of
-the compute dtype):
+the compute dtype). What autograd saves depends on what trains where, so each block is walked op by op
+(:func:`block_saved_bytes_per_token`) with what trains in it read off the adapted meta model
+(:class:`Training`), and whether its input needs a gradient (something below it trains):
 
-- activations saved for backward, per block, without checkpointing:
-  ``4·(2h + 2)`` (the two RMSNorm inputs and their rsqrt, kept in fp32)
-  ``+ b·(h_in + n·d + 2·kv·d + n·d) + 4·n`` (normed inputs the adapters read, q, k, v, attention output,
-  log-sum-exp; ``kv = n`` when a padding mask makes HF repeat the KV heads, ``n_kv`` otherwise)
-  ``+ b·3i`` (gate, up, their product; ``+ b·i`` for silu(gate) when the MLP is not on the fused SwiGLU)
-  ``+ b·r`` per adapted Linear (its ``X·Aᵀ``), and with LoRA dropout ``⌈K/8⌉`` per adapted Linear (the
-  keep-mask as bits; nothing on the fused Triton LoRA path, which regenerates it).
-  Methods full/partial also keep each Linear's input and each norm's normalized output.
-  Once per micro-batch: the RoPE tables ``2·S·d·4`` and, with padding, the ``B·S·S·4`` attention mask.
+- each RMSNorm whose input needs a gradient: that input upcast to fp32 and its rsqrt, ``4·h + 4``; with a
+  trainable weight also its normalized input, ``b·h``;
+- a Linear whose weight trains or that carries an adapter: its input (``b·h`` once for q/k/v, once for
+  gate/up; ``b·i`` for down_proj, the product; ``b·n·d`` for o_proj, only from packed rows, whose
+  outputs are concatenated into a new tensor, since otherwise it reads SDPA's output itself); per
+  adapter ``b·r`` (its ``X·Aᵀ``) and with LoRA dropout ``⌈K/8⌉`` (the keep-mask as bits; nothing on the
+  fused Triton LoRA path, which regenerates it). A trainable bias alone saves nothing;
+- attention, once q/k/v need a gradient: q, k, v and the output, ``b·(2·n·d + 2·kv·d)``, and the
+  log-sum-exp ``4·n`` (``kv = n`` when a padding mask makes HF repeat the KV heads, ``n_kv`` otherwise),
+  and with a padding mask SDPA's own copy of it, ``b·S``;
+- the gated MLP: gate and up ``2·b·i`` (``3·b·i`` with silu(gate) when not on the fused SwiGLU);
+- once per micro-batch: the RoPE tables ``2·S·d·b``, the boolean mask that picks the target positions,
+  the final norm's input (and normalized input when it trains), the token ids when the embedding trains.
   Padding-free micro-batches (``train.padding_free``) are one unmasked sequence: ``B = 1``, ``S`` = the
   real tokens;
-- with gradient checkpointing: each block keeps only its input (``b·h`` per token), plus one block's
-  activations while it is recomputed in backward;
-- either way, backward holds one block's widest gradients beside them: the MLP's dG and dU, ``2·b·i``
-  per token;
+- with gradient checkpointing: each block from the first that trains keeps only its input (``b·h`` per
+  token), and one block is recomputed at a time in backward;
+- backward holds one block's widest gradients beside them: the MLP's dG and dU and the residual stream's
+  gradient twice, ``2·b·(i + h)`` per token;
 - logits and loss: the LM head runs only at the ``T_t`` target positions, fused with the loss and
-  chunked (``kernels.cross_entropy``): one chunk of ``c`` rows of logits ``c·V·b`` (plus its fp32 copy
-  on the torch path when ``b < 4``), and the ``T_t·h`` selected hidden states with their gradient
-  ``2·T_t·h·b``; ``T_t = B·(S−1)`` at worst;
+  chunked (``kernels.cross_entropy``): it saves the ``T_t·h·b`` gradient of the selected hidden states
+  (and, when the head trains, its fp32 gradient ``V·h·4``); transient: one chunk of ``c`` rows of logits
+  ``c·V·b`` (plus its fp32 copy on the torch path when ``b < 4``) and the selected hidden states;
+  ``T_t = B·(S−1)`` at worst;
 - qlora through dequantize + GEMM (the torch path, and the Triton path from
   ``qmatmul.DEQUANT_MIN_TOKENS`` tokens per micro-batch): the widest quantized weight decoded into a
   dense temporary, ``N·K·b``, beside dG and dU in backward;
+- the peak of tensors: the weights, the optimizer state, and the fullest moment of the step
+  (:func:`peak_of_phases`): the end of the forward, backward walking the blocks top down (saved tensors
+  freed, gradients made), or the optimizer step;
 - framework overhead (not tensors): on a GPU the CUDA context and cuBLAS workspaces (taken as 600 MiB)
   plus the caching allocator's slack (taken as 10% of the tensor peak); on a CPU the resident size of
   torch and its libraries, measured in this process.
 
 ``--measure`` then runs three real optimizer steps and reports the measured peak beside the estimate
 (CUDA: ``max_memory_allocated``; CPU: the peak of live tensor storages, tracked op by op with a
-``TorchDispatchMode``, and the growth of the process' peak RSS, which also counts allocator caching).
+``TorchDispatchMode``, and the growth of the process' peak RSS, which also counts allocator caching),
+and what the largest micro-batch saved for backward, activations and loss apart
+(:class:`memory.SavedTensorMeter`), beside the formulas' numbers.
 """
 
 from __future__ import annotations
@@ -130,107 +142,247 @@ class DecoderShape:
             raise UserError(f"model: cannot estimate activations for this config ({e})") from None
 
 
-# Which input each block Linear reads, by name suffix (Llama/Qwen/Mistral naming).
-_INPUT_GROUP = {
-    "q_proj": "attn_in",
-    "k_proj": "attn_in",
-    "v_proj": "attn_in",
-    "o_proj": "attn_out",
-    "gate_proj": "mlp_in",
-    "up_proj": "mlp_in",
-    "down_proj": "mlp_mid",
-}
-
-
-def _group_width(shape: DecoderShape, group: str) -> int:
-    return shape.intermediate if group == "mlp_mid" else shape.hidden
+_ATTN_IN = ("q_proj", "k_proj", "v_proj")  # Llama/Qwen/Mistral naming: the Linears reading one input
+_MLP_IN = ("gate_proj", "up_proj")
 
 
 @dataclass
-class Adapters:
-    """Per block: the adapted Linears (leaf name -> input width K), rank, dropout."""
+class Training:
+    """What trains, where: decides what autograd saves for backward.
 
-    per_layer: dict[str, int] = field(default_factory=dict)
+    A Linear whose weight trains (or that carries a LoRA adapter) saves its input; one with any trainable
+    parameter (a bias alone included) hands a gradient downstream; a norm whose weight trains saves its
+    normalized input.
+
+    Attributes:
+        blocks: per decoder block, ``(weight, any)``: the leaf names (``q_proj``, ``input_layernorm``...)
+            whose weight or adapter trains, and those with any trainable parameter.
+        adapted: per block, the LoRA-adapted Linears' leaf names and input widths.
+        embedding, final_norm, head, head_bias: whether those train.
+    """
+
+    blocks: list[tuple[set[str], set[str]]]
+    adapted: list[dict[str, int]]
+    embedding: bool = False
+    final_norm: bool = False
+    head: bool = False
+    head_bias: bool = False
     rank: int = 0
     dropout: float = 0.0
     # With dropout, the torch paths and QLoRA save the keep-mask as bits (kernels/dropout.py); the fused
     # Triton LoRA kernels regenerate it from a seed and save nothing.
     mask_saved: bool = True
 
+    @classmethod
+    def of(cls, model: nn.Module, layers: int, rank: int = 0, dropout: float = 0.0) -> Training:
+        """Read it off a (meta) model as adapted."""
+        index = re.compile(r"(?:^|\.)(\d+)\.")
+        t = cls(blocks=[(set(), set()) for _ in range(layers)], adapted=[{} for _ in range(layers)])
+        t.rank, t.dropout = rank, dropout
+        for name, mod in model.named_modules():
+            own = dict(mod.named_parameters(recurse=False))
+            lora_a = own.get("lora_A")
+            weight = own.get("weight")
+            weight_trains = (weight is not None and weight.requires_grad) or (
+                lora_a is not None and lora_a.requires_grad
+            )
+            any_trains = any(p.requires_grad for p in own.values())
+            m = index.search(name)
+            if m is None or int(m.group(1)) >= layers:
+                continue
+            block, leaf = int(m.group(1)), name.rsplit(".", 1)[-1]
+            if weight_trains:
+                t.blocks[block][0].add(leaf)
+            if any_trains:
+                t.blocks[block][1].add(leaf)
+            if lora_a is not None:
+                t.adapted[block][leaf] = mod.in_features
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        t.embedding = emb.weight.requires_grad
+        t.head = head is not None and head.weight.requires_grad
+        t.head_bias = head is not None and head.bias is not None and head.bias.requires_grad
+        norm = getattr(model.get_decoder(), "norm", None)
+        t.final_norm = norm is not None and any(p.requires_grad for p in norm.parameters())
+        return t
 
-# ---------------------------------------------------------------------------------------------------
-# Formulas
-# ---------------------------------------------------------------------------------------------------
 
-
-def block_activation_bytes_per_token(
+def block_saved_bytes_per_token(
     shape: DecoderShape,
-    adapters: Adapters,
-    method: str,
+    training: Training,
+    block: int,
     dtype_bytes: int,
+    seq: int,
     padded: bool,
+    packed: bool,
+    grad_in: bool,
     swiglu_fused: bool = True,
-) -> float:
-    """Bytes one decoder block saves for backward per token (see the module docstring)."""
+) -> tuple[float, bool]:
+    """Bytes decoder block ``block`` saves for backward per token (module docstring), walked op by op.
+
+    Args:
+        seq: the micro-batch's row length (a padding mask is ``seq`` wide per token).
+        grad_in: whether the block's input needs a gradient (something below it trains).
+
+    Returns:
+        (bytes per token, whether the block's output needs a gradient).
+    """
     h, i, n, d = shape.hidden, shape.intermediate, shape.heads, shape.head_dim
-    kv = n if padded else shape.kv_heads
+    kv = n if padded else shape.kv_heads  # HF repeats the KV heads when a padding mask is given
     b = dtype_bytes
-    total = 4 * (2 * h + 2)  # RMSNorm inputs (fp32) and rsqrt, twice
-    total += b * (n * d + 2 * kv * d + n * d) + 4 * n  # q, k, v, attention output; log-sum-exp
-    total += b * (3 if swiglu_fused else 4) * i  # gate, up, product (and silu(gate) unfused)
-    if method in ("full", "partial"):
-        total += b * 2 * h  # normed inputs of attention and MLP (the Linears' X)
-        total += b * 2 * h  # normalized x before each norm's (trainable) weight
-        return total
-    groups = {_INPUT_GROUP.get(name, "attn_in") for name in adapters.per_layer}
-    total += b * h * (("attn_in" in groups) + ("mlp_in" in groups))  # norm outputs kept as LoRA's X
-    total += b * adapters.rank * len(adapters.per_layer)  # S = X Aᵀ per adapted Linear
-    if adapters.dropout > 0 and adapters.mask_saved:
-        total += sum(-(-k // 8) for k in adapters.per_layer.values())  # keep-mask bits per adapted Linear
-    return total
+    weight, any_ = training.blocks[block]
+    adapted = training.adapted[block]
+    total = 0.0
+
+    def norm(leaf: str, g: bool) -> bool:
+        nonlocal total
+        if g:
+            total += 4 * h + 4  # its input upcast to fp32, and the rsqrt
+        if leaf in weight:
+            total += b * h  # the normalized input its weight's gradient reads
+        return g or leaf in any_
+
+    def linears(leaves: tuple[str, ...], width: int, g: bool, x_saved_elsewhere: bool = False) -> bool:
+        nonlocal total
+        if weight.intersection(leaves) and not x_saved_elsewhere:
+            total += b * width  # the shared input, once
+        for leaf in adapted.keys() & set(leaves):
+            total += b * training.rank  # X Aᵀ
+            if training.dropout > 0 and training.mask_saved:
+                total += -(-adapted[leaf] // 8)  # the keep-mask as bits
+        return g or bool(any_.intersection(leaves))
+
+    x = norm("input_layernorm", grad_in)
+    attn = linears(_ATTN_IN, h, x)
+    if attn:  # SDPA: q, k, v, its output and the log-sum-exp
+        total += b * (n * d + 2 * kv * d + n * d) + 4 * n
+        if padded:  # and its own copy of the padding mask, in the compute dtype
+            total += b * seq
+    # o_proj reads SDPA's output itself, except from packed rows, which are concatenated into a new tensor
+    out = linears(("o_proj",), n * d, attn, x_saved_elsewhere=attn and not packed)
+    g = grad_in or out
+    x = norm("post_attention_layernorm", g)
+    mlp = linears(_MLP_IN, h, x)
+    if mlp:  # gate and up (and silu(gate) when the MLP is not on the fused SwiGLU)
+        total += b * (2 if swiglu_fused else 3) * i
+    down = linears(("down_proj",), i, mlp)  # its input: the product
+    return total, g or down
+
+
+@dataclass
+class Activations:
+    """What a micro-batch's forward saves for backward, and what backward holds beside it."""
+
+    blocks: list[int]  # saved per decoder block (with checkpointing: the block input it keeps)
+    shared: int  # saved once: RoPE tables, masks, the final norm's input
+    transient: int  # beside them in backward: one block's dG and dU (and a recomputed block)
+
+    @property
+    def saved(self) -> int:
+        return sum(self.blocks) + self.shared
 
 
 def activation_bytes(
     shape: DecoderShape,
-    adapters: Adapters,
-    method: str,
+    training: Training,
     dtype_bytes: int,
     batch: int,
     seq: int,
     padded: bool,
+    packed: bool,
     checkpointing: bool,
-    first_trainable_layer: int = 0,
     swiglu_fused: bool = True,
-) -> int:
-    """Activations held at the end of the forward pass (the peak's largest part).
+) -> Activations:
+    """Activations of a micro-batch of ``batch × seq`` tokens (module docstring)."""
+    tokens = batch * seq
+    b = dtype_bytes
+    g, per_block, first = training.embedding, [], None
+    for block in range(shape.layers):
+        nbytes, g_out = block_saved_bytes_per_token(
+            shape, training, block, b, seq, padded, packed, g, swiglu_fused
+        )
+        per_block.append(int(nbytes * tokens))
+        if first is None and (g_out or nbytes):
+            first = block
+        g = g_out
+    first = shape.layers if first is None else first
+    shared = 2 * seq * shape.head_dim * b  # the RoPE cos and sin
+    shared += batch * (seq - 1) if padded else tokens  # the boolean mask that picks the target positions
+    if training.embedding:
+        shared += 8 * tokens  # the token ids the embedding's gradient scatters into
+    final = ((4 * shape.hidden + 4) if g else 0) + (b * shape.hidden if training.final_norm else 0)
+    shared += final * tokens
+    # Backward holds one block's widest gradients beside the saved activations: the MLP's dG and dU, and
+    # the residual stream's gradient twice (the one arriving at the block and the one it builds).
+    transient = 2 * b * (shape.intermediate + shape.hidden) * tokens if first < shape.layers else 0
+    if checkpointing:  # each block from the first that trains keeps only its input, and one is recomputed
+        kept = [b * shape.hidden * tokens if j >= first else 0 for j in range(shape.layers)]
+        return Activations(kept, int(shared), int(transient + max(per_block, default=0)))
+    return Activations(per_block, int(shared), int(transient))
 
-    Blocks before ``first_trainable_layer`` keep nothing: no gradient flows back through them.
+
+def peak_of_phases(
+    act: Activations,
+    loss_saved: int,
+    loss_transient: int,
+    block_grads: list[int],
+    top_grads: int,
+    embedding_grads: int,
+    accumulating: bool,
+) -> tuple[int, str]:
+    """The largest of what a step holds at once beyond weights and optimizer state, and when.
+
+    - the end of the forward: every block's saved tensors, the loss's, and one chunk of logits;
+    - backward, walking the blocks top down: at block ``l`` the blocks up to ``l`` still hold their saved
+      tensors, the gradients of those above (and of the LM head and final norm) exist, and one block's
+      dG and dU sit beside them;
+    - the optimizer step: every gradient.
+
+    With gradient accumulation the gradients of earlier micro-batches are there throughout.
 
     Returns:
-        Bytes for a micro-batch of ``batch × seq`` tokens.
+        (bytes, the phase's name).
     """
-    tokens = batch * seq
-    layers = shape.layers - min(first_trainable_layer, shape.layers)
-    per_block = (
-        block_activation_bytes_per_token(shape, adapters, method, dtype_bytes, padded, swiglu_fused) * tokens
-    )
-    shared = 2 * seq * shape.head_dim * 4 + (batch * seq * seq * 4 if padded else 0)
-    final_norm = 4 * (shape.hidden + 1) * tokens
-    # Backward holds one block's widest gradients beside the saved activations: the MLP's dG and dU.
-    backward_transient = 2 * dtype_bytes * shape.intermediate * tokens if layers else 0
-    if checkpointing:
-        kept = layers * dtype_bytes * shape.hidden * tokens
-        return int(kept + per_block + shared + final_norm + backward_transient)
-    return int(layers * per_block + shared + final_norm + backward_transient)
+    all_grads = sum(block_grads) + top_grads + embedding_grads
+    prior = all_grads if accumulating else 0
+    phases = {"the end of the forward": act.saved + loss_saved + loss_transient + prior}
+    held = act.shared + loss_saved + act.transient
+    backward = 0
+    for block in range(len(act.blocks)):
+        grads = prior or sum(block_grads[block + 1 :]) + top_grads
+        backward = max(backward, held + sum(act.blocks[: block + 1]) + grads)
+    phases["backward"] = backward
+    phases["the optimizer step"] = all_grads
+    phase = max(phases, key=phases.__getitem__)
+    return phases[phase], phase
 
 
-def loss_buffer_bytes(vocab: int, hidden: int, target_tokens: int, dtype_bytes: int, backend: str) -> int:
-    """Peak of the fused, chunked LM head + loss over ``target_tokens`` positions (module docstring)."""
+def loss_buffer_bytes(
+    vocab: int,
+    hidden: int,
+    target_tokens: int,
+    dtype_bytes: int,
+    backend: str,
+    head: bool = False,
+    head_bias: bool = False,
+) -> tuple[int, int]:
+    """The fused, chunked LM head + loss over ``target_tokens`` positions (module docstring).
+
+    Args:
+        head, head_bias: the LM head's weight / bias train (the loss then also saves their gradients,
+            accumulated in fp32 over the chunks).
+
+    Returns:
+        (what it saves for backward, its transient peak: one chunk of logits and the selected hidden
+        states).
+    """
     from fusedtune.kernels.cross_entropy import chunk_rows
 
     rows = chunk_rows(target_tokens, vocab, dtype_bytes)
     chunk = rows * vocab * (dtype_bytes + (4 if dtype_bytes < 4 and backend == "torch" else 0))
-    return chunk + 2 * target_tokens * hidden * dtype_bytes
+    selected = target_tokens * hidden * dtype_bytes
+    acc = max(dtype_bytes, 4)
+    saved = selected + (vocab * hidden * acc if head else 0) + (vocab * acc if head_bias else 0)
+    return saved, chunk + selected
 
 
 def packed_weight_bytes(n: int, k: int, quant_type: str, blocksize: int, double_quant: bool) -> int:
@@ -266,9 +418,12 @@ class Estimate:
     trainable_bytes: int
     gradient_bytes: int
     optimizer_state_bytes: int
-    activation_bytes: int
-    activation_bytes_checkpointed: int
-    loss_buffer_bytes: int
+    activation_bytes: int  # saved for backward, without gradient checkpointing
+    activation_bytes_checkpointed: int  # saved for backward, with it
+    backward_transient_bytes: int  # beside them in backward: dG and dU
+    backward_transient_bytes_checkpointed: int  # ... and one recomputed block
+    loss_saved_bytes: int  # the fused loss's saved gradient of the target hidden states
+    loss_transient_bytes: int  # one chunk of logits and the target hidden states
     overhead_bytes: int
     checkpointing: bool
     target: str  # "cuda" or "cpu"
@@ -282,6 +437,9 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     # qlora through dequantize + GEMM: the dense copy of one weight that each GEMM decodes into
     dequant_temporary_bytes: int = 0
+    # activations, loss buffers and gradients at the step's fullest moment (peak_of_phases), and when
+    step_peak_bytes: int = 0
+    step_peak_phase: str = ""
 
     @property
     def frozen_bytes(self) -> int:
@@ -292,15 +450,25 @@ class Estimate:
         return self.activation_bytes_checkpointed if self.checkpointing else self.activation_bytes
 
     @property
+    def chosen_backward_transient_bytes(self) -> int:
+        return (
+            self.backward_transient_bytes_checkpointed
+            if self.checkpointing
+            else self.backward_transient_bytes
+        )
+
+    @property
+    def loss_buffer_bytes(self) -> int:
+        return self.loss_saved_bytes + self.loss_transient_bytes
+
+    @property
     def tensor_bytes(self) -> int:
         """The predicted peak of live tensors (what ``max_memory_allocated`` measures)."""
         return (
             self.frozen_bytes
             + self.trainable_bytes
-            + self.gradient_bytes
             + self.optimizer_state_bytes
-            + self.chosen_activation_bytes
-            + self.loss_buffer_bytes
+            + self.step_peak_bytes
             + self.dequant_temporary_bytes
         )
 
@@ -396,16 +564,10 @@ def estimate(
         by_format = {k: v for k, v in by_format.items() if v}
 
     params = [p for p in model.parameters() if p.requires_grad]
-    adapters = Adapters(rank=cfg.lora.rank, dropout=cfg.lora.dropout)
-    if cfg.method in ("lora", "qlora"):
-        first = re.compile(r"(?:^|\.)0\.")
-        for name, mod in model.named_modules():
-            if hasattr(mod, "lora_A") and first.search(name + "."):
-                adapters.per_layer[name.rsplit(".", 1)[-1]] = mod.in_features
-    first_layer = _first_trainable_layer(model, shape.layers)
+    training = Training.of(model, shape.layers, cfg.lora.rank, cfg.lora.dropout)
     backend = "triton" if on_gpu and cfg.kernels != "torch" else "torch"
     # auto keeps the fused LoRA kernels when there is dropout (adapt.lora_layer_backend)
-    adapters.mask_saved = cfg.method == "qlora" or backend == "torch"
+    training.mask_saved = cfg.method == "qlora" or backend == "torch"
     swiglu = fuse_swiglu(model, backend)
     swiglu_fused = bool(swiglu.swiglu) and not swiglu.not_swiglu
     packed = cfg.train.padding_free and padding_free.unsupported_reason(model, cfg.data.max_seq_len) is None
@@ -416,10 +578,13 @@ def estimate(
     target_tokens = batch * (seq - 1) if target_tokens is None else target_tokens
     act = {
         ckpt: activation_bytes(
-            shape, adapters, cfg.method, b, batch, seq, padded, ckpt, first_layer, swiglu_fused
+            shape, training, b, batch, seq, padded, packed and not padded, ckpt, swiglu_fused
         )
         for ckpt in (False, True)
     }
+    loss_saved, loss_transient = loss_buffer_bytes(
+        shape.vocab, shape.hidden, target_tokens, b, backend, training.head, training.head_bias
+    )
     alt = "adamw32bit" if cfg.optim.name in ("adamw8bit", "paged_adamw8bit") else "adamw8bit"
     est = Estimate(
         frozen_by_format=by_format,
@@ -429,9 +594,12 @@ def estimate(
         optimizer_state_bytes=memory.expected_optimizer_state_bytes(params, cfg.optim.name),
         optimizer_name=cfg.optim.name,
         optimizer_alternative=(alt, memory.expected_optimizer_state_bytes(params, alt)),
-        activation_bytes=act[False],
-        activation_bytes_checkpointed=act[True],
-        loss_buffer_bytes=loss_buffer_bytes(shape.vocab, shape.hidden, target_tokens, b, backend),
+        activation_bytes=act[False].saved,
+        activation_bytes_checkpointed=act[True].saved,
+        backward_transient_bytes=act[False].transient,
+        backward_transient_bytes_checkpointed=act[True].transient,
+        loss_saved_bytes=loss_saved,
+        loss_transient_bytes=loss_transient,
         overhead_bytes=0,
         checkpointing=cfg.model.gradient_checkpointing,
         target="cuda" if on_gpu else "cpu",
@@ -439,6 +607,13 @@ def estimate(
         batch=batch,
         seq=seq,
         target_tokens=target_tokens,
+    )
+    est.step_peak_bytes, est.step_peak_phase = peak_of_phases(
+        act[est.checkpointing],
+        loss_saved,
+        loss_transient,
+        *_gradient_bytes_by_place(model, shape.layers),
+        accumulating=cfg.train.grad_accum > 1,
     )
     layer_torch = backend == "torch" or cfg.lora.rank > FUSED_MAX_RANK  # adapt: such layers run on torch
     if quantized and (layer_torch or batch * seq >= DEQUANT_MIN_TOKENS):
@@ -457,17 +632,25 @@ def estimate(
     return est
 
 
-def _first_trainable_layer(model: nn.Module, layers: int) -> int:
-    """The lowest block index holding a trainable parameter (0 when anything before the blocks trains)."""
+def _gradient_bytes_by_place(model: nn.Module, layers: int) -> tuple[list[int], int, int]:
+    """Gradient bytes of the trainable parameters: (per decoder block, the rest but the input embedding
+    (LM head, final norm: their gradients come first in backward), the input embedding (last))."""
     index = re.compile(r"(?:^|\.)(\d+)\.")
-    first = layers
+    blocks, top, embedding = [0] * layers, 0, 0
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            m = index.search(name)
-            if m is None:
-                return 0
-            first = min(first, int(m.group(1)))
-    return first
+        if not p.requires_grad:
+            continue
+        m = index.search(name)
+        if m is not None and int(m.group(1)) < layers:
+            blocks[int(m.group(1))] += p.nbytes
+        elif p is emb and not tied:
+            embedding += p.nbytes
+        else:
+            top += p.nbytes
+    return blocks, top, embedding
 
 
 def _process_rss() -> int:
@@ -594,6 +777,9 @@ class Measurement:
     optimizer_state_bytes: int
     batches: list[tuple[int, int, int, bool]]  # (batch, seq, target tokens, padded) per micro-batch
     losses: list[float]
+    # saved for backward by the micro-batch that saved most (memory.SavedTensorMeter); None where the
+    # meter cannot see it all (gradient checkpointing keeps its block inputs outside autograd's saves)
+    saved: memory.SavedBytes | None = None
 
 
 def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
@@ -636,12 +822,13 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     stream = micro_batch_stream(
         examples, cfg.train.micro_batch_size, cfg.train.seed, tokenizer.pad_token_id, device
     )
+    meter = memory.SavedTensorMeter.for_model(model)
     shapes, losses, grad_bytes = [], [], 0
     for step in range(steps):
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
         shapes.extend(micro_batch_shape(b, packed) for b in micro)
         with tracker if tracker is not None else contextlib.nullcontext():
-            loss, _ = accumulate_gradients(model, micro, report.backend)
+            loss, _ = accumulate_gradients(model, micro, report.backend, meter)
             grad_bytes = memory.gradient_bytes(model)
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
             optimizer.step()
@@ -666,6 +853,7 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         optimizer_state_bytes=memory.optimizer_state_bytes(optimizer),
         batches=shapes,
         losses=losses,
+        saved=None if cfg.model.gradient_checkpointing else meter.largest,
     )
 
 
@@ -725,13 +913,29 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
     rows.append((f"optimizer state, {alt_name}", alt_bytes, None, ""))
     ck = " (used)" if est.checkpointing else ""
     nock = "" if est.checkpointing else " (used)"
+    saved = m.saved if m else None
     rows.append(
-        (f"activations, no checkpointing{nock}", est.activation_bytes, None, f"B={est.batch} S={est.seq}")
+        (
+            f"activations saved for backward, no checkpointing{nock}",
+            est.activation_bytes,
+            saved.activations if saved else None,
+            f"B={est.batch} S={est.seq}",
+        )
     )
-    rows.append((f"activations, checkpointing{ck}", est.activation_bytes_checkpointed, None, ""))
     rows.append(
-        ("logits + loss buffers", est.loss_buffer_bytes, None, f"{est.target_tokens:,} target positions")
+        (f"activations saved for backward, checkpointing{ck}", est.activation_bytes_checkpointed, None, "")
     )
+    what = "dG, dU, residual gradients" + (", a recomputed block" if est.checkpointing else "")
+    rows.append((f"backward transient ({what})", est.chosen_backward_transient_bytes, None, "one block"))
+    rows.append(
+        (
+            "loss: saved gradient of the hidden states",
+            est.loss_saved_bytes,
+            saved.loss if saved else None,
+            f"{est.target_tokens:,} target positions",
+        )
+    )
+    rows.append(("loss: logits chunk + hidden states (transient)", est.loss_transient_bytes, None, ""))
     if est.dequant_temporary_bytes:
         rows.append(
             ("dequantized weight temporary (qlora)", est.dequant_temporary_bytes, None, "widest layer")
@@ -760,6 +964,10 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
         )
     if m and m.reserved_bytes is not None:
         out.append(f"cuda max_memory_reserved {fb(m.reserved_bytes)}")
+    out.append(
+        f"note: the peak of tensors is reached in {est.step_peak_phase}: the weights, the optimizer state and "
+        "what that moment holds of the rows between (they never all coexist)"
+    )
     out += [f"note: {n}" for n in est.notes]
     return out
 

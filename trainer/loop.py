@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -104,9 +105,15 @@ class StepResult:
 
 
 def accumulate_gradients(
-    model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], backend: str = "torch"
+    model: nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    backend: str = "torch",
+    meter: memory.SavedTensorMeter | None = None,
 ) -> tuple[float, int]:
     """Backward every micro-batch's summed token loss divided by the step's total target tokens.
+
+    Args:
+        meter: counts what each micro-batch's forward saves for backward (the run summary's numbers).
 
     Returns:
         (the step's token-normalized loss, its number of target tokens).
@@ -116,7 +123,8 @@ def accumulate_gradients(
         raise UserError("every label in this optimizer step is masked; nothing to learn from")
     loss_value = 0.0
     for batch in micro_batches:
-        loss = loss_sum(model, batch, backend) / total_targets
+        with meter.micro_batch(batch) if meter is not None else contextlib.nullcontext():
+            loss = loss_sum(model, batch, backend) / total_targets
         loss.backward()
         loss_value += loss.item()
     return loss_value, total_targets
@@ -129,12 +137,13 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float | None,
     backend: str = "torch",
+    meter: memory.SavedTensorMeter | None = None,
 ) -> StepResult:
     """Accumulate gradients over the micro-batches, clip, and step (or skip).
 
     A non-finite loss or gradient norm skips the optimizer update; the gradients are dropped.
     """
-    loss_value, total_targets = accumulate_gradients(model, micro_batches, backend)
+    loss_value, total_targets = accumulate_gradients(model, micro_batches, backend, meter)
     clip = max_grad_norm if max_grad_norm is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
@@ -503,6 +512,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         set_rng_state(ckpt.state["rng"], ckpt.tensors("rng"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # what each micro-batch's forward saves for backward, for the summary (checkpointing hides it)
+    meter = None if cfg.model.gradient_checkpointing else memory.SavedTensorMeter.for_model(model)
     bar = _progress(steps, cfg.train.progress, initial=start_step)
     t_start = time.perf_counter()
     window_tokens, window_t0 = 0, t_start
@@ -510,7 +521,9 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     for step in range(start_step + 1, steps + 1):
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
         try:
-            result = optimizer_step(model, params, micro, optimizer, cfg.optim.max_grad_norm, report.backend)
+            result = optimizer_step(
+                model, params, micro, optimizer, cfg.optim.max_grad_norm, report.backend, meter
+            )
         except torch.OutOfMemoryError:
             metrics.close()
             optimizer.zero_grad(set_to_none=True)
@@ -604,6 +617,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         "optimizer_state_bytes": state_bytes,
         "peak_memory_bytes": memory.peak_memory_bytes(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        "saved_for_backward": None if meter is None else dataclasses.asdict(meter.largest),
         "train_seconds": train_seconds,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

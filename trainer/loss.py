@@ -13,7 +13,7 @@ from torch import nn
 
 from fusedtune.kernels.cross_entropy import linear_cross_entropy
 
-from . import padding_free
+from . import memory, padding_free
 from .data import IGNORE_INDEX
 
 
@@ -64,7 +64,9 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], backend: str = "t
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state[:, :-1][keep]
         head = model.get_output_embeddings()
-        return linear_cross_entropy(hidden, head.weight, targets[keep], head.bias, backend=backend)
+        with memory.saved_as("loss"):
+            return linear_cross_entropy(hidden, head.weight, targets[keep], head.bias, backend=backend)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = _at_least_fp32(logits[:, :-1].flatten(0, 1))
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    with memory.saved_as("loss"):  # the head's own saved input counts as the decoder's activations
+        logits = _at_least_fp32(logits[:, :-1].flatten(0, 1))
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

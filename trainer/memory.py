@@ -6,9 +6,11 @@ functions so that tests can hold one against the other.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -168,21 +170,125 @@ def measured_breakdown_lines(accounting: dict) -> list[str]:
 
     Args:
         accounting: ``loop.run``'s accounting (``frozen_by_format``, ``trainable_bytes``,
-            ``gradient_bytes``, ``optimizer_state_bytes``, ``peak_memory_bytes``, ``peak_memory_kind``).
+            ``gradient_bytes``, ``optimizer_state_bytes``, ``peak_memory_bytes``, ``peak_memory_kind``,
+            ``saved_for_backward``: :class:`SavedBytes` as a dict, or None with gradient checkpointing).
     """
     a = accounting
     by_format = a.get("frozen_by_format") or {"all": a["frozen_bytes"]}
     persistent = sum(by_format.values()) + a["trainable_bytes"] + a["optimizer_state_bytes"]
-    rest = a["peak_memory_bytes"] - persistent
-    what = "activations, logits and loss buffers, gradients" + (
-        "" if a["peak_memory_kind"].startswith("cuda") else ", torch and library code, allocator caching"
-    )
-    return [
+    saved = a.get("saved_for_backward")
+    lines = [
         "memory (measured): frozen weights "
         + ", ".join(f"{fmt_bytes(n)} {label}" for label, n in by_format.items())
         + f"; trainable {fmt_bytes(a['trainable_bytes'])}; gradients {fmt_bytes(a['gradient_bytes'])}; "
-        f"optimizer state {fmt_bytes(a['optimizer_state_bytes'])}",
-        f"memory (measured): peak {fmt_bytes(a['peak_memory_bytes'])} ({a['peak_memory_kind']}), "
-        f"of which {fmt_bytes(max(rest, 0))} beyond weights and optimizer state ({what}); "
-        "`trainer estimate CONFIG --measure` breaks it down",
+        f"optimizer state {fmt_bytes(a['optimizer_state_bytes'])}"
     ]
+    if saved is not None:
+        lines.append(
+            f"memory (measured): saved for backward by the largest micro-batch ({saved['tokens']:,} tokens): "
+            f"activations {fmt_bytes(saved['activations'])}, loss {fmt_bytes(saved['loss'])}"
+        )
+    else:
+        lines.append(
+            "memory (measured): saved activations not counted (gradient checkpointing holds its block "
+            "inputs outside autograd's saved tensors)"
+        )
+    held = persistent + (saved["activations"] + saved["loss"] if saved else 0)
+    what = "gradients, backward and loss transients" + (
+        "" if a["peak_memory_kind"].startswith("cuda") else ", torch and library code, allocator caching"
+    )
+    if saved is None:
+        what = "activations, " + what
+    lines.append(
+        f"memory (measured): peak {fmt_bytes(a['peak_memory_bytes'])} ({a['peak_memory_kind']}), "
+        f"of which {fmt_bytes(max(a['peak_memory_bytes'] - held, 0))} beyond weights, optimizer state and "
+        f"saved tensors ({what}); "
+        "`trainer estimate CONFIG --measure` sets the estimate beside the measurement"
+    )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the forward pass keeps for backward, measured
+# ---------------------------------------------------------------------------------------------------
+
+_SAVED_PART = contextvars.ContextVar("fusedtune_saved_part", default="activations")
+
+
+@contextlib.contextmanager
+def saved_as(part: str):
+    """Inside: tensors autograd saves count under ``part`` in a :class:`SavedTensorMeter` (the loss
+    marks its LM head and cross-entropy ``"loss"``; everything else is ``"activations"``)."""
+    token = _SAVED_PART.set(part)
+    try:
+        yield
+    finally:
+        _SAVED_PART.reset(token)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    st = t.untyped_storage()
+    return str(st.device), st.data_ptr()
+
+
+@dataclass
+class SavedBytes:
+    """Storages autograd held for backward at the end of one micro-batch's forward, by part."""
+
+    activations: int = 0
+    loss: int = 0
+    tokens: int = 0  # the micro-batch's non-pad tokens
+    index: int = -1  # which micro-batch it was, counting from 0 for this meter
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.loss
+
+
+@dataclass
+class SavedTensorMeter:
+    """Bytes each micro-batch's forward saves for backward, counted as autograd saves them.
+
+    Saved-tensor hooks see every tensor an op or an ``autograd.Function`` keeps for backward. A storage
+    counts once, whatever views of it are saved; the model's own parameters and buffers (every Linear
+    saves its weight) count not at all: they are the frozen and trainable weights, held anyway. The pack
+    hook hands autograd a detached alias of the same storage (no copy; the original would make autograd
+    keep its own graph alive in a reference cycle). :attr:`largest` is the micro-batch that saved most.
+
+    Not seen: what gradient checkpointing keeps (its block inputs are held by the checkpoint, not saved
+    through autograd), and transients that live only inside an op or between forward and backward.
+    """
+
+    exclude: set = field(default_factory=set)
+    largest: SavedBytes = field(default_factory=SavedBytes)
+    count: int = 0  # micro-batches metered so far
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> SavedTensorMeter:
+        tensors = [*model.parameters(), *model.buffers()]
+        return cls(exclude={_storage_key(t) for t in tensors if not t.is_meta})
+
+    @contextlib.contextmanager
+    def micro_batch(self, batch: dict[str, torch.Tensor]):
+        """Count what the forward of ``batch`` inside saves; keep it when it is the largest so far."""
+        got = SavedBytes(index=self.count)
+        self.count += 1
+        seen: set[tuple[str, int]] = set()
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = _storage_key(t)
+            if key not in seen and key not in self.exclude:
+                seen.add(key)
+                part = _SAVED_PART.get()
+                setattr(got, part, getattr(got, part) + t.untyped_storage().nbytes())
+            return t.detach()
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            yield got
+        if got.total > self.largest.total:
+            got.tokens = int(batch["attention_mask"].sum())
+            self.largest = got
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t

@@ -3,6 +3,8 @@ within 15% of the measured peak (6% asserted on the tiny model); the CLI prints 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tiny import write_config
@@ -131,9 +133,12 @@ def test_cli_prints_breakdown_and_fit(tmp_path, tiny_model_dir, capsys):
         "gradients (trainable only)",
         "optimizer state, adamw8bit (used)",
         "optimizer state, adamw32bit",
-        "activations, no checkpointing (used)",
-        "activations, checkpointing",
-        "logits + loss buffers",
+        "activations saved for backward, no checkpointing (used)",
+        "activations saved for backward, checkpointing",
+        "backward transient (dG, dU, residual gradients)",
+        "loss: saved gradient of the hidden states",
+        "loss: logits chunk + hidden states (transient)",
+        "the peak of tensors is reached in ",
         "framework overhead",
         "= total",
         "fits:",
@@ -195,6 +200,15 @@ def test_run_summary_prints_the_measured_breakdown(tmp_path, tiny_model_dir, cap
     out = capsys.readouterr().out
     assert "memory (measured): frozen weights" in out and "nf4 + double quant" in out
     assert "optimizer state" in out and "peak" in out
+    assert "saved for backward by the largest micro-batch" in out
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())["accounting"]["saved_for_backward"]
+    assert saved["activations"] > 0 and saved["loss"] > 0 and saved["tokens"] > 0
+
+
+def test_run_summary_with_checkpointing_says_why_no_saved_count(tmp_path, tiny_model_dir, capsys):
+    config = write_config(tmp_path, tiny_model_dir, train={"max_steps": 1})
+    assert main(["run", str(config), "model.gradient_checkpointing=true"]) == 0
+    assert "saved activations not counted (gradient checkpointing" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name,alt", [("adamw8bit", "adamw32bit"), ("adamw32bit", "adamw8bit")])
@@ -238,3 +252,100 @@ def test_qlora_dequant_temporary_follows_the_path(tiny_model_dir, monkeypatch):
     # tiny model's layers are too narrow for rank 257, so the limit comes down to the rank instead
     monkeypatch.setattr(est_mod, "FUSED_MAX_RANK", cfg.lora.rank - 1)
     assert est_mod.estimate(cfg, on_gpu=True, batch=1, seq=64).dequant_temporary_bytes == widest
+
+
+SAVED_CASES = {
+    "lora": [],
+    "qlora-dropout": ["method=qlora", "lora.dropout=0.1"],
+    "lora-mlp-only": ["lora.target_modules=[gate_proj,up_proj,down_proj]"],
+    "lora-padded": ["train.padding_free=false"],
+    "full": ["method=full"],
+    "full-padded": ["method=full", "train.padding_free=false"],
+    "partial-norms": ["method=partial", "partial.patterns=[norm]"],
+    "partial-last-layer": ["method=partial", "partial.patterns=[layers.1.]"],
+}
+
+
+@pytest.mark.parametrize("overrides", list(SAVED_CASES.values()), ids=list(SAVED_CASES))
+def test_saved_activation_and_loss_formulas_are_byte_exact(tmp_path, tiny_model_dir, overrides):
+    """What autograd saves for backward, measured by the saved-tensor meter over three real steps,
+    equals the estimate's formula at that micro-batch's shape, byte for byte: which tensors a block
+    saves depends on what trains below and in it, and the walk in ``block_saved_bytes_per_token`` has
+    to follow it exactly."""
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), overrides)
+    m = est_mod.measure(cfg, steps=3, log=lambda *_: None)
+    assert m.saved is not None and m.saved.activations > 0 and m.saved.loss > 0
+    batch, seq, targets, padded = m.batches[m.saved.index]
+    e = est_mod.estimate(cfg, on_gpu=False, batch=batch, seq=seq, target_tokens=targets, padded=padded)
+    assert (e.activation_bytes, e.loss_saved_bytes) == (m.saved.activations, m.saved.loss)
+    table = "\n".join(est_mod.breakdown_lines(e, m))
+    assert "activations saved for backward, no checkpointing (used)" in table and "+0.0%" in table
+
+
+def test_partial_bias_only_saves_no_linear_inputs(tmp_path, tiny_model_dir_bias):
+    """Biases alone train: gradients flow through every block but no Linear keeps its input."""
+    cfg = load_config(
+        write_config(tmp_path, tiny_model_dir_bias), ["method=partial", "partial.patterns=[bias]"]
+    )
+    m = est_mod.measure(cfg, steps=1, log=lambda *_: None)
+    batch, seq, targets, padded = m.batches[m.saved.index]
+    e = est_mod.estimate(cfg, on_gpu=False, batch=batch, seq=seq, target_tokens=targets, padded=padded)
+    assert e.activation_bytes == m.saved.activations
+    lora = est_mod.estimate(
+        cfg.model_copy(update={"method": "lora"}), on_gpu=False, batch=batch, seq=seq, target_tokens=targets
+    )
+    assert e.activation_bytes < lora.activation_bytes
+
+
+def test_meter_counts_what_the_forward_leaves_alive(tmp_path, tiny_model_dir):
+    """Two independent measurements of one forward: the saved-tensor meter's total equals the growth of
+    live CPU storages (op-by-op tracker) from before the forward to after it, less the loss scalar."""
+    import gc
+
+    from fusedtune.trainer.loss import loss_sum
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir))
+    device = torch.device("cpu")
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model)
+    from fusedtune.trainer.data import build_datasets
+    from fusedtune.trainer.patches import apply_patches
+
+    data = build_datasets(cfg.data, tokenizer, len(tokenizer))
+    model, _ = load_model(cfg.model.name_or_path, cfg.model, device)
+    report = apply_method(model, cfg, device)
+    apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend)
+    model.train()
+    stream = micro_batch_stream(data.train, cfg.train.micro_batch_size, 0, tokenizer.pad_token_id, device)
+    loss_sum(model, next(stream), report.backend).backward()  # first-call caches
+    batch = next(stream)
+    meter = memory.SavedTensorMeter.for_model(model)
+    tracker = est_mod.LiveTensorTracker()
+    for t in [*model.parameters(), *model.buffers(), *batch.values()]:  # held already: views of them
+        tracker.add(t)  # are no allocation
+    with tracker:
+        before = tracker.current
+        with meter.micro_batch(batch) as got:
+            loss = loss_sum(model, batch, report.backend)
+        gc.collect()
+        grown = tracker.current - before
+    assert got.total == grown - loss.untyped_storage().nbytes() > 0
+    assert meter.largest is got and got.tokens == int(batch["attention_mask"].sum())
+
+
+def test_meter_keeps_no_graph_alive(tiny_model_dir):
+    """The pack hook hands autograd a detached alias: handing back the saved tensor itself would tie a
+    saved output to its own graph in a cycle that not even the garbage collector frees."""
+    import gc
+    import weakref
+
+    lin = torch.nn.Linear(16, 16)
+    meter = memory.SavedTensorMeter.for_model(lin)
+    x = torch.randn(4, 16, requires_grad=True)
+    with meter.micro_batch({"attention_mask": torch.ones(4)}) as got:
+        y = torch.sigmoid(lin(x)).exp()  # sigmoid and exp save their outputs
+    alive = weakref.ref(y)
+    y.sum().backward()
+    del y
+    gc.collect()
+    assert alive() is None
+    assert got.activations == 3 * 4 * 16 * 4  # x (the weight is the model's: not counted), two outputs
