@@ -57,14 +57,29 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_tiny_model(path: Path, seed: int = 0, with_bias: bool = False) -> Path:
-    """Save a 2-layer, hidden-64 Llama with the tiny tokenizer under ``path``; returns ``path``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Architectures build_tiny_model can save besides Llama: (config class, model class, extra config fields).
+_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # per-head q/k norms
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+}
 
+
+def build_tiny_model(
+    path: Path, seed: int = 0, with_bias: bool = False, arch: str = "llama", tie: bool = False
+) -> Path:
+    """Save a 2-layer, hidden-64 decoder (Llama unless ``arch``) with the tiny tokenizer under ``path``."""
+    import transformers
+
+    config_cls, model_cls, extra = (
+        getattr(transformers, n) if isinstance(n, str) else n for n in _ARCHS[arch]
+    )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path)
-    cfg = LlamaConfig(
+    bias = {"attention_bias": with_bias, "mlp_bias": with_bias} if arch == "llama" else {}
+    cfg = config_cls(
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
@@ -72,15 +87,15 @@ def build_tiny_model(path: Path, seed: int = 0, with_bias: bool = False) -> Path
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        attention_bias=with_bias,
-        mlp_bias=with_bias,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=None,
+        **bias,
+        **extra,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = model_cls(cfg)
     model.save_pretrained(path)
     return path
 

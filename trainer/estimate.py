@@ -24,6 +24,8 @@ the compute dtype). What autograd saves depends on what trains where, so each bl
   outputs are concatenated into a new tensor, since otherwise it reads SDPA's output itself); per
   adapter ``b·r`` (its ``X·Aᵀ``) and with LoRA dropout ``⌈K/8⌉`` (the keep-mask as bits; nothing on the
   fused Triton LoRA path, which regenerates it). A trainable bias alone saves nothing;
+- Qwen3-style per-head q/k norms, once q/k need a gradient: their inputs in fp32 and rsqrt,
+  ``4·(n·d + n + n_kv·d + n_kv)``;
 - attention, once q/k/v need a gradient: q, k, v and the output, ``b·(2·n·d + 2·kv·d)``, and the
   log-sum-exp ``4·n`` (``kv = n`` when a padding mask makes HF repeat the KV heads, ``n_kv`` otherwise),
   and with a padding mask SDPA's own copy of it, ``b·S``;
@@ -169,6 +171,7 @@ class Training:
     head_bias: bool = False
     rank: int = 0
     dropout: float = 0.0
+    qk_norm: bool = False  # Qwen3-style RMSNorms over each head of q and k
     # With dropout, the torch paths and QLoRA save the keep-mask as bits (kernels/dropout.py); the fused
     # Triton LoRA kernels regenerate it from a seed and save nothing.
     mask_saved: bool = True
@@ -191,6 +194,7 @@ class Training:
             if m is None or int(m.group(1)) >= layers:
                 continue
             block, leaf = int(m.group(1)), name.rsplit(".", 1)[-1]
+            t.qk_norm = t.qk_norm or leaf == "q_norm"
             if weight_trains:
                 t.blocks[block][0].add(leaf)
             if any_trains:
@@ -253,6 +257,12 @@ def block_saved_bytes_per_token(
 
     x = norm("input_layernorm", grad_in)
     attn = linears(_ATTN_IN, h, x)
+    if attn and training.qk_norm:  # per-head norms of q and k: their inputs in fp32 and rsqrt
+        total += 4 * (n * d + n) + 4 * (shape.kv_heads * d + shape.kv_heads)
+        total += b * (n * d if "q_norm" in weight else 0) + b * (
+            shape.kv_heads * d if "k_norm" in weight else 0
+        )
+    attn = attn or bool(any_.intersection(("q_norm", "k_norm")))
     if attn:  # SDPA: q, k, v, its output and the log-sum-exp
         total += b * (n * d + 2 * kv * d + n * d) + 4 * n
         if padded:  # and its own copy of the padding mask, in the compute dtype

@@ -349,3 +349,22 @@ def test_meter_keeps_no_graph_alive(tiny_model_dir):
     gc.collect()
     assert alive() is None
     assert got.activations == 3 * 4 * 16 * 4  # x (the weight is the model's: not counted), two outputs
+
+
+@pytest.mark.parametrize(
+    ("arch", "tie"), [("qwen2", False), ("qwen3", False), ("mistral", False), ("llama", True)]
+)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_saved_formulas_byte_exact_across_architectures(tmp_path, arch, tie, method):
+    """Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Mistral, and a tied LM head (whose gradient
+    the fused loss keeps in fp32 when it trains) are walked exactly too."""
+    from tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / arch, arch=arch, tie=tie)
+    cfg = load_config(write_config(tmp_path, model_dir), [f"method={method}"])
+    m = est_mod.measure(cfg, steps=2, log=lambda *_: None)  # from step 2 the optimizer state is there
+    batch, seq, targets, padded = m.batches[m.saved.index]
+    e = est_mod.estimate(cfg, on_gpu=False, batch=batch, seq=seq, target_tokens=targets, padded=padded)
+    assert (e.activation_bytes, e.loss_saved_bytes) == (m.saved.activations, m.saved.loss)
+    here = est_mod.estimate_for_batches(cfg, m.batches, on_gpu=False)
+    assert abs(here.tensor_bytes - m.peak_tensor_bytes) <= 0.06 * m.peak_tensor_bytes
