@@ -1,4 +1,4 @@
-"""The LM head + loss and the SwiGLU gate on a GPU: fusedtune's fused versions against the alternatives.
+"""The LM head + loss, the SwiGLU gate and RMSNorm on a GPU: fusedtune's fused versions against the alternatives.
 
     python3 bench/gpu_fused.py --out bench/results        (bench/gpu.sh runs it with --out "$OUT")
 
@@ -13,6 +13,10 @@ SwiGLU gate silu(G) * U, forward + backward, bf16 [N, 14336]:
     ours      fusedtune.kernels.swiglu.silu_mul (Triton)
     torch     F.silu(G) * U by autograd
     liger     liger_kernel's LigerSiLUMulFunction (skipped when not installed)
+RMSNorm, forward + backward, bf16 [N, 4096], frozen weight (as in LoRA/QLoRA):
+    ours      fusedtune.kernels.rmsnorm.rms_norm (Triton; saves x in bf16 and one fp32 rsqrt per row)
+    torch     transformers' LlamaRMSNorm by autograd (saves the fp32 upcast of x)
+    liger     liger_kernel's LigerRMSNorm (skipped when not installed)
 
 Per row: ``triton.testing.do_bench`` median and 20/80 quantiles in ms, and the peak memory the pass
 allocates above its inputs (``max_memory_allocated`` after a reset).
@@ -84,17 +88,42 @@ def _swiglu_call(provider: str, n: int):
     return call, [g, u]
 
 
+def _rmsnorm_call(provider: str, n: int):
+    x = torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    if provider == "ours":
+        from fusedtune.kernels.rmsnorm import rms_norm
+
+        w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
+        fn = lambda: rms_norm(x, w, 1e-5, backend="triton")
+    elif provider == "torch":
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        norm = LlamaRMSNorm(HIDDEN, eps=1e-5).to("cuda", torch.bfloat16).requires_grad_(False)
+        fn = lambda: norm(x)
+    else:
+        from liger_kernel.transformers import LigerRMSNorm
+
+        norm = LigerRMSNorm(HIDDEN, eps=1e-5).to("cuda", torch.bfloat16).requires_grad_(False)
+        fn = lambda: norm(x)
+
+    def call():
+        fn().backward(dy)
+
+    return call, [x]
+
+
 def run(providers: list[str], tokens: list[int], deadline: float | None) -> list[dict]:
     from report import time_and_peak
 
     rows = []
     for n in tokens:
-        for op, make in (("lm_head_ce", _ce_call), ("swiglu", _swiglu_call)):
+        for op, make in (("lm_head_ce", _ce_call), ("swiglu", _swiglu_call), ("rmsnorm", _rmsnorm_call)):
             if deadline is not None and time.time() > deadline:
                 print(f"time budget spent: stopping before {op} N={n}", flush=True)
                 return rows
             for provider in providers:
-                if op == "swiglu" and provider.startswith("ours_chunk"):
+                if op != "lm_head_ce" and provider.startswith("ours_chunk"):
                     continue
                 try:
                     call, grads = make(provider, n)

@@ -60,6 +60,19 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
+# RMSNorm
+# ---------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``: fp32 statistics (fp64 for fp64), ``x̂`` rounded to x's dtype, then the
+    weight; autograd."""
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    xhat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xhat.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Cross-entropy
 # ---------------------------------------------------------------------------------------------------
 

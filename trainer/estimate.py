@@ -172,6 +172,7 @@ class Training:
     rank: int = 0
     dropout: float = 0.0
     qk_norm: bool = False  # Qwen3-style RMSNorms over each head of q and k
+    norms_fused: bool = False  # the norms run kernels.rmsnorm (patches.fuse_rmsnorm)
     # With dropout, the torch paths and QLoRA save the keep-mask as bits (kernels/dropout.py); the fused
     # Triton LoRA kernels regenerate it from a seed and save nothing.
     mask_saved: bool = True
@@ -210,6 +211,18 @@ class Training:
         return t
 
 
+def norm_saved_bytes(width: int, rows: int, b: int, grad_in: bool, weight_trains: bool, fused: bool) -> int:
+    """What an RMSNorm over ``rows`` rows of ``width`` (per token) saves for backward.
+
+    HF's: its input upcast to fp32 and the rsqrt when the input needs a gradient, and the normalized input
+    when the weight trains. Fused (``kernels.rmsnorm``): the input in its own dtype and the fp32 rsqrt
+    whenever either needs a gradient.
+    """
+    if fused:
+        return b * width + 4 * rows if grad_in or weight_trains else 0
+    return (4 * width + 4 * rows if grad_in else 0) + (b * width if weight_trains else 0)
+
+
 def block_saved_bytes_per_token(
     shape: DecoderShape,
     training: Training,
@@ -239,10 +252,7 @@ def block_saved_bytes_per_token(
 
     def norm(leaf: str, g: bool) -> bool:
         nonlocal total
-        if g:
-            total += 4 * h + 4  # its input upcast to fp32, and the rsqrt
-        if leaf in weight:
-            total += b * h  # the normalized input its weight's gradient reads
+        total += norm_saved_bytes(h, 1, b, g, leaf in weight, training.norms_fused)
         return g or leaf in any_
 
     def linears(leaves: tuple[str, ...], width: int, g: bool, x_saved_elsewhere: bool = False) -> bool:
@@ -257,11 +267,10 @@ def block_saved_bytes_per_token(
 
     x = norm("input_layernorm", grad_in)
     attn = linears(_ATTN_IN, h, x)
-    if attn and training.qk_norm:  # per-head norms of q and k: their inputs in fp32 and rsqrt
-        total += 4 * (n * d + n) + 4 * (shape.kv_heads * d + shape.kv_heads)
-        total += b * (n * d if "q_norm" in weight else 0) + b * (
-            shape.kv_heads * d if "k_norm" in weight else 0
-        )
+    if training.qk_norm:  # per-head norms of q and k
+        fused = training.norms_fused
+        total += norm_saved_bytes(n * d, n, b, attn, "q_norm" in weight, fused)
+        total += norm_saved_bytes(shape.kv_heads * d, shape.kv_heads, b, attn, "k_norm" in weight, fused)
     attn = attn or bool(any_.intersection(("q_norm", "k_norm")))
     if attn:  # SDPA: q, k, v, its output and the log-sum-exp
         total += b * (n * d + 2 * kv * d + n * d) + 4 * n
@@ -319,7 +328,7 @@ def activation_bytes(
     shared += batch * (seq - 1) if padded else tokens  # the boolean mask that picks the target positions
     if training.embedding:
         shared += 8 * tokens  # the token ids the embedding's gradient scatters into
-    final = ((4 * shape.hidden + 4) if g else 0) + (b * shape.hidden if training.final_norm else 0)
+    final = norm_saved_bytes(shape.hidden, 1, b, g, training.final_norm, training.norms_fused)
     shared += final * tokens
     # Backward holds one block's widest gradients beside the saved activations: the MLP's dG and dU, and
     # the residual stream's gradient twice (the one arriving at the block and the one it builds).
@@ -354,14 +363,14 @@ def peak_of_phases(
     """
     all_grads = sum(block_grads) + top_grads + embedding_grads
     prior = all_grads if accumulating else 0
-    phases = {"the end of the forward": act.saved + loss_saved + loss_transient + prior}
+    phases = {"at the end of the forward": act.saved + loss_saved + loss_transient + prior}
     held = act.shared + loss_saved + act.transient
     backward = 0
     for block in range(len(act.blocks)):
         grads = prior or sum(block_grads[block + 1 :]) + top_grads
         backward = max(backward, held + sum(act.blocks[: block + 1]) + grads)
-    phases["backward"] = backward
-    phases["the optimizer step"] = all_grads
+    phases["in backward"] = backward
+    phases["at the optimizer step"] = all_grads
     phase = max(phases, key=phases.__getitem__)
     return phases[phase], phase
 
@@ -539,7 +548,7 @@ def estimate(
     """
     from .adapt import apply_method, select_targets
     from .model import DTYPES, resolve_dtype
-    from .patches import fuse_swiglu
+    from .patches import fuse_rmsnorm, fuse_swiglu
 
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     dtype = (
@@ -580,6 +589,8 @@ def estimate(
     training.mask_saved = cfg.method == "qlora" or backend == "torch"
     swiglu = fuse_swiglu(model, backend)
     swiglu_fused = bool(swiglu.swiglu) and not swiglu.not_swiglu
+    norms = fuse_rmsnorm(model, backend)
+    training.norms_fused = bool(norms.rmsnorm) and not norms.not_rmsnorm
     packed = cfg.train.padding_free and padding_free.unsupported_reason(model, cfg.data.max_seq_len) is None
     b = torch.finfo(dtype).bits // 8
     batch = batch or cfg.train.micro_batch_size
@@ -975,7 +986,7 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
     if m and m.reserved_bytes is not None:
         out.append(f"cuda max_memory_reserved {fb(m.reserved_bytes)}")
     out.append(
-        f"note: the peak of tensors is reached in {est.step_peak_phase}: the weights, the optimizer state and "
+        f"note: the peak of tensors is reached {est.step_peak_phase}: the weights, the optimizer state and "
         "what that moment holds of the rows between (they never all coexist)"
     )
     out += [f"note: {n}" for n in est.notes]

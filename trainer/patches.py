@@ -1,5 +1,12 @@
 """Fused pieces swapped into the model's own modules (beside the adapted Linears of ``adapt.py``).
 
+RMSNorm: a norm whose ``forward`` is exactly ``LlamaRMSNorm``'s (Llama, Qwen2/3 including their q/k
+norms, Mistral, SmolLM: every "Copied from" twin) is replaced by a :class:`FusedRMSNorm` holding the same
+``weight`` Parameter (same names), whose forward calls ``kernels.rmsnorm.rms_norm``: the same math and
+rounding, one node that saves the input in its own dtype and one fp32 scalar per row instead of the fp32
+upcast. A norm with other math (Gemma's ``1 + w``, a weight in another dtype than the model's) keeps its
+own, and the run says which and why.
+
 SwiGLU: a gated MLP whose ``forward(self, x)`` is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
 with a SiLU ``act_fn`` (Llama, Mistral, Qwen2/3, SmolLM and most of their relatives) is replaced by a
 :class:`SwiGLUMLP` holding the same three Linears under the same names (so parameter names, adapters and
@@ -16,6 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fusedtune.kernels.rmsnorm import rms_norm
 from fusedtune.kernels.swiglu import silu_mul
 
 from .adapt import not_fused_lines
@@ -29,13 +37,29 @@ _SWIGLU_BODY = re.compile(rf"(return{_SWIGLU_EXPR}|(?P<v>\w+)={_SWIGLU_EXPR}retu
 class PatchReport:
     swiglu: list[str] = field(default_factory=list)
     not_swiglu: dict[str, str] = field(default_factory=dict)  # module name -> why not
+    rmsnorm: list[str] = field(default_factory=list)
+    not_rmsnorm: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        total = len(self.swiglu) + len(self.not_swiglu)
-        if not total:
-            return []
-        head = f"fused SwiGLU: {len(self.swiglu)}/{total} gated MLPs"
-        return [head, *not_fused_lines(self.not_swiglu, total, "all")]
+        out = []
+        for what, done, why_not in (
+            ("SwiGLU", self.swiglu, self.not_swiglu),
+            ("RMSNorm", self.rmsnorm, self.not_rmsnorm),
+        ):
+            total = len(done) + len(why_not)
+            if total:
+                unit = "gated MLPs" if what == "SwiGLU" else "norms"
+                out += [f"fused {what}: {len(done)}/{total} {unit}", *not_fused_lines(why_not, total, "all")]
+        return out
+
+
+def _body(forward) -> str | None:
+    """A forward's body, comments and whitespace removed (None when its source cannot be read)."""
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return None
+    return "".join("".join(ln.split("#")[0] for ln in source.splitlines()[1:]).split())
 
 
 def _is_gated_mlp(module: nn.Module) -> bool:
@@ -49,12 +73,10 @@ def _why_not_swiglu(module: nn.Module) -> str | None:
     forward = type(module).forward
     if list(inspect.signature(forward).parameters) != ["self", "x"]:
         return f"{type(module).__name__}.forward takes more than x"
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
+    body = _body(forward)
+    if body is None:
         return f"{type(module).__name__}.forward has no readable source"
-    lines = [ln.split("#")[0] for ln in source.splitlines()[1:]]  # the body, comments dropped
-    if not _SWIGLU_BODY.fullmatch("".join("".join(lines).split())):
+    if not _SWIGLU_BODY.fullmatch(body):
         return f"{type(module).__name__}.forward is not down(act(gate(x)) * up(x))"
     return None
 
@@ -92,10 +114,72 @@ def fuse_swiglu(model: nn.Module, backend: str, report: PatchReport | None = Non
     return report
 
 
+def _llama_rmsnorm_body() -> str:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return _body(LlamaRMSNorm.forward)
+
+
+def _why_not_rmsnorm(module: nn.Module, model_dtype) -> str | None:
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 1:
+        return f"{name} has no 1-D weight"
+    body = _body(type(module).forward)
+    if body is None:
+        return f"{name}.forward has no readable source"
+    if body != _llama_rmsnorm_body():
+        return f"{name}.forward is not LlamaRMSNorm's (other math)"
+    if not isinstance(getattr(module, "variance_epsilon", None), float):
+        return f"{name} has no float variance_epsilon"
+    if model_dtype is not None and weight.dtype != model_dtype:
+        return f"weight dtype {weight.dtype} differs from the model's {model_dtype}"
+    return None
+
+
+class FusedRMSNorm(nn.Module):
+    """``LlamaRMSNorm``'s math through ``kernels.rmsnorm`` over an existing norm's own weight."""
+
+    def __init__(self, norm: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = norm.variance_epsilon
+        self.backend = backend
+        self.replaces = type(norm).__name__
+
+    def forward(self, hidden_states):
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused in place of {self.replaces}, backend={self.backend}"
+
+
+def fuse_rmsnorm(model: nn.Module, backend: str, report: PatchReport | None = None) -> PatchReport:
+    """Give every ``LlamaRMSNorm``-equivalent norm of ``model`` the fused kernels (``backend``: triton or
+    torch)."""
+    report = report or PatchReport()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    model_dtype = emb.weight.dtype if emb is not None else None
+    for name, module in list(model.named_modules()):
+        if not type(module).__name__.endswith("RMSNorm") or isinstance(module, FusedRMSNorm) or not name:
+            continue
+        why = _why_not_rmsnorm(module, model_dtype)
+        if why is not None:
+            report.not_rmsnorm[name] = why
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, FusedRMSNorm(module, backend))
+        report.rmsnorm.append(name)
+    return report
+
+
 def apply_patches(model: nn.Module, padding_free_wanted: bool, max_seq_len: int, backend: str) -> list[str]:
-    """Fused SwiGLU and padding-free micro-batches on ``model``; the lines that say what took effect."""
+    """Fused SwiGLU and RMSNorm, and padding-free micro-batches, on ``model``; the lines that say what
+    took effect."""
     from . import padding_free
 
-    lines = fuse_swiglu(model, backend).lines()
+    report = fuse_swiglu(model, backend)
+    lines = fuse_rmsnorm(model, backend, report).lines()
     lines.append(padding_free.setup(model, padding_free_wanted, max_seq_len))
     return lines

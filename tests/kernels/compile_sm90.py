@@ -1,6 +1,6 @@
 """Compile every kernel variant the launchers produce for sm_90, offline: no GPU needed.
 
-    PYTHONPATH=/tmp/ftsite python -P tests/kernels/compile_sm90.py [lora] [q] [ce] [swiglu]   (ARCH=90)
+    PYTHONPATH=/tmp/ftsite python -P tests/kernels/compile_sm90.py [lora] [q] [ce] [swiglu] [rmsnorm]   (ARCH=90)
 
 (``/tmp/ftsite`` as bench/gpu.sh builds it: ``fusedtune`` mapped onto the source folders.) Not a pytest
 module: a tool for before a GPU run. It drives the public launchers with CPU tensors while Triton's
@@ -104,7 +104,7 @@ def autotune_all(self, *args, **kwargs):
 
 Autotuner.run = autotune_all
 
-from fusedtune.kernels import cross_entropy, lora, qmatmul, quant, swiglu  # noqa: E402
+from fusedtune.kernels import cross_entropy, lora, qmatmul, quant, rmsnorm, swiglu  # noqa: E402
 
 
 def _check_as_if_interpreted(module, name: str) -> None:
@@ -198,8 +198,22 @@ def swiglu_case(n, dtype):
     attempt(f"swiglu n{n} {dtype}", run)
 
 
+def rmsnorm_case(rows, h, dtype, need_dw):
+    def run():
+        x, w = torch.randn(rows, h, dtype=dtype), torch.randn(h, dtype=dtype)
+        _, r = rmsnorm._forward(x, w, 1e-5, "triton")
+        rmsnorm._backward(x, x, w, r, need_dw, "triton")
+
+    attempt(f"rmsnorm rows{rows} h{h} {dtype} dw{need_dw}", run)
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["lora", "q", "ce", "swiglu"]
+    which = sys.argv[1:] or ["lora", "q", "ce", "swiglu", "rmsnorm"]
+    if "rmsnorm" in which:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for h in (576, 4096, 8192, 16384):
+                rmsnorm_case(300, h, dtype, h == 4096)
+        rmsnorm_case(70, 128, torch.bfloat16, True)
     if "ce" in which:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             ce_case(7, 49152, dtype)

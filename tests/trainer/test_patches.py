@@ -1,4 +1,5 @@
-"""Fused SwiGLU in the model's MLPs (trainer/patches.py): same outputs and gradients, and a say on which."""
+"""Fused SwiGLU and RMSNorm in the model's modules (trainer/patches.py): same outputs and gradients, and a
+say on which."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tiny import tiny_llama
 from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM
 
-from fusedtune.trainer.patches import SwiGLUMLP, apply_patches, fuse_swiglu
+from fusedtune.trainer.patches import FusedRMSNorm, SwiGLUMLP, apply_patches, fuse_rmsnorm, fuse_swiglu
 
 
 def _llama(seed=0):
@@ -90,5 +91,71 @@ def test_apply_patches_says_what_took_effect():
     lines = apply_patches(_llama(), True, 64, "torch")
     assert lines == [
         "fused SwiGLU: 2/2 gated MLPs",
+        "fused RMSNorm: 5/5 norms",
         "padding-free micro-batches: on (no pad tokens; attention within each example)",
     ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_norms_give_the_same_loss_and_gradients(backend):
+    """Every parameter trains (the norms' weights included): loss and every gradient as HF's own norms.
+    In fp32: HF's norm computes in fp32 whatever the model's dtype, so an fp64 model is no oracle here."""
+    dtype = torch.float32
+    ids = torch.randint(0, 61, (2, 9))
+    results = []
+    for fuse in (False, True):
+        model = tiny_llama(
+            0, dtype, vocab_size=61, hidden_size=32, intermediate_size=48, num_attention_heads=2
+        )
+        if fuse:
+            report = fuse_rmsnorm(model, backend)
+            assert report.lines() == ["fused RMSNorm: 5/5 norms"]
+            assert isinstance(model.model.norm, FusedRMSNorm)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    tol = {"rtol": 1e-4, "atol": 1e-5}  # the analytic backward and autograd's chain sum in other orders
+    torch.testing.assert_close(l1, l0, **tol)
+    assert g1.keys() == g0.keys()  # the same parameter names
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], **tol, msg=name)
+
+
+def test_norms_with_other_math_keep_their_forward_and_are_named():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    gemma = GemmaForCausalLM(
+        GemmaConfig(
+            vocab_size=61,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        )
+    )
+    report = fuse_rmsnorm(gemma, "torch")
+    assert report.rmsnorm == []
+    assert report.lines()[1] == "  not fused (GemmaRMSNorm.forward is not LlamaRMSNorm's (other math)): all"
+    qwen3 = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=61,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        )
+    )
+    report = fuse_rmsnorm(qwen3, "torch")
+    assert "model.layers.1.self_attn.k_norm" in report.rmsnorm and len(report.rmsnorm) == 9  # 4 a block, +1
+    llama = _llama()
+    llama.model.norm.weight.data = llama.model.norm.weight.data.float()  # fp32 norm in an fp64 model
+    report = fuse_rmsnorm(llama, "triton")
+    assert report.not_rmsnorm == {
+        "model.norm": "weight dtype torch.float32 differs from the model's torch.float64"
+    }

@@ -1,0 +1,195 @@
+"""RMSNorm, fused: one pass forward, one pass backward, saving the input in its own dtype.
+
+Llama-style models normalize with ``y = w ⊙ round(x · r)``, ``r = rsqrt(mean(x²) + ε)`` per row, computed
+in fp32 and rounded to the input's dtype before the weight multiplies it (``LlamaRMSNorm`` and its copies
+in Qwen2/3, Mistral, SmolLM). Through autograd that is seven or more kernels each way, and the tensor
+kept for backward is the fp32 upcast of the input: ``4·h`` bytes per token per norm on a bf16 model,
+twice per block. Here the forward is one pass per row that writes ``y`` and ``r``; backward keeps the
+input as it came (``b·h`` bytes) and the fp32 ``r`` (4 bytes) per row, and recomputes ``x̂ = x·r``::
+
+    g  = dY ⊙ w
+    dX = r · (g − x̂ · mean(g ⊙ x̂))
+    dW = Σ_rows dY ⊙ round(x̂)            (only when the weight trains)
+
+``_rmsnorm_fwd_kernel`` is one program per row (the whole row in registers, fp32 after each load).
+``_rmsnorm_bwd_kernel`` walks ``rows_per_prog`` rows per program, writing dX and adding the dW terms into
+an fp32 row of its own; the launcher sums those rows. ``backend="torch"`` is the same computation in
+torch ops (the CPU path); ``reference.rms_norm`` is HF's forward, the plain-autograd oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import cdiv, interpreter_active, next_power_of_2, tl, triton
+
+__all__ = ["RMSNormFunction", "rms_norm"]
+
+
+@triton.jit
+def _rmsnorm_fwd_kernel(
+    x_ptr,  # X [rows, h]
+    w_ptr,  # weight [h]
+    y_ptr,  # Y [rows, h], out
+    r_ptr,  # r [rows] fp32, out: rsqrt(mean(x²) + eps)
+    h,
+    stride_x,  # X row stride
+    stride_y,  # Y row stride
+    eps,
+    BLOCK: tl.constexpr,  # next_power_of_2(h)
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inb = cols < h
+    x = tl.load(x_ptr + row * stride_x + cols, mask=inb, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / h + eps)
+    w = tl.load(w_ptr + cols, mask=inb, other=0.0).to(tl.float32)
+    # round x̂ to the input dtype first, as HF does, then multiply by the weight (exact in fp32 for 16-bit)
+    xhat = (x * r).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (w * xhat).to(y_ptr.dtype.element_ty), mask=inb)
+    tl.store(r_ptr + row, r)
+
+
+@triton.jit
+def _rmsnorm_bwd_kernel(
+    dy_ptr,  # dY [rows, h]
+    x_ptr,  # X [rows, h], saved
+    w_ptr,  # weight [h]
+    r_ptr,  # r [rows] fp32, saved
+    dx_ptr,  # dX [rows, h], out
+    dw_ptr,  # [programs, h] fp32, out: this program's share of dW (HAS_DW only)
+    rows,
+    h,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    rows_per_prog,  # a runtime bound: a constexpr would compile anew for each micro-batch's row count
+    HAS_DW: tl.constexpr,
+    BLOCK: tl.constexpr,  # next_power_of_2(h)
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inb = cols < h
+    w = tl.load(w_ptr + cols, mask=inb, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], tl.float32)
+    for i in range(rows_per_prog):
+        row = pid.to(tl.int64) * rows_per_prog + i
+        ok = row < rows
+        m = inb & ok
+        dy = tl.load(dy_ptr + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row, mask=ok, other=0.0)
+        xhat = x * r
+        g = dy * w
+        dx = r * (g - xhat * (tl.sum(g * xhat, axis=0) / h))
+        tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        if HAS_DW:
+            dw += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_DW:
+        tl.store(dw_ptr + pid.to(tl.int64) * h + cols, dw, mask=inb)
+
+
+def _rows_per_prog(rows: int, device: torch.device) -> int:
+    """Rows per backward program: enough programs to fill the GPU twice over, few dW partials."""
+    if interpreter_active() or device.type != "cuda":
+        return max(1, min(rows, 64))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, cdiv(rows, 2 * sms))
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str):
+    """``(y, r)`` for 2-D ``x``."""
+    if backend == "torch":
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64 (gradcheck)
+        r = torch.rsqrt(x32.pow(2).mean(-1) + eps)
+        y = weight * (x32 * r[:, None]).to(x.dtype)
+        return y.to(torch.promote_types(weight.dtype, x.dtype)), r
+    rows, h = x.shape
+    y = torch.empty_like(x)
+    r = torch.empty(rows, device=x.device, dtype=torch.float32)
+    if rows:
+        _rmsnorm_fwd_kernel[(rows,)](
+            x, weight, y, r, h, x.stride(0), y.stride(0), eps, BLOCK=next_power_of_2(h), num_warps=_warps(h)
+        )
+    return y, r
+
+
+def _backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, need_dw: bool, backend: str
+):
+    """``(dX, dW or None)`` for 2-D ``dy``/``x``."""
+    if backend == "torch":
+        acc = r.dtype
+        xhat = x.to(acc) * r[:, None]
+        dy32 = dy.to(acc)
+        g = dy32 * weight.to(acc)
+        dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(r[:, None]).to(x.dtype)
+        dw = (dy32 * xhat.to(x.dtype).to(acc)).sum(0) if need_dw else None
+        return dx, dw
+    rows, h = x.shape
+    dx = torch.empty_like(x)
+    per = _rows_per_prog(rows, x.device)
+    programs = cdiv(rows, per) if rows else 0
+    dw = torch.empty((programs, h) if need_dw else (1,), device=x.device, dtype=torch.float32)
+    if rows:
+        _rmsnorm_bwd_kernel[(programs,)](
+            dy, x, weight, r, dx, dw, rows, h, dy.stride(0), x.stride(0), dx.stride(0), per,
+            HAS_DW=need_dw, BLOCK=next_power_of_2(h), num_warps=_warps(h),
+        )  # fmt: skip
+    if not need_dw:
+        return dx, None
+    return dx, (dw.sum(0) if rows else torch.zeros(h, device=x.device, dtype=torch.float32))
+
+
+def _warps(h: int) -> int:
+    return 4 if h <= 2048 else 8 if h <= 8192 else 16
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm of the last dimension as one autograd node that saves ``x`` and the per-row ``r``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y, r = _forward(x2, weight, eps, backend)
+        ctx.backend = backend
+        ctx.save_for_backward(x2, weight, r)
+        return y.view(shape[:-1] + y.shape[-1:])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, weight, r = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        dx, dw = _backward(dy2, x2, weight, r, need_dw, ctx.backend)
+        dx = dx.view(dy.shape) if need_dx else None
+        return dx, (dw.to(weight.dtype) if need_dw else None), None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "triton") -> torch.Tensor:
+    """``weight * round(x · rsqrt(mean(x²) + eps))`` over the last dimension, as ``LlamaRMSNorm``.
+
+    Args:
+        x: ``[..., h]``, fp32/fp16/bf16 (fp64 with ``backend="torch"``).
+        weight: ``[h]``, trainable or frozen; with ``backend="triton"`` in x's dtype.
+        eps: added to the mean square.
+        backend: ``triton`` (one-pass kernels) or ``torch``.
+
+    Returns:
+        ``y`` like ``x`` (torch: in the promoted dtype of weight and x, as HF's module).
+    """
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    if weight.ndim != 1 or x.shape[-1:] != weight.shape:
+        raise ValueError(f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x and weight must be on one device, got {x.device} and {weight.device}")
+    if backend == "triton" and x.dtype == torch.float64:
+        backend = "torch"  # fp64 (gradcheck): the reference's exact math
+    if backend == "triton" and weight.dtype != x.dtype:
+        raise TypeError(
+            f"weight dtype {weight.dtype} must match x's {x.dtype} on the triton path (HF would promote; "
+            "use backend='torch')"
+        )
+    return RMSNormFunction.apply(x if x.stride(-1) == 1 else x.contiguous(), weight, eps, backend)

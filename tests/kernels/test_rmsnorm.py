@@ -1,0 +1,87 @@
+"""Fused RMSNorm (kernels/rmsnorm.py) against autograd through ``reference.rms_norm`` and HF's own module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from utils import assert_close
+
+from fusedtune.kernels import reference
+from fusedtune.kernels.rmsnorm import RMSNormFunction, rms_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+EPS = 1e-5
+
+
+def _problem(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2 + 0.5
+    w = 1 + 0.1 * torch.randn(shape[-1], generator=g)
+    dy = torch.randn(shape, generator=g)
+    return (t.to(DEVICE, dtype) for t in (x, w, dy))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 45), (130, 64), (1, 1000)])  # odd widths; rows past one program
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_rms_norm_matches_autograd(backend, dtype, shape, train_weight):
+    x, w, dy = _problem(shape, dtype)
+    xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_(train_weight)
+    y = rms_norm(xi, wi, EPS, backend=backend)
+    y.backward(dy)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_(train_weight)
+    ref = reference.rms_norm(x64, w64, EPS)
+    ref.backward(dy.double())
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, ref, dtype, "Y")
+    assert_close(xi.grad, x64.grad, dtype, "dX")
+    if train_weight:
+        # dW sums over every row: its error grows with the row count, as any reduction's
+        assert_close(wi.grad / shape[0], w64.grad / shape[0], dtype, "dW")
+    else:
+        assert wi.grad is None
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_is_hf_llama_rmsnorm_bit_for_bit(backend, dtype):
+    """The same rounding as HF's module: statistics in fp32, x̂ rounded to x's dtype, then the weight."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x, w, _ = _problem((5, 96), dtype, seed=1)
+    hf = LlamaRMSNorm(96, eps=EPS).to(DEVICE, dtype)
+    with torch.no_grad():
+        hf.weight.copy_(w)
+        expected = hf(x)
+    got = rms_norm(x, w, EPS, backend=backend)
+    if dtype == torch.float32:  # one fp32 reduction against another: summation order differs
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+    else:  # 16-bit outputs: the fp32 statistics' last bits vanish in the rounding, nearly always
+        assert (got != expected).float().mean() < 0.01
+
+
+def test_saves_its_input_and_one_fp32_scalar_per_row():
+    x = torch.randn(6, 32, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    w = torch.ones(32, device=DEVICE, dtype=torch.float16)
+    h = x * 1  # a non-leaf input, as the residual stream
+    y = rms_norm(h, w, EPS, backend="torch")
+    assert isinstance(y.grad_fn, RMSNormFunction._backward_cls)
+    saved = y.grad_fn.saved_tensors
+    shapes = sorted((tuple(t.shape), t.dtype) for t in saved)
+    assert shapes == sorted([((6, 32), torch.float16), ((32,), torch.float16), ((6,), torch.float32)])
+    assert any(t.data_ptr() == h.data_ptr() for t in saved)  # the input itself, no fp32 copy
+
+
+def test_gradcheck_float64():
+    x = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, EPS, backend="torch"), (x, w))
+
+
+def test_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_norm(torch.randn(2, 3), torch.randn(4), EPS)
+    with pytest.raises(ValueError, match="backend"):
+        rms_norm(torch.randn(2, 3), torch.randn(3), EPS, backend="cuda")
