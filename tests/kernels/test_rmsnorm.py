@@ -46,7 +46,7 @@ def test_rms_norm_matches_autograd(backend, dtype, shape, train_weight):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_is_hf_llama_rmsnorm_bit_for_bit(backend, dtype):
+def test_forward_rounds_as_hf_llama_rmsnorm(backend, dtype):
     """The same rounding as HF's module: statistics in fp32, x̂ rounded to x's dtype, then the weight."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
