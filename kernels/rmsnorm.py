@@ -56,7 +56,7 @@ def _rmsnorm_bwd_kernel(
     x_ptr,  # X [rows, h], saved
     w_ptr,  # weight [h]
     r_ptr,  # r [rows] fp32, saved
-    dx_ptr,  # dX [rows, h], out
+    dx_ptr,  # dX [rows, h], out (HAS_DX only)
     dw_ptr,  # [programs, h] fp32, out: this program's share of dW (HAS_DW only)
     rows,
     h,
@@ -64,6 +64,7 @@ def _rmsnorm_bwd_kernel(
     stride_x,
     stride_dx,
     rows_per_prog,  # a runtime bound: a constexpr would compile anew for each micro-batch's row count
+    HAS_DX: tl.constexpr,
     HAS_DW: tl.constexpr,
     BLOCK: tl.constexpr,  # next_power_of_2(h)
 ):
@@ -80,9 +81,10 @@ def _rmsnorm_bwd_kernel(
         x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
         r = tl.load(r_ptr + row, mask=ok, other=0.0)
         xhat = x * r
-        g = dy * w
-        dx = r * (g - xhat * (tl.sum(g * xhat, axis=0) / h))
-        tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        if HAS_DX:
+            g = dy * w
+            dx = r * (g - xhat * (tl.sum(g * xhat, axis=0) / h))
+            tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_DW:
             dw += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
     if HAS_DW:
@@ -115,33 +117,46 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str):
 
 
 def _backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, need_dw: bool, backend: str
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    r: torch.Tensor,
+    need_dx: bool,
+    need_dw: bool,
+    backend: str,
 ):
-    """``(dX, dW or None)`` for 2-D ``dy``/``x``."""
+    """``(dX or None, dW or None)`` for 2-D ``dy``/``x``."""
     if backend == "torch":
         acc = r.dtype
         xhat = x.to(acc) * r[:, None]
         dy32 = dy.to(acc)
-        g = dy32 * weight.to(acc)
-        dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(r[:, None]).to(x.dtype)
-        dw = (dy32 * xhat.to(x.dtype).to(acc)).sum(0) if need_dw else None
+        dx = dw = None
+        if need_dx:
+            g = dy32 * weight.to(acc)
+            dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(r[:, None]).to(x.dtype)
+        if need_dw:
+            dw = (dy32 * xhat.to(x.dtype).to(acc)).sum(0)
         return dx, dw
     rows, h = x.shape
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if need_dx else torch.empty(1, device=x.device, dtype=x.dtype)
     per = _rows_per_prog(rows, x.device)
     programs = cdiv(rows, per) if rows else 0
     dw = torch.empty((programs, h) if need_dw else (1,), device=x.device, dtype=torch.float32)
     if rows:
         _rmsnorm_bwd_kernel[(programs,)](
             dy, x, weight, r, dx, dw, rows, h, dy.stride(0), x.stride(0), dx.stride(0), per,
-            HAS_DW=need_dw, BLOCK=next_power_of_2(h), num_warps=_warps(h),
+            HAS_DX=need_dx, HAS_DW=need_dw, BLOCK=next_power_of_2(h), num_warps=_warps(h),
         )  # fmt: skip
+    dx = dx if need_dx else None
     if not need_dw:
         return dx, None
     return dx, (dw.sum(0) if rows else torch.zeros(h, device=x.device, dtype=torch.float32))
 
 
 def _warps(h: int) -> int:
+    # backward with dW holds x, dY, w and the dW partial per thread: at h = 16384 it spills (compile_sm90
+    # for sm_90: 168 B of stack with 16 warps, 104 B with 32, whose 64-register cap forces it); no GPU has
+    # timed which is faster, and only a trainable norm that wide (405B-class) takes that variant
     return 4 if h <= 2048 else 8 if h <= 8192 else 16
 
 
@@ -162,7 +177,7 @@ class RMSNormFunction(torch.autograd.Function):
         x2, weight, r = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
-        dx, dw = _backward(dy2, x2, weight, r, need_dw, ctx.backend)
+        dx, dw = _backward(dy2, x2, weight, r, need_dx, need_dw, ctx.backend)
         dx = dx.view(dy.shape) if need_dx else None
         return dx, (dw.to(weight.dtype) if need_dw else None), None, None
 
@@ -192,4 +207,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
             f"weight dtype {weight.dtype} must match x's {x.dtype} on the triton path (HF would promote; "
             "use backend='torch')"
         )
-    return RMSNormFunction.apply(x if x.stride(-1) == 1 else x.contiguous(), weight, eps, backend)
+    # the kernels index both with unit stride in the last dimension
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return RMSNormFunction.apply(x, weight if weight.stride(0) == 1 else weight.contiguous(), eps, backend)

@@ -18,15 +18,19 @@ keeps its own, and the run says which and why.
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from fusedtune.kernels.rmsnorm import rms_norm
 from fusedtune.kernels.swiglu import silu_mul
 
 from .adapt import not_fused_lines
+
+log = logging.getLogger(__name__)
 
 _SWIGLU_EXPR = re.escape("self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))")
 # The whole body, whitespace removed: ``return EXPR`` or ``name = EXPR; return name``.
@@ -140,15 +144,32 @@ def _why_not_rmsnorm(module: nn.Module, model_dtype) -> str | None:
 class FusedRMSNorm(nn.Module):
     """``LlamaRMSNorm``'s math through ``kernels.rmsnorm`` over an existing norm's own weight."""
 
-    def __init__(self, norm: nn.Module, backend: str) -> None:
+    def __init__(self, norm: nn.Module, backend: str, name: str = "") -> None:
         super().__init__()
         self.weight = norm.weight
         self.variance_epsilon = norm.variance_epsilon
         self.backend = backend
         self.replaces = type(norm).__name__
+        self.name = name
+        self._said_unfused = False
 
     def forward(self, hidden_states):
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=self.backend)
+        backend = self.backend
+        if (
+            backend == "triton"
+            and hidden_states.dtype != self.weight.dtype
+            and hidden_states.dtype != torch.float64
+        ):
+            # the triton kernels take one dtype; HF's module promotes, which the torch path does too
+            backend = "torch"
+            if not self._said_unfused:
+                self._said_unfused = True
+                log.warning(
+                    "RMSNorm %s: input is %s but its weight is %s; such inputs take the torch path "
+                    "(same math, promoted as HF does)",
+                    self.name or self.replaces, hidden_states.dtype, self.weight.dtype,
+                )  # fmt: skip
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused in place of {self.replaces}, backend={self.backend}"
@@ -169,7 +190,7 @@ def fuse_rmsnorm(model: nn.Module, backend: str, report: PatchReport | None = No
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, FusedRMSNorm(module, backend))
+        setattr(parent, leaf, FusedRMSNorm(module, backend, name))
         report.rmsnorm.append(name)
     return report
 

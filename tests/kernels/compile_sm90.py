@@ -198,13 +198,13 @@ def swiglu_case(n, dtype):
     attempt(f"swiglu n{n} {dtype}", run)
 
 
-def rmsnorm_case(rows, h, dtype, need_dw):
+def rmsnorm_case(rows, h, dtype, need_dx, need_dw):
     def run():
         x, w = torch.randn(rows, h, dtype=dtype), torch.randn(h, dtype=dtype)
         _, r = rmsnorm._forward(x, w, 1e-5, "triton")
-        rmsnorm._backward(x, x, w, r, need_dw, "triton")
+        rmsnorm._backward(x, x, w, r, need_dx, need_dw, "triton")
 
-    attempt(f"rmsnorm rows{rows} h{h} {dtype} dw{need_dw}", run)
+    attempt(f"rmsnorm rows{rows} h{h} {dtype} dx{need_dx} dw{need_dw}", run)
 
 
 if __name__ == "__main__":
@@ -212,8 +212,9 @@ if __name__ == "__main__":
     if "rmsnorm" in which:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for h in (576, 4096, 8192, 16384):
-                rmsnorm_case(300, h, dtype, h == 4096)
-        rmsnorm_case(70, 128, torch.bfloat16, True)
+                rmsnorm_case(300, h, dtype, True, h in (4096, 16384))
+        rmsnorm_case(70, 128, torch.bfloat16, True, True)
+        rmsnorm_case(70, 576, torch.bfloat16, False, True)  # a trainable first norm over a frozen embedding
     if "ce" in which:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             ce_case(7, 49152, dtype)

@@ -10,6 +10,7 @@ from fusedtune.kernels import reference
 from fusedtune.kernels.rmsnorm import RMSNormFunction, rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 on a GPU only: the CPU interpreter truncates bf16 arithmetic (see tests/conftest.py)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 EPS = 1e-5
 
@@ -72,6 +73,32 @@ def test_saves_its_input_and_one_fp32_scalar_per_row():
     shapes = sorted((tuple(t.shape), t.dtype) for t in saved)
     assert shapes == sorted([((6, 32), torch.float16), ((32,), torch.float16), ((6,), torch.float32)])
     assert any(t.data_ptr() == h.data_ptr() for t in saved)  # the input itself, no fp32 copy
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_strided_inputs_and_weight(backend):
+    """A column slice of a wider tensor and a weight viewed with stride 2 give what contiguous copies give."""
+    x, w, _ = _problem((9, 70), torch.float32)
+    wide_w = torch.stack([w, -w], dim=1)  # w is its column 0, stride 2
+    xs, ws = x[:, 3:45], wide_w[3:45, 0]
+    assert not xs.is_contiguous() and ws.stride(0) == 2
+    got = rms_norm(xs, ws, EPS, backend=backend)
+    expected = rms_norm(xs.contiguous(), ws.contiguous(), EPS, backend=backend)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("need_dx", [False, True])
+def test_each_gradient_only_when_asked(backend, need_dx):
+    """A trainable norm over an input that needs no gradient (a frozen embedding's output): dW alone,
+    equal to what it is when dX is computed too."""
+    x, w, dy = _problem((11, 45), torch.float32)
+    xi, wi = x.clone().requires_grad_(need_dx), w.clone().requires_grad_()
+    rms_norm(xi, wi, EPS, backend=backend).backward(dy)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    reference.rms_norm(x64, w64, EPS).backward(dy.double())
+    assert_close(wi.grad, w64.grad, torch.float32, "dW")
+    assert (xi.grad is not None) == need_dx
 
 
 def test_gradcheck_float64():

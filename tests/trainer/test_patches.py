@@ -13,6 +13,8 @@ from transformers import GemmaConfig, GemmaForCausalLM
 
 from fusedtune.trainer.patches import FusedRMSNorm, SwiGLUMLP, apply_patches, fuse_rmsnorm, fuse_swiglu
 
+EPS_TINY = 1e-6
+
 
 def _llama(seed=0):
     return tiny_llama(seed, vocab_size=61, hidden_size=32, intermediate_size=48, num_attention_heads=2)
@@ -120,6 +122,29 @@ def test_fused_norms_give_the_same_loss_and_gradients(backend):
     assert g1.keys() == g0.keys()  # the same parameter names
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], **tol, msg=name)
+
+
+def test_fused_norm_given_another_dtype_says_so_once_and_promotes_as_hf(caplog):
+    """An fp32 input into an fp16 norm (autocast regions, custom code): HF's promotion through the torch
+    path, and one warning naming the norm, not a TypeError mid-run."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(24, eps=EPS_TINY).half()
+    hf.weight.data = 1 + 0.1 * torch.randn(24).half()
+    parent = nn.Sequential(hf)
+    report = fuse_rmsnorm(parent, "triton")
+    assert report.rmsnorm == ["0"]
+    x = torch.randn(3, 24)
+    with caplog.at_level("WARNING", logger="fusedtune.trainer.patches"):
+        y1, y2 = parent(x), parent(x)
+    expected = hf(x)
+    assert y1.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(y1, expected, rtol=0, atol=0)
+    torch.testing.assert_close(y2, expected, rtol=0, atol=0)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith(
+        "RMSNorm 0: input is torch.float32 but its weight is torch.float16"
+    )
 
 
 def test_norms_with_other_math_keep_their_forward_and_are_named():
