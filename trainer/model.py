@@ -195,7 +195,22 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, load_device: t
         model.to(target)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # With a frozen embedding the checkpointed blocks' inputs would not require grad.
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     return model, dtype
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant checkpointing of every decoder block, without HF's input-grad hook.
+
+    HF also makes the embedding's output require grad, which only the reentrant variant needs (it sees
+    no gradient otherwise). With it, backward would run through every block below the first that trains,
+    recompute them, and compute the first adapted layers' dX for nothing; without it the non-reentrant
+    variant differentiates exactly what trains.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
