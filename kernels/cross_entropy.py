@@ -147,13 +147,29 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the gradients were computed in forward: no graph for a second derivative
     def backward(ctx, grad_loss):
+        if getattr(ctx, "scaled", False):
+            raise RuntimeError(
+                "linear_cross_entropy: a second backward through one forward (retain_graph) is not "
+                "supported; its saved gradients were scaled in place"
+            )
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        g = grad_loss
-        # the scale (typically 1/targets) in fp32 or wider, not rounded to a 16-bit dtype first
-        dh = None if grad_h is None else (grad_h.to(g.dtype) * g).to(grad_h.dtype)
-        dw = None if grad_w is None else (grad_w * g).to(w_dtype)
-        db = None if grad_b is None else (grad_b * g).to(b_dtype)
+        g = grad_loss  # the scale (typically 1/targets), in fp32 or wider: not rounded to 16 bits first
+        if g.dtype == torch.float64:  # gradcheck's fp64: copies, so that it may run backward repeatedly
+            dh = None if grad_h is None else grad_h * g
+            dw = None if grad_w is None else (grad_w * g).to(w_dtype)
+            db = None if grad_b is None else (grad_b * g).to(b_dtype)
+            return dh, dw, db, None, None, None, None, None
+        # Scaled in place, so that backward holds no second copy of them: the saved dH (16-bit: through
+        # one fp32 temporary) and the fp32 dW, which a trainable LM head makes V·d·4 bytes.
+        ctx.scaled = True
+        dh = db = dw = None
+        if grad_h is not None:
+            dh = grad_h.mul_(g) if grad_h.dtype == g.dtype else grad_h.copy_(grad_h.to(g.dtype).mul_(g))
+        if grad_w is not None:
+            dw = grad_w.mul_(g).to(w_dtype)
+        if grad_b is not None:
+            db = grad_b.mul_(g).to(b_dtype)
         return dh, dw, db, None, None, None, None, None
 
 

@@ -42,7 +42,9 @@ the compute dtype). What autograd saves depends on what trains where, so each bl
   chunked (``kernels.cross_entropy``): it saves the ``T_t·h·b`` gradient of the selected hidden states
   (and, when the head trains, its fp32 gradient ``V·h·4``); transient: one chunk of ``c`` rows of logits
   ``c·V·b`` (plus its fp32 copy on the torch path when ``b < 4``) and the selected hidden states;
-  ``T_t = B·(S−1)`` at worst;
+  ``T_t = B·(S−1)`` at worst. Its backward scales the saved gradients in place; with ``b < 4`` dH goes
+  through one fp32 copy ``T_t·h·4`` and a trainable head's gradient is made beside its fp32 sum, ``V·h·b``;
+  the saved tensors are freed before the blocks' backward;
 - qlora through dequantize + GEMM (the torch path, and the Triton path from
   ``qmatmul.DEQUANT_MIN_TOKENS`` tokens per micro-batch): the widest quantized weight decoded into a
   dense temporary, ``N·K·b``, beside dG and dU in backward;
@@ -347,13 +349,16 @@ def peak_of_phases(
     top_grads: int,
     embedding_grads: int,
     accumulating: bool,
+    loss_backward: int = 0,
 ) -> tuple[int, str]:
     """The largest of what a step holds at once beyond weights and optimizer state, and when.
 
     - the end of the forward: every block's saved tensors, the loss's, and one chunk of logits;
-    - backward, walking the blocks top down: at block ``l`` the blocks up to ``l`` still hold their saved
-      tensors, the gradients of those above (and of the LM head and final norm) exist, and one block's
-      dG and dU sit beside them;
+    - the loss's backward: every block's saved tensors, the loss's, and ``loss_backward`` (its scaling's
+      temporaries: :func:`loss_buffer_bytes`);
+    - backward, walking the blocks top down (the loss's saved tensors are gone): at block ``l`` the blocks
+      up to ``l`` still hold their saved tensors, the gradients of those above (and of the LM head and
+      final norm) exist, and one block's dG and dU sit beside them;
     - the optimizer step: every gradient.
 
     With gradient accumulation the gradients of earlier micro-batches are there throughout.
@@ -363,8 +368,11 @@ def peak_of_phases(
     """
     all_grads = sum(block_grads) + top_grads + embedding_grads
     prior = all_grads if accumulating else 0
-    phases = {"at the end of the forward": act.saved + loss_saved + loss_transient + prior}
-    held = act.shared + loss_saved + act.transient
+    phases = {
+        "at the end of the forward": act.saved + loss_saved + loss_transient + prior,
+        "in the loss's backward": act.saved + loss_saved + loss_backward + prior,
+    }
+    held = act.shared + act.transient
     backward = 0
     for block in range(len(act.blocks)):
         grads = prior or sum(block_grads[block + 1 :]) + top_grads
@@ -391,8 +399,9 @@ def loss_buffer_bytes(
             accumulated in fp32 over the chunks).
 
     Returns:
-        (what it saves for backward, its transient peak: one chunk of logits and the selected hidden
-        states).
+        (what it saves for backward, its transient peak in forward: one chunk of logits and the selected
+        hidden states, and in its backward: scaling the saved gradients in place, a 16-bit dH goes
+        through one fp32 copy and a 16-bit head's gradient is a new tensor beside its fp32 sum).
     """
     from fusedtune.kernels.cross_entropy import chunk_rows
 
@@ -401,7 +410,11 @@ def loss_buffer_bytes(
     selected = target_tokens * hidden * dtype_bytes
     acc = max(dtype_bytes, 4)
     saved = selected + (vocab * hidden * acc if head else 0) + (vocab * acc if head_bias else 0)
-    return saved, chunk + selected
+    backward = 0
+    if dtype_bytes < 4:
+        backward = target_tokens * hidden * 4
+        backward += (vocab * hidden * dtype_bytes if head else 0) + (vocab * dtype_bytes if head_bias else 0)
+    return saved, chunk + selected, backward
 
 
 def packed_weight_bytes(n: int, k: int, quant_type: str, blocksize: int, double_quant: bool) -> int:
@@ -443,6 +456,7 @@ class Estimate:
     backward_transient_bytes_checkpointed: int  # ... and one recomputed block
     loss_saved_bytes: int  # the fused loss's saved gradient of the target hidden states
     loss_transient_bytes: int  # one chunk of logits and the target hidden states
+    loss_backward_bytes: int  # the loss's backward: fp32 temporaries of its in-place scaling
     overhead_bytes: int
     checkpointing: bool
     target: str  # "cuda" or "cpu"
@@ -603,7 +617,7 @@ def estimate(
         )
         for ckpt in (False, True)
     }
-    loss_saved, loss_transient = loss_buffer_bytes(
+    loss_saved, loss_transient, loss_backward = loss_buffer_bytes(
         shape.vocab, shape.hidden, target_tokens, b, backend, training.head, training.head_bias
     )
     alt = "adamw32bit" if cfg.optim.name in ("adamw8bit", "paged_adamw8bit") else "adamw8bit"
@@ -621,6 +635,7 @@ def estimate(
         backward_transient_bytes_checkpointed=act[True].transient,
         loss_saved_bytes=loss_saved,
         loss_transient_bytes=loss_transient,
+        loss_backward_bytes=loss_backward,
         overhead_bytes=0,
         checkpointing=cfg.model.gradient_checkpointing,
         target="cuda" if on_gpu else "cpu",
@@ -635,6 +650,7 @@ def estimate(
         loss_transient,
         *_gradient_bytes_by_place(model, shape.layers),
         accumulating=cfg.train.grad_accum > 1,
+        loss_backward=loss_backward,
     )
     layer_torch = backend == "torch" or cfg.lora.rank > FUSED_MAX_RANK  # adapt: such layers run on torch
     if quantized and (layer_torch or batch * seq >= DEQUANT_MIN_TOKENS):
@@ -957,6 +973,8 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
         )
     )
     rows.append(("loss: logits chunk + hidden states (transient)", est.loss_transient_bytes, None, ""))
+    if est.loss_backward_bytes:
+        rows.append(("loss backward: fp32 scaling temporaries", est.loss_backward_bytes, None, ""))
     if est.dequant_temporary_bytes:
         rows.append(
             ("dequantized weight temporary (qlora)", est.dequant_temporary_bytes, None, "widest layer")

@@ -139,6 +139,39 @@ def test_peak_memory_is_one_chunk_of_logits():
     assert peaks["plain"] >= 2 * n * v * 4, peaks  # the test can fail: the plain path is far above
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_scales_in_place(dtype):
+    """Backward holds no second copy of the saved gradients (a trainable head's fp32 dW is V·d·4 bytes):
+    fp32 ones are scaled in place; a 16-bit dH goes through one fp32 temporary and a 16-bit dW is made
+    beside its fp32 sum. Counted op by op; the gradients still equal the oracle's."""
+    from fusedtune.trainer.estimate import LiveTensorTracker
+
+    n, d, v = 24, 32, 3000
+    h, w, _, t = _problem(n, d, v, dtype, device="cpu")
+    tracker = LiveTensorTracker()
+    for x in (h, w, t):
+        tracker.add(x)
+    with tracker._mode:
+        loss = linear_cross_entropy(h, w, t, backend="torch")
+        tracker.peak = after_forward = tracker.current
+        (loss / 7).backward()
+    extra = tracker.peak - after_forward
+    b = torch.finfo(dtype).bits // 8
+    allowed = 0 if b == 4 else n * d * 4 + v * d * b  # the dH temporary and the 16-bit dW
+    assert extra <= allowed + 1024, (extra, allowed)  # + scalars
+    _, (gh, gw, _) = _oracle(h, w, None, t, 1 / 7)
+    assert_close(h.grad, gh, dtype, name="dH")
+    assert_close(w.grad, gw, dtype, name="dW")
+
+
+def test_second_backward_through_one_forward_is_refused():
+    h, w, _, t = _problem(4, 8, 30, torch.float32)
+    loss = linear_cross_entropy(h, w, t, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through one forward"):
+        loss.backward()
+
+
 def test_no_grad_computes_the_loss_alone():
     """Evaluation with a trainable head: no dW buffer, no gradient work, the same loss."""
     from fusedtune.trainer.estimate import LiveTensorTracker

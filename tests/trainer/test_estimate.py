@@ -91,8 +91,9 @@ def test_packed_weight_bytes_formula(shape, qtype, blocksize, dq):
         ["method=qlora", "lora.dropout=0.1"],
         ["method=full"],
         ["train.padding_free=false"],
+        ["method=partial", "partial.patterns=[layers.1.]", "model.gradient_checkpointing=true"],
     ],
-    ids=["lora", "qlora", "ckpt", "lora-dropout", "qlora-dropout", "full", "padded"],
+    ids=["lora", "qlora", "ckpt", "lora-dropout", "qlora-dropout", "full", "padded", "ckpt-last-layer"],
 )
 def test_estimate_within_15_percent_of_measured_peak(tmp_path, tiny_model_dir, overrides):
     cfg = load_config(write_config(tmp_path, tiny_model_dir), overrides)
