@@ -126,16 +126,17 @@ def _backward(
     backend: str,
 ):
     """``(dX or None, dW or None)`` for 2-D ``dy``/``x``."""
-    if backend == "torch":
+    if backend == "torch":  # in place where it can: at most three [rows, h] temporaries in r's dtype
         acc = r.dtype
-        xhat = x.to(acc) * r[:, None]
-        dy32 = dy.to(acc)
+        xhat = x.to(acc, copy=True).mul_(r[:, None])  # copies: x and dY must stay as they are
+        g = dy.to(acc, copy=True)
         dx = dw = None
-        if need_dx:
-            g = dy32 * weight.to(acc)
-            dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)).mul_(r[:, None]).to(x.dtype)
         if need_dw:
-            dw = (dy32 * xhat.to(x.dtype).to(acc)).sum(0)
+            dw = (g * xhat.to(x.dtype)).sum(0)  # x̂ rounded as the forward multiplied it
+        if need_dx:
+            g.mul_(weight.to(acc))
+            dot = torch.bmm(g.unsqueeze(1), xhat.unsqueeze(2)).view(-1, 1)  # Σ g·x̂ per row, no temporary
+            dx = g.sub_(xhat.mul_(dot / x.shape[1])).mul_(r[:, None]).to(x.dtype)
         return dx, dw
     rows, h = x.shape
     dx = torch.empty_like(x) if need_dx else torch.empty(1, device=x.device, dtype=x.dtype)

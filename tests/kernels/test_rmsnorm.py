@@ -101,6 +101,27 @@ def test_each_gradient_only_when_asked(backend, need_dx):
     assert (xi.grad is not None) == need_dx
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torch_backward_holds_three_fp32_temporaries(dtype):
+    """The CPU path's backward, counted op by op: at most g, x̂ and dW's product as ``[rows, h]`` fp32
+    temporaries, and x̂ rounded to x's dtype (it held 22 bytes an element at fp16 before it worked in
+    place, 14 now)."""
+    from fusedtune.trainer.estimate import LiveTensorTracker
+
+    rows, h = 64, 256
+    x, w, dy = _problem((rows, h), dtype)
+    x.requires_grad_(), w.requires_grad_()
+    tracker = LiveTensorTracker()
+    for t in (x, w, dy):
+        tracker.add(t)
+    with tracker._mode:
+        y = rms_norm(x, w, EPS, backend="torch")
+        tracker.peak = start = tracker.current
+        y.backward(dy)
+    b = torch.finfo(dtype).bits // 8
+    assert tracker.peak - start <= rows * h * (3 * 4 + b) + 4 * h + 4096, tracker.peak - start
+
+
 def test_gradcheck_float64():
     x = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(5, dtype=torch.float64, device=DEVICE, requires_grad=True)
