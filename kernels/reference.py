@@ -64,11 +64,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, style: str = "llama") -> torch.Tensor:
     """``LlamaRMSNorm.forward``: fp32 statistics (fp64 for fp64), ``x̂`` rounded to x's dtype, then the
-    weight; autograd."""
+    weight; ``style="gemma"``: ``GemmaRMSNorm.forward``, ``x̂ · (1 + weight)`` in fp32, rounded once.
+    Autograd."""
     x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     xhat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if style == "gemma":
+        return (xhat * (1.0 + weight.to(x32.dtype))).to(x.dtype)
     return weight * xhat.to(x.dtype)
 
 

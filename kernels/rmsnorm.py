@@ -11,6 +11,10 @@ input as it came (``b·h`` bytes) and the fp32 ``r`` (4 bytes) per row, and reco
     dX = r · (g − x̂ · mean(g ⊙ x̂))
     dW = Σ_rows dY ⊙ round(x̂)            (only when the weight trains)
 
+Gemma-style norms (``style="gemma"``: ``GemmaRMSNorm`` in Gemma 1/2/3) scale by ``1 + w`` in fp32 and round
+once at the end, ``y = round(x̂ ⊙ (1 + w))``: the same kernels with ``g = dY ⊙ (1 + w)`` and
+``dW = Σ_rows dY ⊙ x̂``; their output is in x's dtype whatever the weight's.
+
 ``_rmsnorm_fwd_kernel`` is one program per row (the whole row in registers, fp32 after each load).
 ``_rmsnorm_bwd_kernel`` walks ``rows_per_prog`` rows per program, writing dX and adding the dW terms into
 an fp32 row of its own; the launcher sums those rows. ``backend="torch"`` is the same computation in
@@ -36,6 +40,7 @@ def _rmsnorm_fwd_kernel(
     stride_x,  # X row stride
     stride_y,  # Y row stride
     eps,
+    GEMMA: tl.constexpr,  # y = round(x̂ ⊙ (1 + w)) instead of w ⊙ round(x̂)
     BLOCK: tl.constexpr,  # next_power_of_2(h)
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -44,9 +49,12 @@ def _rmsnorm_fwd_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=inb, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / h + eps)
     w = tl.load(w_ptr + cols, mask=inb, other=0.0).to(tl.float32)
-    # round x̂ to the input dtype first, as HF does, then multiply by the weight (exact in fp32 for 16-bit)
-    xhat = (x * r).to(y_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (w * xhat).to(y_ptr.dtype.element_ty), mask=inb)
+    if GEMMA:
+        y = (x * r) * (1.0 + w)
+    else:
+        # round x̂ to the input dtype first, as HF does, then multiply by the weight (exact in fp32 for 16-bit)
+        y = w * (x * r).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=inb)
     tl.store(r_ptr + row, r)
 
 
@@ -66,12 +74,15 @@ def _rmsnorm_bwd_kernel(
     rows_per_prog,  # a runtime bound: a constexpr would compile anew for each micro-batch's row count
     HAS_DX: tl.constexpr,
     HAS_DW: tl.constexpr,
+    GEMMA: tl.constexpr,
     BLOCK: tl.constexpr,  # next_power_of_2(h)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inb = cols < h
     w = tl.load(w_ptr + cols, mask=inb, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = tl.where(inb, 1.0 + w, 0.0)
     dw = tl.zeros([BLOCK], tl.float32)
     for i in range(rows_per_prog):
         row = pid.to(tl.int64) * rows_per_prog + i
@@ -86,7 +97,10 @@ def _rmsnorm_bwd_kernel(
             dx = r * (g - xhat * (tl.sum(g * xhat, axis=0) / h))
             tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=m)
         if HAS_DW:
-            dw += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+            if GEMMA:
+                dw += dy * xhat
+            else:
+                dw += dy * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
     if HAS_DW:
         tl.store(dw_ptr + pid.to(tl.int64) * h + cols, dw, mask=inb)
 
@@ -99,11 +113,13 @@ def _rows_per_prog(rows: int, device: torch.device) -> int:
     return max(1, cdiv(rows, 2 * sms))
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str):
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str, gemma: bool):
     """``(y, r)`` for 2-D ``x``."""
     if backend == "torch":
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64 (gradcheck)
         r = torch.rsqrt(x32.pow(2).mean(-1) + eps)
+        if gemma:
+            return (x32 * r[:, None]).mul_(1.0 + weight.to(x32.dtype)).to(x.dtype), r
         y = weight * (x32 * r[:, None]).to(x.dtype)
         return y.to(torch.promote_types(weight.dtype, x.dtype)), r
     rows, h = x.shape
@@ -111,8 +127,9 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str):
     r = torch.empty(rows, device=x.device, dtype=torch.float32)
     if rows:
         _rmsnorm_fwd_kernel[(rows,)](
-            x, weight, y, r, h, x.stride(0), y.stride(0), eps, BLOCK=next_power_of_2(h), num_warps=_warps(h)
-        )
+            x, weight, y, r, h, x.stride(0), y.stride(0), eps,
+            GEMMA=gemma, BLOCK=next_power_of_2(h), num_warps=_warps(h),
+        )  # fmt: skip
     return y, r
 
 
@@ -124,6 +141,7 @@ def _backward(
     need_dx: bool,
     need_dw: bool,
     backend: str,
+    gemma: bool = False,
 ):
     """``(dX or None, dW or None)`` for 2-D ``dy``/``x``."""
     if backend == "torch":  # in place where it can: at most three [rows, h] temporaries in r's dtype
@@ -131,10 +149,10 @@ def _backward(
         xhat = x.to(acc, copy=True).mul_(r[:, None])  # copies: x and dY must stay as they are
         g = dy.to(acc, copy=True)
         dx = dw = None
-        if need_dw:
-            dw = (g * xhat.to(x.dtype)).sum(0)  # x̂ rounded as the forward multiplied it
+        if need_dw:  # x̂ as the forward multiplied it: rounded to x's dtype (Llama) or not (Gemma)
+            dw = (g * (xhat if gemma else xhat.to(x.dtype))).sum(0)
         if need_dx:
-            g.mul_(weight.to(acc))
+            g.mul_(1.0 + weight.to(acc) if gemma else weight.to(acc))
             dot = torch.bmm(g.unsqueeze(1), xhat.unsqueeze(2)).view(-1, 1)  # Σ g·x̂ per row, no temporary
             dx = g.sub_(xhat.mul_(dot / x.shape[1])).mul_(r[:, None]).to(x.dtype)
         return dx, dw
@@ -146,7 +164,7 @@ def _backward(
     if rows:
         _rmsnorm_bwd_kernel[(programs,)](
             dy, x, weight, r, dx, dw, rows, h, dy.stride(0), x.stride(0), dx.stride(0), per,
-            HAS_DX=need_dx, HAS_DW=need_dw, BLOCK=next_power_of_2(h), num_warps=_warps(h),
+            HAS_DX=need_dx, HAS_DW=need_dw, GEMMA=gemma, BLOCK=next_power_of_2(h), num_warps=_warps(h),
         )  # fmt: skip
     dx = dx if need_dx else None
     if not need_dw:
@@ -165,11 +183,11 @@ class RMSNormFunction(torch.autograd.Function):
     """RMSNorm of the last dimension as one autograd node that saves ``x`` and the per-row ``r``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str, gemma: bool):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y, r = _forward(x2, weight, eps, backend)
-        ctx.backend = backend
+        y, r = _forward(x2, weight, eps, backend, gemma)
+        ctx.backend, ctx.gemma = backend, gemma
         ctx.save_for_backward(x2, weight, r)
         return y.view(shape[:-1] + y.shape[-1:])
 
@@ -178,36 +196,45 @@ class RMSNormFunction(torch.autograd.Function):
         x2, weight, r = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
-        dx, dw = _backward(dy2, x2, weight, r, need_dx, need_dw, ctx.backend)
+        dx, dw = _backward(dy2, x2, weight, r, need_dx, need_dw, ctx.backend, ctx.gemma)
         dx = dx.view(dy.shape) if need_dx else None
-        return dx, (dw.to(weight.dtype) if need_dw else None), None, None
+        return dx, (dw.to(weight.dtype) if need_dw else None), None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "triton") -> torch.Tensor:
-    """``weight * round(x · rsqrt(mean(x²) + eps))`` over the last dimension, as ``LlamaRMSNorm``.
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "triton", style: str = "llama"
+) -> torch.Tensor:
+    """``weight * round(x · rsqrt(mean(x²) + eps))`` over the last dimension, as ``LlamaRMSNorm``
+    (``style="gemma"``: ``round(x · rsqrt(...) · (1 + weight))``, as ``GemmaRMSNorm``).
 
     Args:
         x: ``[..., h]``, fp32/fp16/bf16 (fp64 with ``backend="torch"``).
-        weight: ``[h]``, trainable or frozen; with ``backend="triton"`` in x's dtype.
+        weight: ``[h]``, trainable or frozen; llama style with ``backend="triton"``: in x's dtype.
         eps: added to the mean square.
         backend: ``triton`` (one-pass kernels) or ``torch``.
+        style: ``llama`` or ``gemma``.
 
     Returns:
-        ``y`` like ``x`` (torch: in the promoted dtype of weight and x, as HF's module).
+        ``y`` like ``x`` (llama style on the torch path: in the promoted dtype of weight and x, as HF's
+        module).
     """
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    if style not in ("llama", "gemma"):
+        raise ValueError(f"style must be 'llama' or 'gemma', got {style!r}")
+    gemma = style == "gemma"
     if weight.ndim != 1 or x.shape[-1:] != weight.shape:
         raise ValueError(f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
     if x.device != weight.device:
         raise ValueError(f"x and weight must be on one device, got {x.device} and {weight.device}")
     if backend == "triton" and x.dtype == torch.float64:
         backend = "torch"  # fp64 (gradcheck): the reference's exact math
-    if backend == "triton" and weight.dtype != x.dtype:
+    if backend == "triton" and weight.dtype != x.dtype and not gemma:
         raise TypeError(
             f"weight dtype {weight.dtype} must match x's {x.dtype} on the triton path (HF would promote; "
             "use backend='torch')"
         )
     # the kernels index both with unit stride in the last dimension
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return RMSNormFunction.apply(x, weight if weight.stride(0) == 1 else weight.contiguous(), eps, backend)
+    w = weight if weight.stride(0) == 1 else weight.contiguous()
+    return RMSNormFunction.apply(x, w, eps, backend, gemma)

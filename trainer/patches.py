@@ -1,11 +1,12 @@
 """Fused pieces swapped into the model's own modules (beside the adapted Linears of ``adapt.py``).
 
 RMSNorm: a norm whose ``forward`` is exactly ``LlamaRMSNorm``'s (Llama, Qwen2/3 including their q/k
-norms, Mistral, SmolLM: every "Copied from" twin) is replaced by a :class:`FusedRMSNorm` holding the same
-``weight`` Parameter (same names), whose forward calls ``kernels.rmsnorm.rms_norm``: the same math and
-rounding, one node that saves the input in its own dtype and one fp32 scalar per row instead of the fp32
-upcast. A norm with other math (Gemma's ``1 + w``, a weight in another dtype than the model's) keeps its
-own, and the run says which and why.
+norms, Mistral, SmolLM: every "Copied from" twin) or ``GemmaRMSNorm``'s (``1 + w`` in fp32, rounded once:
+Gemma 1/2/3, their q/k norms included) is replaced by a :class:`FusedRMSNorm` holding the same ``weight``
+Parameter (same names), whose forward calls ``kernels.rmsnorm.rms_norm``: the same math and rounding, one
+node that saves the input in its own dtype and one fp32 scalar per row instead of the fp32 upcast. A norm
+with other math, or a Llama-style one whose weight is in another dtype than the model's, keeps its own,
+and the run says which and why.
 
 SwiGLU: a gated MLP whose ``forward(self, x)`` is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
 with a SiLU ``act_fn`` (Llama, Mistral, Qwen2/3, SmolLM and most of their relatives) is replaced by a
@@ -124,30 +125,45 @@ def _llama_rmsnorm_body() -> str:
     return _body(LlamaRMSNorm.forward)
 
 
-def _why_not_rmsnorm(module: nn.Module, model_dtype) -> str | None:
+def _gemma_rmsnorm_bodies() -> tuple[str, str]:
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    return _body(GemmaRMSNorm.forward), _body(GemmaRMSNorm._norm)
+
+
+def _rmsnorm_style(module: nn.Module, model_dtype) -> tuple[str | None, str | None]:
+    """``(style, None)`` when ``module`` computes LlamaRMSNorm's or GemmaRMSNorm's math, else
+    ``(None, why not)``."""
     name = type(module).__name__
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter) or weight.ndim != 1:
-        return f"{name} has no 1-D weight"
+        return None, f"{name} has no 1-D weight"
     body = _body(type(module).forward)
     if body is None:
-        return f"{name}.forward has no readable source"
-    if body != _llama_rmsnorm_body():
-        return f"{name}.forward is not LlamaRMSNorm's (other math)"
-    if not isinstance(getattr(module, "variance_epsilon", None), float):
-        return f"{name} has no float variance_epsilon"
-    if model_dtype is not None and weight.dtype != model_dtype:
-        return f"weight dtype {weight.dtype} differs from the model's {model_dtype}"
-    return None
+        return None, f"{name}.forward has no readable source"
+    if body == _llama_rmsnorm_body():
+        if not isinstance(getattr(module, "variance_epsilon", None), float):
+            return None, f"{name} has no float variance_epsilon"
+        if model_dtype is not None and weight.dtype != model_dtype:
+            return None, f"weight dtype {weight.dtype} differs from the model's {model_dtype}"
+        return "llama", None
+    norm = getattr(type(module), "_norm", None)
+    if (body, norm and _body(norm)) == _gemma_rmsnorm_bodies():
+        if not isinstance(getattr(module, "eps", None), float):
+            return None, f"{name} has no float eps"
+        return "gemma", None  # its output is in the input's dtype whatever the weight's
+    return None, f"{name}.forward is neither LlamaRMSNorm's nor GemmaRMSNorm's (other math)"
 
 
 class FusedRMSNorm(nn.Module):
-    """``LlamaRMSNorm``'s math through ``kernels.rmsnorm`` over an existing norm's own weight."""
+    """``LlamaRMSNorm``'s (or ``GemmaRMSNorm``'s: ``style="gemma"``) math through ``kernels.rmsnorm`` over
+    an existing norm's own weight."""
 
-    def __init__(self, norm: nn.Module, backend: str, name: str = "") -> None:
+    def __init__(self, norm: nn.Module, backend: str, name: str = "", style: str = "llama") -> None:
         super().__init__()
         self.weight = norm.weight
-        self.variance_epsilon = norm.variance_epsilon
+        self.variance_epsilon = norm.eps if style == "gemma" else norm.variance_epsilon
+        self.style = style
         self.backend = backend
         self.replaces = type(norm).__name__
         self.name = name
@@ -157,6 +173,7 @@ class FusedRMSNorm(nn.Module):
         backend = self.backend
         if (
             backend == "triton"
+            and self.style == "llama"  # Gemma's output is in the input's dtype whatever the weight's
             and hidden_states.dtype != self.weight.dtype
             and hidden_states.dtype != torch.float64
         ):
@@ -169,10 +186,13 @@ class FusedRMSNorm(nn.Module):
                     "(same math, promoted as HF does)",
                     self.name or self.replaces, hidden_states.dtype, self.weight.dtype,
                 )  # fmt: skip
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=backend)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=backend, style=self.style)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused in place of {self.replaces}, backend={self.backend}"
+        return (
+            f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, {self.style} style, "
+            f"fused in place of {self.replaces}, backend={self.backend}"
+        )
 
 
 def fuse_rmsnorm(model: nn.Module, backend: str, report: PatchReport | None = None) -> PatchReport:
@@ -184,13 +204,13 @@ def fuse_rmsnorm(model: nn.Module, backend: str, report: PatchReport | None = No
     for name, module in list(model.named_modules()):
         if not type(module).__name__.endswith("RMSNorm") or isinstance(module, FusedRMSNorm) or not name:
             continue
-        why = _why_not_rmsnorm(module, model_dtype)
+        style, why = _rmsnorm_style(module, model_dtype)
         if why is not None:
             report.not_rmsnorm[name] = why
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, FusedRMSNorm(module, backend, name))
+        setattr(parent, leaf, FusedRMSNorm(module, backend, name, style))
         report.rmsnorm.append(name)
     return report
 

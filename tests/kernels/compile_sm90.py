@@ -198,13 +198,13 @@ def swiglu_case(n, dtype):
     attempt(f"swiglu n{n} {dtype}", run)
 
 
-def rmsnorm_case(rows, h, dtype, need_dx, need_dw):
+def rmsnorm_case(rows, h, dtype, need_dx, need_dw, gemma=False):
     def run():
         x, w = torch.randn(rows, h, dtype=dtype), torch.randn(h, dtype=dtype)
-        _, r = rmsnorm._forward(x, w, 1e-5, "triton")
-        rmsnorm._backward(x, x, w, r, need_dx, need_dw, "triton")
+        _, r = rmsnorm._forward(x, w, 1e-5, "triton", gemma)
+        rmsnorm._backward(x, x, w, r, need_dx, need_dw, "triton", gemma)
 
-    attempt(f"rmsnorm rows{rows} h{h} {dtype} dx{need_dx} dw{need_dw}", run)
+    attempt(f"rmsnorm rows{rows} h{h} {dtype} dx{need_dx} dw{need_dw} gemma{gemma}", run)
 
 
 if __name__ == "__main__":
@@ -215,6 +215,9 @@ if __name__ == "__main__":
                 rmsnorm_case(300, h, dtype, True, h in (4096, 16384))
         rmsnorm_case(70, 128, torch.bfloat16, True, True)
         rmsnorm_case(70, 576, torch.bfloat16, False, True)  # a trainable first norm over a frozen embedding
+        for h in (2304, 3840):  # Gemma 2 2B, Gemma 3 12B
+            rmsnorm_case(300, h, torch.bfloat16, True, True, gemma=True)
+        rmsnorm_case(300, 256, torch.bfloat16, True, False, gemma=True)  # Gemma 3's q/k norms (head_dim)
     if "ce" in which:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             ce_case(7, 49152, dtype)

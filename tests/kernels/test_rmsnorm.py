@@ -27,13 +27,14 @@ def _problem(shape, dtype, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 7, 45), (130, 64), (1, 1000)])  # odd widths; rows past one program
 @pytest.mark.parametrize("train_weight", [False, True])
-def test_rms_norm_matches_autograd(backend, dtype, shape, train_weight):
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_rms_norm_matches_autograd(backend, dtype, shape, train_weight, style):
     x, w, dy = _problem(shape, dtype)
     xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_(train_weight)
-    y = rms_norm(xi, wi, EPS, backend=backend)
+    y = rms_norm(xi, wi, EPS, backend=backend, style=style)
     y.backward(dy)
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_(train_weight)
-    ref = reference.rms_norm(x64, w64, EPS)
+    ref = reference.rms_norm(x64, w64, EPS, style=style)
     ref.backward(dy.double())
     assert y.dtype == dtype and y.shape == x.shape
     assert_close(y, ref, dtype, "Y")
@@ -60,6 +61,27 @@ def test_forward_rounds_as_hf_llama_rmsnorm(backend, dtype):
     if dtype == torch.float32:  # one fp32 reduction against another: summation order differs
         torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
     else:  # 16-bit outputs: the fp32 statistics' last bits vanish in the rounding, nearly always
+        assert (got != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_dtype", ["x", torch.float32])
+def test_gemma_style_rounds_as_hf_gemma_rmsnorm(backend, dtype, weight_dtype):
+    """``GemmaRMSNorm``: x̂ · (1 + w) in fp32, rounded once to x's dtype, whatever the weight's dtype."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    x, w, _ = _problem((5, 96), dtype, seed=2)
+    w = (w - 1).to(dtype if weight_dtype == "x" else weight_dtype)  # Gemma's weights sit around 0
+    hf = GemmaRMSNorm(96, eps=EPS).to(DEVICE, w.dtype)
+    with torch.no_grad():
+        hf.weight.copy_(w)
+        expected = hf(x)
+    got = rms_norm(x, w, EPS, backend=backend, style="gemma")
+    assert got.dtype == expected.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+    else:
         assert (got != expected).float().mean() < 0.01
 
 
@@ -122,10 +144,11 @@ def test_torch_backward_holds_three_fp32_temporaries(dtype):
     assert tracker.peak - start <= rows * h * (3 * 4 + b) + 4 * h + 4096, tracker.peak - start
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_gradcheck_float64(style):
     x = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, EPS, backend="torch"), (x, w))
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, EPS, backend="torch", style=style), (x, w))
 
 
 def test_bad_inputs_are_rejected():
@@ -133,3 +156,5 @@ def test_bad_inputs_are_rejected():
         rms_norm(torch.randn(2, 3), torch.randn(4), EPS)
     with pytest.raises(ValueError, match="backend"):
         rms_norm(torch.randn(2, 3), torch.randn(3), EPS, backend="cuda")
+    with pytest.raises(ValueError, match="style"):
+        rms_norm(torch.randn(2, 3), torch.randn(3), EPS, style="olmo")

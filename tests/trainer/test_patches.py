@@ -147,24 +147,69 @@ def test_fused_norm_given_another_dtype_says_so_once_and_promotes_as_hf(caplog):
     )
 
 
+def _gemma(seed=0, dtype=torch.float32, cls="gemma"):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    shape = dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    if cls == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**shape, sliding_window=8))
+    else:
+        model = GemmaForCausalLM(GemmaConfig(**shape))
+    for name, p in model.named_parameters():
+        if "norm" in name:  # HF initializes Gemma's norm weights to 0 (a scale of 1): make them count
+            p.data.normal_(0, 0.2)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("cls", ["gemma", "gemma3"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gemma_norms_fuse_with_the_same_loss_and_gradients(backend, cls):
+    """Gemma's ``1 + w`` norms (Gemma 3's q/k norms and its four norms a block included): fused, with
+    the loss and every gradient of HF's own norms, the norms' weights training too."""
+    ids = torch.randint(0, 61, (2, 9))
+    results = []
+    for fuse in (False, True):
+        model = _gemma(cls=cls)
+        if fuse:
+            report = fuse_rmsnorm(model, backend)
+            assert report.not_rmsnorm == {} and len(report.rmsnorm) == (13 if cls == "gemma3" else 5)
+            assert all(m.style == "gemma" for m in model.modules() if isinstance(m, FusedRMSNorm))
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    tol = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(l1, l0, **tol)
+    assert g1.keys() == g0.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], **tol, msg=name)
+
+
 def test_norms_with_other_math_keep_their_forward_and_are_named():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    torch.manual_seed(0)
-    gemma = GemmaForCausalLM(
-        GemmaConfig(
-            vocab_size=61,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-        )
-    )
-    report = fuse_rmsnorm(gemma, "torch")
+    class ScaledRMSNorm(nn.Module):  # RMSNorm-like, but not either known math
+        def __init__(self):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.ones(4)), 1e-6
+
+        def forward(self, x):
+            return 2 * self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    report = fuse_rmsnorm(nn.Sequential(ScaledRMSNorm()), "torch")
     assert report.rmsnorm == []
-    assert report.lines()[1] == "  not fused (GemmaRMSNorm.forward is not LlamaRMSNorm's (other math)): all"
+    assert report.lines()[1] == (
+        "  not fused (ScaledRMSNorm.forward is neither LlamaRMSNorm's nor GemmaRMSNorm's (other math)): all"
+    )
     qwen3 = Qwen3ForCausalLM(
         Qwen3Config(
             vocab_size=61,
