@@ -174,7 +174,8 @@ class Training:
     rank: int = 0
     dropout: float = 0.0
     qk_norm: bool = False  # Qwen3-style RMSNorms over each head of q and k
-    norms_fused: bool = False  # the norms run kernels.rmsnorm (patches.fuse_rmsnorm)
+    norms_fused: bool = False  # the norms run kernels.rmsnorm (patches.fuse_rmsnorm) ...
+    unfused_norms: set = field(default_factory=set)  # ... but these (block or None, leaf), which it named
     # With dropout, the torch paths and QLoRA save the keep-mask as bits (kernels/dropout.py); the fused
     # Triton LoRA kernels regenerate it from a seed and save nothing.
     mask_saved: bool = True
@@ -211,6 +212,18 @@ class Training:
         norm = getattr(model.get_decoder(), "norm", None)
         t.final_norm = norm is not None and any(p.requires_grad for p in norm.parameters())
         return t
+
+    def set_norms_fused(self, not_fused: dict[str, str]) -> None:
+        """The norms run ``kernels.rmsnorm`` but those in ``not_fused`` (``PatchReport.not_rmsnorm``)."""
+        index = re.compile(r"(?:^|\.)(\d+)\.")
+        self.norms_fused = True
+        for name in not_fused:
+            m = index.search(name)
+            self.unfused_norms.add((int(m.group(1)) if m else None, name.rsplit(".", 1)[-1]))
+
+    def norm_fused(self, block: int | None, leaf: str) -> bool:
+        """Whether the norm ``leaf`` of decoder block ``block`` (None: the final norm) is fused."""
+        return self.norms_fused and (block, leaf) not in self.unfused_norms
 
 
 def norm_saved_bytes(width: int, rows: int, b: int, grad_in: bool, weight_trains: bool, fused: bool) -> int:
@@ -254,7 +267,7 @@ def block_saved_bytes_per_token(
 
     def norm(leaf: str, g: bool) -> bool:
         nonlocal total
-        total += norm_saved_bytes(h, 1, b, g, leaf in weight, training.norms_fused)
+        total += norm_saved_bytes(h, 1, b, g, leaf in weight, training.norm_fused(block, leaf))
         return g or leaf in any_
 
     def linears(leaves: tuple[str, ...], width: int, g: bool, x_saved_elsewhere: bool = False) -> bool:
@@ -270,9 +283,9 @@ def block_saved_bytes_per_token(
     x = norm("input_layernorm", grad_in)
     attn = linears(_ATTN_IN, h, x)
     if training.qk_norm:  # per-head norms of q and k
-        fused = training.norms_fused
-        total += norm_saved_bytes(n * d, n, b, attn, "q_norm" in weight, fused)
-        total += norm_saved_bytes(shape.kv_heads * d, shape.kv_heads, b, attn, "k_norm" in weight, fused)
+        q_fused, k_fused = training.norm_fused(block, "q_norm"), training.norm_fused(block, "k_norm")
+        total += norm_saved_bytes(n * d, n, b, attn, "q_norm" in weight, q_fused)
+        total += norm_saved_bytes(shape.kv_heads * d, shape.kv_heads, b, attn, "k_norm" in weight, k_fused)
     attn = attn or bool(any_.intersection(("q_norm", "k_norm")))
     if attn:  # SDPA: q, k, v, its output and the log-sum-exp
         total += b * (n * d + 2 * kv * d + n * d) + 4 * n
@@ -330,7 +343,7 @@ def activation_bytes(
     shared += batch * (seq - 1) if padded else tokens  # the boolean mask that picks the target positions
     if training.embedding:
         shared += 8 * tokens  # the token ids the embedding's gradient scatters into
-    final = norm_saved_bytes(shape.hidden, 1, b, g, training.final_norm, training.norms_fused)
+    final = norm_saved_bytes(shape.hidden, 1, b, g, training.final_norm, training.norm_fused(None, "norm"))
     shared += final * tokens
     # Backward holds one block's widest gradients beside the saved activations: the MLP's dG and dU, and
     # the residual stream's gradient twice (the one arriving at the block and the one it builds).
@@ -604,7 +617,8 @@ def estimate(
     swiglu = fuse_swiglu(model, backend)
     swiglu_fused = bool(swiglu.swiglu) and not swiglu.not_swiglu
     norms = fuse_rmsnorm(model, backend)
-    training.norms_fused = bool(norms.rmsnorm) and not norms.not_rmsnorm
+    if norms.rmsnorm:
+        training.set_norms_fused(norms.not_rmsnorm)
     packed = cfg.train.padding_free and padding_free.unsupported_reason(model, cfg.data.max_seq_len) is None
     b = torch.finfo(dtype).bits // 8
     batch = batch or cfg.train.micro_batch_size

@@ -4,6 +4,7 @@ within 15% of the measured peak (6% asserted on the tiny model); the CLI prints 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -372,3 +373,41 @@ def test_saved_formulas_byte_exact_across_architectures(tmp_path, arch, tie, met
     assert (e.activation_bytes, e.loss_saved_bytes) == (m.saved.activations, m.saved.loss)
     here = est_mod.estimate_for_batches(cfg, m.batches, on_gpu=False)
     assert abs(here.tensor_bytes - m.peak_tensor_bytes) <= 0.06 * m.peak_tensor_bytes
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_partly_fused_norms_are_walked_norm_by_norm(tmp_path, tiny_model_dir, monkeypatch, dtype):
+    """Norms the patch leaves to HF (named in its report) save HF's tensors, the rest the fused kernel's:
+    byte-exact against the meter with one block's post-attention norm and the final norm left unfused
+    (a copy of LlamaRMSNorm whose source differs, so the patch refuses it; it saves what HF's saves)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from fusedtune.trainer import patches
+
+    class OtherRMSNorm(LlamaRMSNorm):
+        def forward(self, hidden_states):
+            return LlamaRMSNorm.forward(self, hidden_states)
+
+    original = patches.fuse_rmsnorm
+    left = re.compile(r"layers\.1\.post_attention_layernorm$|^model\.norm$")
+
+    def fuse_some(model, backend, report=None):
+        for name, module in model.named_modules():
+            if left.search(name) and type(module) is LlamaRMSNorm:
+                module.__class__ = OtherRMSNorm
+        return original(model, backend, report)
+
+    monkeypatch.setattr(patches, "fuse_rmsnorm", fuse_some)
+    overrides = ["method=partial", "partial.patterns=[norm]", f"model.dtype={dtype}"]
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), overrides)
+    m = est_mod.measure(cfg, steps=2, log=lambda *_: None)
+    batch, seq, targets, padded = m.batches[m.saved.index]
+    e = est_mod.estimate(cfg, on_gpu=False, batch=batch, seq=seq, target_tokens=targets, padded=padded)
+    assert e.activation_bytes == m.saved.activations
+    monkeypatch.setattr(patches, "fuse_rmsnorm", original)  # all fused: the walk sees the difference
+    assert (
+        est_mod.estimate(
+            cfg, on_gpu=False, batch=batch, seq=seq, target_tokens=targets, padded=padded
+        ).activation_bytes
+        < e.activation_bytes
+    )
