@@ -179,26 +179,51 @@ def _warps(h: int) -> int:
     return 4 if h <= 2048 else 8 if h <= 8192 else 16
 
 
+def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The permutation that makes ``x`` contiguous keeping its last dimension last (a transposed view,
+    such as Gemma 3's q/k before their norms: ``[B, T, n, d]`` memory seen as ``[B, n, T, d]``), or None
+    when ``x`` is contiguous already or no such permutation exists."""
+    if x.dim() <= 2 or x.is_contiguous():
+        return None
+    order = (*sorted(range(x.dim() - 1), key=lambda i: -x.stride(i)), x.dim() - 1)
+    return order if x.permute(order).is_contiguous() else None
+
+
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm of the last dimension as one autograd node that saves ``x`` and the per-row ``r``."""
+    """RMSNorm of the last dimension as one autograd node that saves ``x`` and the per-row ``r``.
+
+    The rows are taken in ``x``'s memory order, so a transposed view is normalized in place of reading
+    a copy, and ``y`` comes back in the input's layout, as elementwise ops (HF's norm) would give it:
+    attention downstream then sees the layout it would have seen.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str, gemma: bool):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        order = _memory_order(x)
+        xp = x.permute(order) if order else x
+        x2 = xp.reshape(-1, xp.shape[-1])
         y, r = _forward(x2, weight, eps, backend, gemma)
-        ctx.backend, ctx.gemma = backend, gemma
+        ctx.backend, ctx.gemma, ctx.order = backend, gemma, order
         ctx.save_for_backward(x2, weight, r)
-        return y.view(shape[:-1] + y.shape[-1:])
+        y = y.view(xp.shape[:-1] + y.shape[-1:])
+        return y.permute(_inverse(order)) if order else y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, weight, r = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        order = ctx.order
+        dyp = dy.permute(order) if order else dy
+        dy2 = dyp.reshape(-1, dyp.shape[-1]).contiguous()
         dx, dw = _backward(dy2, x2, weight, r, need_dx, need_dw, ctx.backend, ctx.gemma)
-        dx = dx.view(dy.shape) if need_dx else None
+        if need_dx:
+            dx = dx.view(dyp.shape)
+            dx = dx.permute(_inverse(order)) if order else dx
         return dx, (dw.to(weight.dtype) if need_dw else None), None, None, None
+
+
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
 def rms_norm(

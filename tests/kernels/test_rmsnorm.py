@@ -110,6 +110,28 @@ def test_strided_inputs_and_weight(backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_transposed_view_keeps_its_layout_and_is_not_copied(backend):
+    """Gemma 3 normalizes q and k after ``transpose(1, 2)``: rows are read in memory order, the saved
+    input is the input's own storage, and y and dX come back in its layout (as HF's elementwise norm
+    gives them, so attention downstream sees the layout it would have seen)."""
+    x, w, _ = _problem((2, 5, 3, 16), torch.float32)  # [B, T, n, d] in memory
+    xt = x.transpose(1, 2).requires_grad_()  # seen as [B, n, T, d]
+    y = rms_norm(xt, w, EPS, backend=backend)
+    assert y.shape == xt.shape and y.stride() == xt.stride()
+    assert any(
+        t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in y.grad_fn.saved_tensors
+    )
+    dy = torch.randn_like(x).transpose(1, 2)
+    y.backward(dy)
+    assert xt.grad.stride() == xt.stride()
+    xc = xt.detach().contiguous().requires_grad_()
+    yc = rms_norm(xc, w, EPS, backend=backend)
+    yc.backward(dy.contiguous())
+    torch.testing.assert_close(y, yc, rtol=0, atol=0)
+    torch.testing.assert_close(xt.grad, xc.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("need_dx", [False, True])
 def test_each_gradient_only_when_asked(backend, need_dx):
     """A trainable norm over an input that needs no gradient (a frozen embedding's output): dW alone,
