@@ -63,6 +63,10 @@ _ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # per-head q/k norms
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),  # (1 + w) norms, GELU-tanh MLP
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16}),  # soft-capped attention and logits
+    # sandwich norms, per-head q/k norms normalized after the transpose, sliding-window attention
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 16}),
 }
 
 

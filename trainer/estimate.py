@@ -174,6 +174,9 @@ class Training:
     rank: int = 0
     dropout: float = 0.0
     qk_norm: bool = False  # Qwen3-style RMSNorms over each head of q and k
+    # Gemma 2/3's sandwich norms: post_attention_layernorm normalizes the attention output before the
+    # residual add, pre_feedforward_layernorm the MLP's input, post_feedforward_layernorm its output
+    sandwich: bool = False
     norms_fused: bool = False  # the norms run kernels.rmsnorm (patches.fuse_rmsnorm) ...
     unfused_norms: set = field(default_factory=set)  # ... but these (block or None, leaf), which it named
     # With dropout, the torch paths and QLoRA save the keep-mask as bits (kernels/dropout.py); the fused
@@ -199,6 +202,7 @@ class Training:
                 continue
             block, leaf = int(m.group(1)), name.rsplit(".", 1)[-1]
             t.qk_norm = t.qk_norm or leaf == "q_norm"
+            t.sandwich = t.sandwich or leaf == "pre_feedforward_layernorm"
             if weight_trains:
                 t.blocks[block][0].add(leaf)
             if any_trains:
@@ -293,12 +297,16 @@ def block_saved_bytes_per_token(
             total += b * seq
     # o_proj reads SDPA's output itself, except from packed rows, which are concatenated into a new tensor
     out = linears(("o_proj",), n * d, attn, x_saved_elsewhere=attn and not packed)
+    if training.sandwich:  # the attention output's own norm, before the residual add
+        out = norm("post_attention_layernorm", out)
     g = grad_in or out
-    x = norm("post_attention_layernorm", g)
+    x = norm("pre_feedforward_layernorm" if training.sandwich else "post_attention_layernorm", g)
     mlp = linears(_MLP_IN, h, x)
-    if mlp:  # gate and up (and silu(gate) when the MLP is not on the fused SwiGLU)
+    if mlp:  # gate and up (and act(gate) when the MLP is not on the fused SwiGLU)
         total += b * (2 if swiglu_fused else 3) * i
     down = linears(("down_proj",), i, mlp)  # its input: the product
+    if training.sandwich:
+        down = norm("post_feedforward_layernorm", down)
     return total, g or down
 
 
@@ -666,6 +674,7 @@ def estimate(
         accumulating=cfg.train.grad_accum > 1,
         loss_backward=loss_backward,
     )
+    est.notes += _unmodelled_parts(model)
     layer_torch = backend == "torch" or cfg.lora.rank > FUSED_MAX_RANK  # adapt: such layers run on torch
     if quantized and (layer_torch or batch * seq >= DEQUANT_MIN_TOKENS):
         # The torch path, and the Triton path from DEQUANT_MIN_TOKENS tokens, decode each weight into a
@@ -681,6 +690,25 @@ def estimate(
     else:
         est.overhead_bytes = _process_rss()
     return est
+
+
+def _unmodelled_parts(model: nn.Module) -> list[str]:
+    """What this model runs that the activation and loss formulas do not count (Gemma 2's soft-capping)."""
+    from .loss import head_at_targets_supported
+
+    notes = []
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn == "eager":
+        notes.append(
+            "not modelled: this model runs eager attention (soft-capped scores, as Gemma 2), which saves "
+            "[heads, S, S] attention weights per layer; the activation rows count SDPA's, so expect more"
+        )
+    if not head_at_targets_supported(model):
+        notes.append(
+            "not modelled: this model's logits are soft-capped or scaled, so its loss runs the LM head "
+            "over every position through HF's loss; the loss rows count the fused loss's, so expect more"
+        )
+    return notes
 
 
 def _gradient_bytes_by_place(model: nn.Module, layers: int) -> tuple[list[int], int, int]:
