@@ -65,8 +65,13 @@ _ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),  # (1 + w) norms, GELU-tanh MLP
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16}),  # soft-capped attention and logits
-    # sandwich norms, per-head q/k norms normalized after the transpose, sliding-window attention
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 16}),
+    # sandwich norms, per-head q/k norms normalized after the transpose, a sliding-window layer and a
+    # full one, each with its own RoPE table
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
 }
 
 

@@ -18,7 +18,9 @@ the compute dtype). What autograd saves depends on what trains where, so each bl
 (:class:`Training`), and whether its input needs a gradient (something below it trains):
 
 - each RMSNorm whose input needs a gradient: that input upcast to fp32 and its rsqrt, ``4·h + 4``; with a
-  trainable weight also its normalized input, ``b·h``;
+  trainable weight also its normalized input, ``b·h``; on the fused kernel (``kernels.rmsnorm``, Llama
+  and Gemma math) its input in its own dtype and the rsqrt, ``b·h + 4``, when either needs a gradient.
+  Gemma 2/3 have four a block (their attention output and MLP output are normalized too);
 - a Linear whose weight trains or that carries an adapter: its input (``b·h`` once for q/k/v, once for
   gate/up; ``b·i`` for down_proj, the product; ``b·n·d`` for o_proj, only from packed rows, whose
   outputs are concatenated into a new tensor, since otherwise it reads SDPA's output itself); per
@@ -30,7 +32,8 @@ the compute dtype). What autograd saves depends on what trains where, so each bl
   log-sum-exp ``4·n`` (``kv = n`` when a padding mask makes HF repeat the KV heads, ``n_kv`` otherwise),
   and with a padding mask SDPA's own copy of it, ``b·S``;
 - the gated MLP: gate and up ``2·b·i`` (``3·b·i`` with silu(gate) when not on the fused SwiGLU);
-- once per micro-batch: the RoPE tables ``2·S·d·b``, the boolean mask that picks the target positions,
+- once per micro-batch: the RoPE tables ``2·S·d·b`` (one pair per layer type with RoPE parameters of
+  its own: Gemma 3's sliding and full layers), the boolean mask that picks the target positions,
   the final norm's input (and normalized input when it trains), the token ids when the embedding trains.
   Padding-free micro-batches (``train.padding_free``) are one unmasked sequence: ``B = 1``, ``S`` = the
   real tokens;
@@ -122,6 +125,7 @@ class DecoderShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    rope_tables: int = 1  # RoPE cos/sin pairs: one per attention type with its own (Gemma 3: 2)
 
     @classmethod
     def from_hf_config(cls, hf_cfg) -> DecoderShape:
@@ -141,9 +145,18 @@ class DecoderShape:
                 kv_heads=int(getattr(c, "num_key_value_heads", None) or heads),
                 head_dim=int(getattr(c, "head_dim", None) or c.hidden_size // heads),
                 vocab=int(c.vocab_size),
+                rope_tables=_rope_tables(c),
             )
         except AttributeError as e:
             raise UserError(f"model: cannot estimate activations for this config ({e})") from None
+
+
+def _rope_tables(c) -> int:
+    """How many RoPE tables a forward builds: one per layer type that has its own RoPE parameters."""
+    params, types = getattr(c, "rope_parameters", None), getattr(c, "layer_types", None)
+    if not isinstance(params, dict) or not types or not all(isinstance(v, dict) for v in params.values()):
+        return 1
+    return max(1, len(set(types) & params.keys()))
 
 
 _ATTN_IN = ("q_proj", "k_proj", "v_proj")  # Llama/Qwen/Mistral naming: the Linears reading one input
@@ -347,7 +360,7 @@ def activation_bytes(
             first = block
         g = g_out
     first = shape.layers if first is None else first
-    shared = 2 * seq * shape.head_dim * b  # the RoPE cos and sin
+    shared = 2 * seq * shape.head_dim * b * shape.rope_tables  # the RoPE cos and sin
     shared += batch * (seq - 1) if padded else tokens  # the boolean mask that picks the target positions
     if training.embedding:
         shared += 8 * tokens  # the token ids the embedding's gradient scatters into
