@@ -43,17 +43,19 @@ the compute dtype). What autograd saves depends on what trains where, so each bl
   gradient twice, ``2·b·(i + h)`` per token;
 - logits and loss: the LM head runs only at the ``T_t`` target positions, fused with the loss and
   chunked (``kernels.cross_entropy``): it saves the ``T_t·h·b`` gradient of the selected hidden states
-  (and, when the head trains, its fp32 gradient ``V·h·4``); transient: one chunk of ``c`` rows of logits
-  ``c·V·b`` (plus its fp32 copy on the torch path when ``b < 4``) and the selected hidden states;
-  ``T_t = B·(S−1)`` at worst. Its backward scales the saved gradients in place; with ``b < 4`` dH goes
-  through one fp32 copy ``T_t·h·4`` and a trainable head's gradient is made beside its fp32 sum, ``V·h·b``;
-  the saved tensors are freed before the blocks' backward;
+  when something below the head trains (and, when the head trains, its fp32 gradient ``V·h·4``);
+  transient: one chunk of ``c`` rows of logits ``c·V·b`` (plus its fp32 copy on the torch path when
+  ``b < 4``) and the selected hidden states; ``T_t = B·(S−1)`` at worst. Its backward scales the saved
+  gradients in place; with ``b < 4`` dH goes through one fp32 copy ``T_t·h·4``, freed before a trainable
+  head's gradient is made beside its fp32 sum, ``V·h·b``: the larger of the two. The saved tensors are
+  freed before the blocks' backward, except a tied head's gradient with gradient accumulation, which
+  waits for the embedding's to be added in;
 - qlora through dequantize + GEMM (the torch path, and the Triton path from
   ``qmatmul.DEQUANT_MIN_TOKENS`` tokens per micro-batch): the widest quantized weight decoded into a
   dense temporary, ``N·K·b``, beside dG and dU in backward;
 - the peak of tensors: the weights, the optimizer state, and the fullest moment of the step
-  (:func:`peak_of_phases`): the end of the forward, backward walking the blocks top down (saved tensors
-  freed, gradients made), or the optimizer step;
+  (:func:`peak_of_phases`): the end of the forward, the loss's backward, backward walking the blocks top
+  down (saved tensors freed, gradients made), or the optimizer step;
 - framework overhead (not tensors): on a GPU the CUDA context and cuBLAS workspaces (taken as 600 MiB)
   plus the caching allocator's slack (taken as 10% of the tensor peak); on a CPU the resident size of
   torch and its libraries, measured in this process.
@@ -273,7 +275,8 @@ def block_saved_bytes_per_token(
         grad_in: whether the block's input needs a gradient (something below it trains).
 
     Returns:
-        (bytes per token, whether the block's output needs a gradient).
+        (bytes per token, whether the block's output needs a gradient, whether its attention's q/k do:
+        then RoPE keeps its tables).
     """
     h, i, n, d = shape.hidden, shape.intermediate, shape.heads, shape.head_dim
     kv = n if padded else shape.kv_heads  # HF repeats the KV heads when a padding mask is given
@@ -320,7 +323,7 @@ def block_saved_bytes_per_token(
     down = linears(("down_proj",), i, mlp)  # its input: the product
     if training.sandwich:
         down = norm("post_feedforward_layernorm", down)
-    return total, g or down
+    return total, g or down, attn
 
 
 @dataclass
@@ -350,18 +353,19 @@ def activation_bytes(
     """Activations of a micro-batch of ``batch × seq`` tokens (module docstring)."""
     tokens = batch * seq
     b = dtype_bytes
-    g, per_block, first = training.embedding, [], None
+    g, per_block, first, rope = training.embedding, [], None, False
     for block in range(shape.layers):
-        nbytes, g_out = block_saved_bytes_per_token(
+        nbytes, g_out, attn = block_saved_bytes_per_token(
             shape, training, block, b, seq, padded, packed, g, swiglu_fused
         )
         per_block.append(int(nbytes * tokens))
         if first is None and (g_out or nbytes):
             first = block
-        g = g_out
+        g, rope = g_out, rope or attn
     first = shape.layers if first is None else first
-    shared = 2 * seq * shape.head_dim * b * shape.rope_tables  # the RoPE cos and sin
-    shared += batch * (seq - 1) if padded else tokens  # the boolean mask that picks the target positions
+    shared = 2 * seq * shape.head_dim * b * shape.rope_tables if rope else 0  # the RoPE cos and sin
+    if g or training.final_norm:  # the boolean mask that picks the target positions' hidden states
+        shared += batch * (seq - 1) if padded else tokens
     if training.embedding:
         shared += 8 * tokens  # the token ids the embedding's gradient scatters into
     final = norm_saved_bytes(shape.hidden, 1, b, g, training.final_norm, training.norm_fused(None, "norm"))
@@ -384,6 +388,7 @@ def peak_of_phases(
     embedding_grads: int,
     accumulating: bool,
     loss_backward: int = 0,
+    tied_head_grad: int = 0,
 ) -> tuple[int, str]:
     """The largest of what a step holds at once beyond weights and optimizer state, and when.
 
@@ -395,7 +400,9 @@ def peak_of_phases(
       final norm) exist, and one block's dG and dU sit beside them;
     - the optimizer step: every gradient.
 
-    With gradient accumulation the gradients of earlier micro-batches are there throughout.
+    With gradient accumulation the gradients of earlier micro-batches are there throughout, and a tied
+    LM head's new gradient (``tied_head_grad``) waits through the walk for the embedding's, to be added to
+    ``.grad`` together (without accumulation it is counted as the head's gradient already).
 
     Returns:
         (bytes, the phase's name).
@@ -409,7 +416,7 @@ def peak_of_phases(
     held = act.shared + act.transient
     backward = 0
     for block in range(len(act.blocks)):
-        grads = prior or sum(block_grads[block + 1 :]) + top_grads
+        grads = prior + tied_head_grad if accumulating else sum(block_grads[block + 1 :]) + top_grads
         backward = max(backward, held + sum(act.blocks[: block + 1]) + grads)
     phases["in backward"] = backward
     phases["at the optimizer step"] = all_grads
@@ -425,17 +432,19 @@ def loss_buffer_bytes(
     backend: str,
     head: bool = False,
     head_bias: bool = False,
-) -> tuple[int, int]:
+    hidden_grad: bool = True,
+) -> tuple[int, int, int]:
     """The fused, chunked LM head + loss over ``target_tokens`` positions (module docstring).
 
     Args:
         head, head_bias: the LM head's weight / bias train (the loss then also saves their gradients,
             accumulated in fp32 over the chunks).
+        hidden_grad: the hidden states need a gradient (something below the head trains).
 
     Returns:
         (what it saves for backward, its transient peak in forward: one chunk of logits and the selected
         hidden states, and in its backward: scaling the saved gradients in place, a 16-bit dH goes
-        through one fp32 copy and a 16-bit head's gradient is a new tensor beside its fp32 sum).
+        through one fp32 copy, freed before a 16-bit head's gradient is made beside its fp32 sum).
     """
     from fusedtune.kernels.cross_entropy import chunk_rows
 
@@ -443,11 +452,12 @@ def loss_buffer_bytes(
     chunk = rows * vocab * (dtype_bytes + (4 if dtype_bytes < 4 and backend == "torch" else 0))
     selected = target_tokens * hidden * dtype_bytes
     acc = max(dtype_bytes, 4)
-    saved = selected + (vocab * hidden * acc if head else 0) + (vocab * acc if head_bias else 0)
+    dh = selected if hidden_grad else 0
+    saved = dh + (vocab * hidden * acc if head else 0) + (vocab * acc if head_bias else 0)
     backward = 0
     if dtype_bytes < 4:
-        backward = target_tokens * hidden * 4
-        backward += (vocab * hidden * dtype_bytes if head else 0) + (vocab * dtype_bytes if head_bias else 0)
+        head_grads = (vocab * hidden * dtype_bytes if head else 0) + (vocab * dtype_bytes if head_bias else 0)
+        backward = max(target_tokens * hidden * 4 if hidden_grad else 0, head_grads)
     return saved, chunk + selected, backward
 
 
@@ -652,8 +662,9 @@ def estimate(
         )
         for ckpt in (False, True)
     }
+    hidden_grad = training.embedding or training.final_norm or any(a for _, a in training.blocks)
     loss_saved, loss_transient, loss_backward = loss_buffer_bytes(
-        shape.vocab, shape.hidden, target_tokens, b, backend, training.head, training.head_bias
+        shape.vocab, shape.hidden, target_tokens, b, backend, training.head, training.head_bias, hidden_grad
     )
     alt = "adamw32bit" if cfg.optim.name in ("adamw8bit", "paged_adamw8bit") else "adamw8bit"
     est = Estimate(
@@ -686,6 +697,7 @@ def estimate(
         *_gradient_bytes_by_place(model, shape.layers),
         accumulating=cfg.train.grad_accum > 1,
         loss_backward=loss_backward,
+        tied_head_grad=_tied_head_grad_bytes(model),
     )
     est.notes += _unmodelled_parts(model)
     layer_torch = backend == "torch" or cfg.lora.rank > FUSED_MAX_RANK  # adapt: such layers run on torch
@@ -722,6 +734,13 @@ def _unmodelled_parts(model: nn.Module) -> list[str]:
             "over every position through HF's loss; the loss rows count the fused loss's, so expect more"
         )
     return notes
+
+
+def _tied_head_grad_bytes(model: nn.Module) -> int:
+    """The gradient a trainable LM head tied to the input embedding hands over (its parameter's size)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    return emb.nbytes if head is not None and head.weight is emb and emb.requires_grad else 0
 
 
 def _gradient_bytes_by_place(model: nn.Module, layers: int) -> tuple[list[int], int, int]:
