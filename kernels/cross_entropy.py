@@ -196,7 +196,9 @@ def linear_cross_entropy(
 
     Returns:
         The scalar sum of the rows' losses, fp32 (fp64 for fp64 inputs); divide by the target count for
-        the mean.
+        the mean. Its graph takes one backward: the gradients computed in forward are scaled in place
+        there, so a second pass through it (``retain_graph=True``, or ``autograd.grad`` for dH and then
+        for dW separately) raises; ask for every gradient in one call.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
