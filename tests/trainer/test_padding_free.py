@@ -65,8 +65,9 @@ def _assert_same(a, b, rtol=1e-9, atol=1e-11):
 def test_packed_matches_padded_and_per_row(checkpointing):
     model = _model()
     if checkpointing:  # the row boundaries must reach the recomputed attention in backward
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        from fusedtune.trainer.model import enable_checkpointing
+
+        enable_checkpointing(model)  # the trainer's own: non-reentrant, no input-grad hook
     batch = _batch()
     oracle = _loss_and_grads(model, lambda: _per_row(model, batch))
     padded = _loss_and_grads(model, lambda: loss_sum(model, batch))
