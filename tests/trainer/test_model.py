@@ -28,8 +28,13 @@ def _grads_and_block0_calls(cfg, ids):
 
 @pytest.mark.parametrize(
     ("overrides", "block0_calls"),
-    [(["method=partial", "partial.patterns=[layers.1.]"], 1), (["lora.dropout=0.0"], 2)],
-    ids=["last-layer", "lora"],
+    [
+        (["method=partial", "partial.patterns=[layers.1.]"], 1),
+        (["lora.dropout=0.0"], 2),
+        (["lora.dropout=0.1"], 2),  # the recompute draws the same keep-masks
+        (["method=full"], 2),  # the embedding trains: its output needs a gradient anyway
+    ],
+    ids=["last-layer", "lora", "lora-dropout", "full"],
 )
 def test_checkpointing_gives_the_same_gradients_and_skips_frozen_blocks(
     tmp_path, tiny_model_dir, overrides, block0_calls
@@ -43,7 +48,7 @@ def test_checkpointing_gives_the_same_gradients_and_skips_frozen_blocks(
     ckpt, calls, embedded = _grads_and_block0_calls(
         load_config(config, [*overrides, "model.gradient_checkpointing=true"]), ids
     )
-    assert embedded == [False]
+    assert embedded == ["method=full" in overrides]  # only a trainable embedding's output needs one
     assert calls == block0_calls  # recomputed only when it trains
     assert ckpt.keys() == plain.keys() and ckpt
     for name in plain:
