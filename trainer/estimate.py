@@ -49,7 +49,13 @@ the compute dtype). What autograd saves depends on what trains where, so each bl
   gradients in place; with ``b < 4`` dH goes through one fp32 copy ``T_t·h·4``, freed before a trainable
   head's gradient is made beside its fp32 sum, ``V·h·b``: the larger of the two. The saved tensors are
   freed before the blocks' backward, except a tied head's gradient with gradient accumulation, which
-  waits for the embedding's to be added in;
+  waits for the embedding's to be added in. A model whose logits are soft-capped or scaled (Gemma 2)
+  runs HF's head over every position instead: the soft-capping's tanh output ``b·V`` and, when the head
+  trains, its input ``b·h`` per token, and the loss's fp32 log-probabilities and int64 targets,
+  ``(4·V + 8)·B·(S−1)`` (:func:`logits_loss_bytes`);
+- eager attention (Gemma 2's soft-capped scores): q, k and v with the KV heads repeated ``3·b·n·d``, the
+  scores' tanh ``b·n·S`` when soft-capped, the fp32 softmax ``4·n·S`` and its copy in a 16-bit compute
+  dtype ``b·n·S``; o_proj's input is then a copy of the output, ``b·n·d``;
 - qlora through dequantize + GEMM (the torch path, and the Triton path from
   ``qmatmul.DEQUANT_MIN_TOKENS`` tokens per micro-batch): the widest quantized weight decoded into a
   dense temporary, ``N·K·b``, beside dG and dU in backward;
@@ -192,6 +198,13 @@ class Training:
     # Gemma 2/3's sandwich norms: post_attention_layernorm normalizes the attention output before the
     # residual add, pre_feedforward_layernorm the MLP's input, post_feedforward_layernorm its output
     sandwich: bool = False
+    # eager attention (Gemma 2 asks for it: soft-capped scores) saves its score matrices, not SDPA's
+    eager_attention: bool = False
+    attn_softcap: bool = False
+    # the LM head fused with the loss at the target positions (loss.head_at_targets_supported); else
+    # HF's head over every position, its logits soft-capped (Gemma 2) or not, then F.cross_entropy
+    head_at_targets: bool = True
+    logit_softcap: bool = False
     norms_fused: bool = False  # the norms run kernels.rmsnorm (patches.fuse_rmsnorm) ...
     unfused_norms: set = field(default_factory=set)  # ... but these (block or None, leaf), which it named
     # With dropout, the torch paths and QLoRA save the keep-mask as bits (kernels/dropout.py); the fused
@@ -230,6 +243,12 @@ class Training:
         t.head_bias = head is not None and head.bias is not None and head.bias.requires_grad
         norm = getattr(model.get_decoder(), "norm", None)
         t.final_norm = norm is not None and any(p.requires_grad for p in norm.parameters())
+        t.eager_attention = getattr(model.config, "_attn_implementation", None) == "eager"
+        t.attn_softcap = bool(getattr(model.config, "attn_logit_softcapping", None))
+        from .loss import head_at_targets_supported
+
+        t.head_at_targets = head_at_targets_supported(model)
+        t.logit_softcap = bool(getattr(model.config, "final_logit_softcapping", None))
         return t
 
     def set_norms_fused(self, not_fused: dict[str, str]) -> None:
@@ -307,12 +326,19 @@ def block_saved_bytes_per_token(
         total += norm_saved_bytes(n * d, n, b, attn, "q_norm" in weight, q_fused)
         total += norm_saved_bytes(shape.kv_heads * d, shape.kv_heads, b, attn, "k_norm" in weight, k_fused)
     attn = attn or bool(any_.intersection(("q_norm", "k_norm")))
-    if attn:  # SDPA: q, k, v, its output and the log-sum-exp
+    if attn and training.eager_attention:
+        # q and k (its heads repeated) for the scores, the scores' tanh when soft-capped, the fp32 softmax
+        # (and its copy in the compute dtype, which the product with v keeps), and v (repeated)
+        total += b * 3 * n * d + (b * n * seq if training.attn_softcap else 0) + 4 * n * seq
+        total += b * n * seq if b < 4 else 0
+    elif attn:  # SDPA: q, k, v, its output and the log-sum-exp
         total += b * (n * d + 2 * kv * d + n * d) + 4 * n
         if padded:  # and its own copy of the padding mask, in the compute dtype
             total += b * seq
     # o_proj reads SDPA's output itself, except from packed rows, which are concatenated into a new tensor
-    out = linears(("o_proj",), n * d, attn, x_saved_elsewhere=attn and not packed)
+    # (and from eager attention, whose transposed output is copied)
+    sdpa_out = attn and not packed and not training.eager_attention
+    out = linears(("o_proj",), n * d, attn, x_saved_elsewhere=sdpa_out)
     if training.sandwich:  # the attention output's own norm, before the residual add
         out = norm("post_attention_layernorm", out)
     g = grad_in or out
@@ -364,7 +390,12 @@ def activation_bytes(
         g, rope = g_out, rope or attn
     first = shape.layers if first is None else first
     shared = 2 * seq * shape.head_dim * b * shape.rope_tables if rope else 0  # the RoPE cos and sin
-    if g or training.final_norm:  # the boolean mask that picks the target positions' hidden states
+    if not training.head_at_targets:  # HF's head over every position
+        if training.logit_softcap:
+            shared += b * shape.vocab * tokens  # the soft-capping's tanh output
+        if training.head:
+            shared += b * shape.hidden * tokens  # the head's input
+    elif g or training.final_norm:  # the boolean mask that picks the target positions' hidden states
         shared += batch * (seq - 1) if padded else tokens
     if training.embedding:
         shared += 8 * tokens  # the token ids the embedding's gradient scatters into
@@ -459,6 +490,20 @@ def loss_buffer_bytes(
         head_grads = (vocab * hidden * dtype_bytes if head else 0) + (vocab * dtype_bytes if head_bias else 0)
         backward = max(target_tokens * hidden * 4 if hidden_grad else 0, head_grads)
     return saved, chunk + selected, backward
+
+
+def logits_loss_bytes(vocab: int, batch: int, seq: int, dtype_bytes: int) -> tuple[int, int, int]:
+    """HF's LM head over every position, then ``F.cross_entropy`` (models whose logits are soft-capped or
+    scaled, :func:`loss.head_at_targets_supported`), for a ``batch × seq`` micro-batch.
+
+    Returns:
+        (what the loss saves: the fp32 log-probabilities of the ``B·(S−1)`` predicting positions, pad
+        included, their int64 targets and a scalar; its transient in forward: the logits beside their
+        fp32 copy; in backward: two fp32 gradients of the log-probabilities).
+    """
+    positions, logits = batch * (seq - 1), vocab * batch * seq * dtype_bytes
+    saved = 4 * vocab * positions + 8 * positions + 4
+    return saved, logits + 4 * vocab * positions, 8 * vocab * positions
 
 
 def packed_weight_bytes(n: int, k: int, quant_type: str, blocksize: int, double_quant: bool) -> int:
@@ -663,9 +708,19 @@ def estimate(
         for ckpt in (False, True)
     }
     hidden_grad = training.embedding or training.final_norm or any(a for _, a in training.blocks)
-    loss_saved, loss_transient, loss_backward = loss_buffer_bytes(
-        shape.vocab, shape.hidden, target_tokens, b, backend, training.head, training.head_bias, hidden_grad
-    )
+    if training.head_at_targets:
+        loss_saved, loss_transient, loss_backward = loss_buffer_bytes(
+            shape.vocab,
+            shape.hidden,
+            target_tokens,
+            b,
+            backend,
+            training.head,
+            training.head_bias,
+            hidden_grad,
+        )
+    else:
+        loss_saved, loss_transient, loss_backward = logits_loss_bytes(shape.vocab, batch, seq, b)
     alt = "adamw32bit" if cfg.optim.name in ("adamw8bit", "paged_adamw8bit") else "adamw8bit"
     est = Estimate(
         frozen_by_format=by_format,
@@ -699,7 +754,11 @@ def estimate(
         loss_backward=loss_backward,
         tied_head_grad=_tied_head_grad_bytes(model),
     )
-    est.notes += _unmodelled_parts(model)
+    if not training.head_at_targets:
+        est.notes.append(
+            "this model's logits are soft-capped or scaled, so its loss runs HF's LM head over every "
+            "position and F.cross_entropy: the loss rows count its fp32 log-probabilities"
+        )
     layer_torch = backend == "torch" or cfg.lora.rank > FUSED_MAX_RANK  # adapt: such layers run on torch
     if quantized and (layer_torch or batch * seq >= DEQUANT_MIN_TOKENS):
         # The torch path, and the Triton path from DEQUANT_MIN_TOKENS tokens, decode each weight into a
@@ -715,25 +774,6 @@ def estimate(
     else:
         est.overhead_bytes = _process_rss()
     return est
-
-
-def _unmodelled_parts(model: nn.Module) -> list[str]:
-    """What this model runs that the activation and loss formulas do not count (Gemma 2's soft-capping)."""
-    from .loss import head_at_targets_supported
-
-    notes = []
-    attn = getattr(model.config, "_attn_implementation", None)
-    if attn == "eager":
-        notes.append(
-            "not modelled: this model runs eager attention (soft-capped scores, as Gemma 2), which saves "
-            "[heads, S, S] attention weights per layer; the activation rows count SDPA's, so expect more"
-        )
-    if not head_at_targets_supported(model):
-        notes.append(
-            "not modelled: this model's logits are soft-capped or scaled, so its loss runs the LM head "
-            "over every position through HF's loss; the loss rows count the fused loss's, so expect more"
-        )
-    return notes
 
 
 def _tied_head_grad_bytes(model: nn.Module) -> int:

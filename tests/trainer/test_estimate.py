@@ -365,14 +365,16 @@ def test_meter_keeps_no_graph_alive(tiny_model_dir):
         ("mistral", False),
         ("llama", True),
         ("gemma", True),
+        ("gemma2", True),
         ("gemma3", True),
     ],
 )
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_saved_formulas_byte_exact_across_architectures(tmp_path, arch, tie, method):
     """Qwen2's q/k/v biases, Qwen3's per-head q/k norms, Mistral, a tied LM head (whose gradient the
-    fused loss keeps in fp32 when it trains), Gemma's GELU MLP and Gemma 3's sandwich norms are walked
-    exactly too."""
+    fused loss keeps in fp32 when it trains), Gemma's GELU MLP, Gemma 2's eager soft-capped attention and
+    soft-capped logits (HF's head over every position, then F.cross_entropy) and Gemma 3's sandwich norms
+    are walked exactly too."""
     from tiny import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / arch, arch=arch, tie=tie)
@@ -421,18 +423,6 @@ def test_partly_fused_norms_are_walked_norm_by_norm(tmp_path, tiny_model_dir, mo
         ).activation_bytes
         < e.activation_bytes
     )
-
-
-def test_parts_the_formulas_do_not_model_are_said(tmp_path, tiny_model_dir):
-    """Gemma 2's soft-capping (eager attention, logits through HF's loss) is outside the formulas: the
-    estimate says so instead of printing a number that looks exact; a Llama gets no such note."""
-    from tiny import build_tiny_model
-
-    gemma2 = build_tiny_model(tmp_path / "gemma2", arch="gemma2")
-    notes = est_mod.estimate(load_config(write_config(tmp_path, gemma2)), on_gpu=False).notes
-    assert [n.split(":")[0] for n in notes] == ["not modelled", "not modelled"]
-    assert "eager attention" in notes[0] and "soft-capped" in notes[1]
-    assert est_mod.estimate(load_config(write_config(tmp_path, tiny_model_dir)), on_gpu=False).notes == []
 
 
 @pytest.mark.parametrize("accum", [1, 2])
