@@ -167,6 +167,7 @@ def _rope_tables(c) -> int:
     return max(1, len(set(types) & params.keys()))
 
 
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)\.")  # the decoder block a parameter or module name is in
 _ATTN_IN = ("q_proj", "k_proj", "v_proj")  # Llama/Qwen/Mistral naming: the Linears reading one input
 _MLP_IN = ("gate_proj", "up_proj")
 
@@ -214,7 +215,6 @@ class Training:
     @classmethod
     def of(cls, model: nn.Module, layers: int, rank: int = 0, dropout: float = 0.0) -> Training:
         """Read it off a (meta) model as adapted."""
-        index = re.compile(r"(?:^|\.)(\d+)\.")
         t = cls(blocks=[(set(), set()) for _ in range(layers)], adapted=[{} for _ in range(layers)])
         t.rank, t.dropout = rank, dropout
         for name, mod in model.named_modules():
@@ -225,7 +225,7 @@ class Training:
                 lora_a is not None and lora_a.requires_grad
             )
             any_trains = any(p.requires_grad for p in own.values())
-            m = index.search(name)
+            m = _BLOCK_INDEX.search(name)
             if m is None or int(m.group(1)) >= layers:
                 continue
             block, leaf = int(m.group(1)), name.rsplit(".", 1)[-1]
@@ -253,10 +253,9 @@ class Training:
 
     def set_norms_fused(self, not_fused: dict[str, str]) -> None:
         """The norms run ``kernels.rmsnorm`` but those in ``not_fused`` (``PatchReport.not_rmsnorm``)."""
-        index = re.compile(r"(?:^|\.)(\d+)\.")
         self.norms_fused = True
         for name in not_fused:
-            m = index.search(name)
+            m = _BLOCK_INDEX.search(name)
             self.unfused_norms.add((int(m.group(1)) if m else None, name.rsplit(".", 1)[-1]))
 
     def norm_fused(self, block: int | None, leaf: str) -> bool:
@@ -359,6 +358,7 @@ class Activations:
     blocks: list[int]  # saved per decoder block (with checkpointing: the block input it keeps)
     shared: int  # saved once: RoPE tables, masks, the final norm's input
     transient: int  # beside them in backward: one block's dG and dU (and a recomputed block)
+    hidden_grad: bool = True  # the final hidden states need a gradient (the fused loss then saves dH)
 
     @property
     def saved(self) -> int:
@@ -390,12 +390,13 @@ def activation_bytes(
         g, rope = g_out, rope or attn
     first = shape.layers if first is None else first
     shared = 2 * seq * shape.head_dim * b * shape.rope_tables if rope else 0  # the RoPE cos and sin
+    hidden = g or training.final_norm  # the final norm's output needs a gradient
     if not training.head_at_targets:  # HF's head over every position
         if training.logit_softcap:
             shared += b * shape.vocab * tokens  # the soft-capping's tanh output
         if training.head:
             shared += b * shape.hidden * tokens  # the head's input
-    elif g or training.final_norm:  # the boolean mask that picks the target positions' hidden states
+    elif hidden:  # the boolean mask that picks the target positions' hidden states
         shared += batch * (seq - 1) if padded else tokens
     if training.embedding:
         shared += 8 * tokens  # the token ids the embedding's gradient scatters into
@@ -406,8 +407,8 @@ def activation_bytes(
     transient = 2 * b * (shape.intermediate + shape.hidden) * tokens if first < shape.layers else 0
     if checkpointing:  # each block from the first that trains keeps only its input, and one is recomputed
         kept = [b * shape.hidden * tokens if j >= first else 0 for j in range(shape.layers)]
-        return Activations(kept, int(shared), int(transient + max(per_block, default=0)))
-    return Activations(per_block, int(shared), int(transient))
+        return Activations(kept, int(shared), int(transient + max(per_block, default=0)), hidden)
+    return Activations(per_block, int(shared), int(transient), hidden)
 
 
 def peak_of_phases(
@@ -707,7 +708,6 @@ def estimate(
         )
         for ckpt in (False, True)
     }
-    hidden_grad = training.embedding or training.final_norm or any(a for _, a in training.blocks)
     if training.head_at_targets:
         loss_saved, loss_transient, loss_backward = loss_buffer_bytes(
             shape.vocab,
@@ -717,7 +717,7 @@ def estimate(
             backend,
             training.head,
             training.head_bias,
-            hidden_grad,
+            act[False].hidden_grad,
         )
     else:
         loss_saved, loss_transient, loss_backward = logits_loss_bytes(shape.vocab, batch, seq, b)
@@ -786,7 +786,6 @@ def _tied_head_grad_bytes(model: nn.Module) -> int:
 def _gradient_bytes_by_place(model: nn.Module, layers: int) -> tuple[list[int], int, int]:
     """Gradient bytes of the trainable parameters: (per decoder block, the rest but the input embedding
     (LM head, final norm: their gradients come first in backward), the input embedding (last))."""
-    index = re.compile(r"(?:^|\.)(\d+)\.")
     blocks, top, embedding = [0] * layers, 0, 0
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
@@ -794,7 +793,7 @@ def _gradient_bytes_by_place(model: nn.Module, layers: int) -> tuple[list[int], 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        m = index.search(name)
+        m = _BLOCK_INDEX.search(name)
         if m is not None and int(m.group(1)) < layers:
             blocks[int(m.group(1))] += p.nbytes
         elif p is emb and not tied:
