@@ -18,6 +18,7 @@ keeps its own, and the run says which and why.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
@@ -119,12 +120,14 @@ def fuse_swiglu(model: nn.Module, backend: str, report: PatchReport | None = Non
     return report
 
 
+@functools.cache  # read once, not for every norm of every model
 def _llama_rmsnorm_body() -> str:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     return _body(LlamaRMSNorm.forward)
 
 
+@functools.cache
 def _gemma_rmsnorm_bodies() -> tuple[str, str]:
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 
