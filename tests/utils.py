@@ -42,3 +42,19 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def backward_extra_bytes(forward, backward, held) -> int:
+    """Bytes of CPU tensor storage a backward adds at its peak over what its forward left, counted op by
+    op (``estimate.LiveTensorTracker``): ``out = forward()``, then ``backward(out)``; ``held`` are the
+    inputs made before, counted as there from the start."""
+    from fusedtune.trainer.estimate import LiveTensorTracker
+
+    tracker = LiveTensorTracker()
+    for t in held:
+        tracker.add(t)
+    with tracker._mode:
+        out = forward()
+        tracker.peak = start = tracker.current
+        backward(out)
+    return tracker.peak - start

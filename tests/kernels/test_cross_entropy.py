@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils import assert_close
+from utils import assert_close, backward_extra_bytes
 
 from fusedtune.kernels import reference
 from fusedtune.kernels.cross_entropy import chunk_rows, cross_entropy_grad, linear_cross_entropy
@@ -144,18 +144,11 @@ def test_backward_scales_in_place(dtype):
     """Backward holds no second copy of the saved gradients (a trainable head's fp32 dW is V·d·4 bytes):
     fp32 ones are scaled in place; a 16-bit dH goes through one fp32 temporary and a 16-bit dW is made
     beside its fp32 sum. Counted op by op; the gradients still equal the oracle's."""
-    from fusedtune.trainer.estimate import LiveTensorTracker
-
     n, d, v = 24, 32, 3000
     h, w, _, t = _problem(n, d, v, dtype, device="cpu")
-    tracker = LiveTensorTracker()
-    for x in (h, w, t):
-        tracker.add(x)
-    with tracker._mode:
-        loss = linear_cross_entropy(h, w, t, backend="torch")
-        tracker.peak = after_forward = tracker.current
-        (loss / 7).backward()
-    extra = tracker.peak - after_forward
+    extra = backward_extra_bytes(
+        lambda: linear_cross_entropy(h, w, t, backend="torch"), lambda loss: (loss / 7).backward(), (h, w, t)
+    )
     b = torch.finfo(dtype).bits // 8
     allowed = 0 if b == 4 else n * d * 4 + v * d * b  # the dH temporary and the 16-bit dW
     assert extra <= allowed + 1024, (extra, allowed)  # + scalars

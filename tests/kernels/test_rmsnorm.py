@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils import assert_close
+from utils import assert_close, backward_extra_bytes
 
 from fusedtune.kernels import reference
 from fusedtune.kernels.rmsnorm import RMSNormFunction, rms_norm
@@ -150,20 +150,14 @@ def test_torch_backward_holds_three_fp32_temporaries(dtype):
     """The CPU path's backward, counted op by op: at most g, x̂ and dW's product as ``[rows, h]`` fp32
     temporaries, and x̂ rounded to x's dtype (it held 22 bytes an element at fp16 before it worked in
     place, 14 now)."""
-    from fusedtune.trainer.estimate import LiveTensorTracker
-
     rows, h = 64, 256
     x, w, dy = _problem((rows, h), dtype)
     x.requires_grad_(), w.requires_grad_()
-    tracker = LiveTensorTracker()
-    for t in (x, w, dy):
-        tracker.add(t)
-    with tracker._mode:
-        y = rms_norm(x, w, EPS, backend="torch")
-        tracker.peak = start = tracker.current
-        y.backward(dy)
+    extra = backward_extra_bytes(
+        lambda: rms_norm(x, w, EPS, backend="torch"), lambda y: y.backward(dy), (x, w, dy)
+    )
     b = torch.finfo(dtype).bits // 8
-    assert tracker.peak - start <= rows * h * (3 * 4 + b) + 4 * h + 4096, tracker.peak - start
+    assert extra <= rows * h * (3 * 4 + b) + 4 * h + 4096, extra
 
 
 @pytest.mark.parametrize("style", ["llama", "gemma"])
