@@ -246,7 +246,11 @@ def _fault(step: int, stage: str) -> None:
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     elif action == "sleep":
-        time.sleep(120)
+        # Short sleeps: a signal the kernel hands to another thread (torch's pool) trips Python's
+        # handler but cannot interrupt the main thread's sleep, which would then block for the whole
+        # time. A real write is many short calls into C, each a point where handlers run.
+        for _ in range(1200):
+            time.sleep(0.1)
     elif action == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -310,13 +310,14 @@ def test_second_signal_exits_at_once_mid_write(
         assert time.monotonic() < deadline
         time.sleep(0.02)
     # The first signal asks for a stop after the step (the write goes on); the second exits at once.
-    # Python runs pending handlers in signal-number order, so either may count as the first.
+    # Python runs pending handlers in signal-number order, so either may count as the first; and when
+    # the kernel hands one of them to another thread, its handler can run inside the first one's,
+    # before that has printed its line (test_sigterm_finishes_the_step... checks that line alone).
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), err
-    assert "finishing the current optimizer step" in err and "Traceback" not in err
-    assert "again: exiting now; the last complete checkpoint is kept" in err
+    assert "again: exiting now; the last complete checkpoint is kept" in err and "Traceback" not in err
     assert [p.name for p in valid_checkpoints(root)] == ["step-2"]  # the half-written step-4 is no checkpoint
     assert main(["run", str(cfg), "resume=auto"]) == 0
     assert f"continuing from {root / 'step-2'}" in capsys.readouterr().out
