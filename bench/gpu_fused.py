@@ -1,4 +1,4 @@
-"""The LM head + loss, the SwiGLU gate and RMSNorm on a GPU: fusedtune's fused versions against the alternatives.
+"""The LM head + loss, the SwiGLU gate, RMSNorm and RoPE on a GPU: fusedtune's fused versions against the alternatives.
 
     python3 bench/gpu_fused.py --out bench/results        (bench/gpu.sh runs it with --out "$OUT")
 
@@ -17,6 +17,11 @@ RMSNorm, forward + backward, bf16 [N, 4096], frozen weight (as in LoRA/QLoRA):
     ours      fusedtune.kernels.rmsnorm.rms_norm (Triton; saves x in bf16 and one fp32 rsqrt per row)
     torch     transformers' LlamaRMSNorm by autograd (saves the fp32 upcast of x)
     liger     liger_kernel's LigerRMSNorm (skipped when not installed)
+RoPE of q [1, 32, N, 128] and k [1, 8, N, 128] (transposed views of the projections, as in HF), forward
++ backward, bf16, Llama-3 tables [1, N, 128]:
+    ours      fusedtune.kernels.rope.apply_rope (Triton: one pass each way for q and k)
+    torch     transformers' Llama apply_rotary_pos_emb by autograd
+    liger     liger_kernel's liger_rotary_pos_emb (skipped when not installed)
 
 Per row: ``triton.testing.do_bench`` median and 20/80 quantiles in ms, and the peak memory the pass
 allocates above its inputs (``max_memory_allocated`` after a reset).
@@ -113,12 +118,46 @@ def _rmsnorm_call(provider: str, n: int):
     return call, [x]
 
 
+def _rope_call(provider: str, n: int):
+    heads, kv_heads, d = 32, 8, 128
+    q = torch.randn(1, n, heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, n, kv_heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    inv = 1.0 / 500000 ** (torch.arange(0, d, 2, device="cuda").float() / d)
+    ang = torch.arange(n, device="cuda").float()[:, None] * inv
+    ang = torch.cat([ang, ang], dim=-1)[None]
+    cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+    if provider == "ours":
+        from fusedtune.kernels.rope import apply_rope
+
+        fn = lambda: apply_rope(q, k, cos, sin, backend="triton")
+    elif provider == "torch":
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        fn = lambda: apply_rotary_pos_emb(q, k, cos, sin)
+    else:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        fn = lambda: liger_rotary_pos_emb(q, k, cos, sin)
+
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+
+    def call():
+        torch.autograd.backward(fn(), (dq, dk))
+
+    return call, [q, k]
+
+
 def run(providers: list[str], tokens: list[int], deadline: float | None) -> list[dict]:
     from report import time_and_peak
 
     rows = []
     for n in tokens:
-        for op, make in (("lm_head_ce", _ce_call), ("swiglu", _swiglu_call), ("rmsnorm", _rmsnorm_call)):
+        for op, make in (
+            ("lm_head_ce", _ce_call),
+            ("swiglu", _swiglu_call),
+            ("rmsnorm", _rmsnorm_call),
+            ("rope", _rope_call),
+        ):
             if deadline is not None and time.time() > deadline:
                 print(f"time budget spent: stopping before {op} N={n}", flush=True)
                 return rows

@@ -188,8 +188,8 @@ class Config(_Strict):
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto",
         description="auto: on CUDA the path measured faster per op (plain LoRA layers: cuBLAS GEMMs + "
-        "in-place LoRA add, fused kernels with lora.dropout; QLoRA, SwiGLU, loss: Triton; RMSNorm: Triton, "
-        "for its memory, speed not yet measured on a GPU), torch elsewhere; "
+        "in-place LoRA add, fused kernels with lora.dropout; QLoRA, SwiGLU, loss: Triton; RMSNorm and RoPE: "
+        "Triton, speed not yet measured on a GPU), torch elsewhere; "
         "triton: the fused kernels "
         "everywhere (Triton's interpreter without CUDA); torch: torch ops only",
     )

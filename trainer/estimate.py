@@ -39,8 +39,8 @@ the compute dtype). What autograd saves depends on what trains where, so each bl
   real tokens;
 - with gradient checkpointing: each block from the first that trains keeps only its input (``b·h`` per
   token), and one block is recomputed at a time in backward;
-- backward holds one block's widest gradients beside them: the MLP's dG and dU and the residual stream's
-  gradient twice, ``2·b·(i + h)`` per token;
+- backward holds one block's widest gradients beside them: one intermediate-wide gradient (at the gated
+  MLP) and the residual stream's gradient twice, ``b·(i + 2h)`` per token;
 - logits and loss: the LM head runs only at the ``T_t`` target positions, fused with the loss and
   chunked (``kernels.cross_entropy``): it saves the ``T_t·h·b`` gradient of the selected hidden states
   when something below the head trains (and, when the head trains, its fp32 gradient ``V·h·4``);
@@ -357,7 +357,7 @@ class Activations:
 
     blocks: list[int]  # saved per decoder block (with checkpointing: the block input it keeps)
     shared: int  # saved once: RoPE tables, masks, the final norm's input
-    transient: int  # beside them in backward: one block's dG and dU (and a recomputed block)
+    transient: int  # beside them in backward: one block's widest gradients (and a recomputed block)
     hidden_grad: bool = True  # the final hidden states need a gradient (the fused loss then saves dH)
 
     @property
@@ -402,9 +402,11 @@ def activation_bytes(
         shared += 8 * tokens  # the token ids the embedding's gradient scatters into
     final = norm_saved_bytes(shape.hidden, 1, b, g, training.final_norm, training.norm_fused(None, "norm"))
     shared += final * tokens
-    # Backward holds one block's widest gradients beside the saved activations: the MLP's dG and dU, and
-    # the residual stream's gradient twice (the one arriving at the block and the one it builds).
-    transient = 2 * b * (shape.intermediate + shape.hidden) * tokens if first < shape.layers else 0
+    # Backward holds one block's widest gradients beside the saved activations: one intermediate-wide (at
+    # the gated MLP) and the residual stream's gradient twice (the one arriving at the block and the one
+    # it builds). Calibrated op by op on the tiny models (tests/trainer/test_estimate.py); it was two
+    # intermediate-wide ones while the torch path's SwiGLU backward kept a sigmoid buffer.
+    transient = b * (shape.intermediate + 2 * shape.hidden) * tokens if first < shape.layers else 0
     if checkpointing:  # each block from the first that trains keeps only its input, and one is recomputed
         kept = [b * shape.hidden * tokens if j >= first else 0 for j in range(shape.layers)]
         return Activations(kept, int(shared), int(transient + max(per_block, default=0)), hidden)
@@ -429,7 +431,7 @@ def peak_of_phases(
       temporaries: :func:`loss_buffer_bytes`);
     - backward, walking the blocks top down (the loss's saved tensors are gone): at block ``l`` the blocks
       up to ``l`` still hold their saved tensors, the gradients of those above (and of the LM head and
-      final norm) exist, and one block's dG and dU sit beside them;
+      final norm) exist, and one block's widest gradients sit beside them;
     - the optimizer step: every gradient.
 
     With gradient accumulation the gradients of earlier micro-batches are there throughout, and a tied
@@ -542,7 +544,7 @@ class Estimate:
     optimizer_state_bytes: int
     activation_bytes: int  # saved for backward, without gradient checkpointing
     activation_bytes_checkpointed: int  # saved for backward, with it
-    backward_transient_bytes: int  # beside them in backward: dG and dU
+    backward_transient_bytes: int  # beside them in backward: one block's widest gradients
     backward_transient_bytes_checkpointed: int  # ... and one recomputed block
     loss_saved_bytes: int  # the fused loss's saved gradient of the target hidden states
     loss_transient_bytes: int  # one chunk of logits and the target hidden states

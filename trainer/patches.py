@@ -14,20 +14,34 @@ with a SiLU ``act_fn`` (Llama, Mistral, Qwen2/3, SmolLM and most of their relati
 checkpoints are unchanged), whose forward calls ``kernels.swiglu.silu_mul``: the same math, one node that
 saves G and U only. The check reads the class's forward source, so a model whose MLP differs in any way
 keeps its own, and the run says which and why.
+
+RoPE: an attention module whose forward calls ``apply_rotary_pos_emb(query_states, key_states, cos, sin)``
+where its modeling file's ``apply_rotary_pos_emb`` and ``rotate_half`` are Llama's (compared as syntax
+trees, docstrings aside: Llama, Mistral, Qwen2/3, Gemma 1/2/3, SmolLM, ...) runs that call through
+``kernels.rope.apply_rope``: the same math, one node for q and k, no zero-filled gradient buffers. The
+call is a module-level function, so the modeling file's global is replaced once by a dispatcher that takes
+the fused path only inside the forward of an attention module patched here (a context variable set by
+that module's forward): another model of the same class in the process, and every other caller, get
+the original function. Partial-rotary or interleaved variants keep their own, and the run says which.
 """
 
 from __future__ import annotations
 
+import ast
+import contextvars
 import functools
 import inspect
 import logging
 import re
+import sys
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from fusedtune.kernels.rmsnorm import rms_norm
+from fusedtune.kernels.rope import apply_rope
 from fusedtune.kernels.swiglu import silu_mul
 
 from .adapt import not_fused_lines
@@ -45,16 +59,18 @@ class PatchReport:
     not_swiglu: dict[str, str] = field(default_factory=dict)  # module name -> why not
     rmsnorm: list[str] = field(default_factory=list)
     not_rmsnorm: dict[str, str] = field(default_factory=dict)
+    rope: list[str] = field(default_factory=list)
+    not_rope: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = []
-        for what, done, why_not in (
-            ("SwiGLU", self.swiglu, self.not_swiglu),
-            ("RMSNorm", self.rmsnorm, self.not_rmsnorm),
+        for what, unit, done, why_not in (
+            ("SwiGLU", "gated MLPs", self.swiglu, self.not_swiglu),
+            ("RMSNorm", "norms", self.rmsnorm, self.not_rmsnorm),
+            ("RoPE", "attention layers", self.rope, self.not_rope),
         ):
             total = len(done) + len(why_not)
             if total:
-                unit = "gated MLPs" if what == "SwiGLU" else "norms"
                 out += [f"fused {what}: {len(done)}/{total} {unit}", *not_fused_lines(why_not, total, "all")]
         return out
 
@@ -218,12 +234,107 @@ def fuse_rmsnorm(model: nn.Module, backend: str, report: PatchReport | None = No
     return report
 
 
+# -- RoPE --------------------------------------------------------------------------------------------
+
+_ROPE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtune_rope", default=None)
+_ROPE_CALL = "apply_rotary_pos_emb(query_states,key_states,cos,sin)"
+
+
+def _tree(fn) -> str | None:
+    """A function's signature and body as a syntax tree dump, docstring and decorators aside (None when
+    its source cannot be read)."""
+    try:
+        node = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    if not isinstance(node, ast.FunctionDef):
+        return None
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    return ast.dump(node.args) + "".join(ast.dump(stmt) for stmt in body)
+
+
+@functools.cache
+def _llama_rope_trees() -> tuple[str | None, str | None]:
+    from transformers.models.llama import modeling_llama
+
+    return _tree(modeling_llama.apply_rotary_pos_emb), _tree(modeling_llama.rotate_half)
+
+
+class _RoPEDispatch:
+    """Stands in for a modeling file's ``apply_rotary_pos_emb``: the fused rotation inside a patched
+    attention module's forward, the original everywhere else."""
+
+    def __init__(self, original) -> None:
+        self.original = original
+        functools.update_wrapper(self, original)
+
+    def __call__(self, q, k, cos, sin, *args, **kwargs):
+        backend = _ROPE_BACKEND.get()
+        if backend is None or args or kwargs:
+            return self.original(q, k, cos, sin, *args, **kwargs)
+        return apply_rope(q, k, cos, sin, backend=backend)
+
+
+class _FusedRoPEForward:
+    """An attention module's own forward, run with the fused rotation switched on."""
+
+    def __init__(self, forward, backend: str) -> None:
+        self.forward, self.backend = forward, backend
+
+    def __call__(self, *args, **kwargs):
+        token = _ROPE_BACKEND.set(self.backend)
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            _ROPE_BACKEND.reset(token)
+
+
+def _why_not_rope(module: nn.Module, body: str) -> str | None:
+    name = type(module).__name__
+    if _ROPE_CALL not in body:
+        return f"{name}.forward calls apply_rotary_pos_emb with other arguments"
+    modeling = sys.modules.get(type(module).__module__)
+    fn, rotate = getattr(modeling, "apply_rotary_pos_emb", None), getattr(modeling, "rotate_half", None)
+    if fn is None or rotate is None:
+        return f"{name}'s module has no apply_rotary_pos_emb/rotate_half of its own"
+    fn = fn.original if isinstance(fn, _RoPEDispatch) else fn
+    if (_tree(fn), _tree(rotate)) != _llama_rope_trees() or None in _llama_rope_trees():
+        file = type(module).__module__.rsplit(".", 1)[-1]
+        return f"{file}.apply_rotary_pos_emb is not Llama's (other math or rounding)"
+    return None
+
+
+def fuse_rope(model: nn.Module, backend: str, report: PatchReport | None = None) -> PatchReport:
+    """Run every Llama-style ``apply_rotary_pos_emb`` call of ``model``'s attention modules through
+    ``kernels.rope`` (``backend``: triton or torch)."""
+    report = report or PatchReport()
+    for name, module in model.named_modules():
+        if isinstance(module.__dict__.get("forward"), _FusedRoPEForward):
+            continue
+        body = _body(type(module).forward)
+        if not body or "apply_rotary_pos_emb(" not in body:
+            continue
+        why = _why_not_rope(module, body)
+        if why is not None:
+            report.not_rope[name] = why
+            continue
+        modeling = sys.modules[type(module).__module__]
+        if not isinstance(modeling.apply_rotary_pos_emb, _RoPEDispatch):
+            modeling.apply_rotary_pos_emb = _RoPEDispatch(modeling.apply_rotary_pos_emb)
+        module.forward = _FusedRoPEForward(module.forward, backend)
+        report.rope.append(name)
+    return report
+
+
 def apply_patches(model: nn.Module, padding_free_wanted: bool, max_seq_len: int, backend: str) -> list[str]:
-    """Fused SwiGLU and RMSNorm, and padding-free micro-batches, on ``model``; the lines that say what
-    took effect."""
+    """Fused SwiGLU, RMSNorm and RoPE, and padding-free micro-batches, on ``model``; the lines that say
+    what took effect."""
     from . import padding_free
 
     report = fuse_swiglu(model, backend)
-    lines = fuse_rmsnorm(model, backend, report).lines()
+    fuse_rmsnorm(model, backend, report)
+    lines = fuse_rope(model, backend, report).lines()
     lines.append(padding_free.setup(model, padding_free_wanted, max_seq_len))
     return lines

@@ -1,6 +1,6 @@
 """Compile every kernel variant the launchers produce for sm_90, offline: no GPU needed.
 
-    PYTHONPATH=/tmp/ftsite python -P tests/kernels/compile_sm90.py [lora] [q] [ce] [swiglu] [rmsnorm]   (ARCH=90)
+    PYTHONPATH=/tmp/ftsite python -P tests/kernels/compile_sm90.py [lora] [q] [ce] [swiglu] [rmsnorm] [rope]   (ARCH=90)
 
 (``/tmp/ftsite`` as bench/gpu.sh builds it: ``fusedtune`` mapped onto the source folders.) Not a pytest
 module: a tool for before a GPU run. It drives the public launchers with CPU tensors while Triton's
@@ -104,7 +104,7 @@ def autotune_all(self, *args, **kwargs):
 
 Autotuner.run = autotune_all
 
-from fusedtune.kernels import cross_entropy, lora, qmatmul, quant, rmsnorm, swiglu  # noqa: E402
+from fusedtune.kernels import cross_entropy, lora, qmatmul, quant, rmsnorm, rope, swiglu  # noqa: E402
 
 
 def _check_as_if_interpreted(module, name: str) -> None:
@@ -198,6 +198,16 @@ def swiglu_case(n, dtype):
     attempt(f"swiglu n{n} {dtype}", run)
 
 
+def rope_case(b, t, hq, hk, d, dtype):
+    def run():
+        q = torch.randn(b, t, hq, d, dtype=dtype).transpose(1, 2)
+        cos, sin = torch.randn(b, t, d, dtype=dtype), torch.randn(b, t, d, dtype=dtype)
+        for backward in (False, True):
+            rope._rotate(q, cos, sin, backward, "triton", dtype)
+
+    attempt(f"rope b{b} t{t} hq{hq} hk{hk} d{d} {dtype}", run)
+
+
 def rmsnorm_case(rows, h, dtype, need_dx, need_dw, gemma=False):
     def run():
         x, w = torch.randn(rows, h, dtype=dtype), torch.randn(h, dtype=dtype)
@@ -208,7 +218,13 @@ def rmsnorm_case(rows, h, dtype, need_dx, need_dw, gemma=False):
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["lora", "q", "ce", "swiglu", "rmsnorm"]
+    which = sys.argv[1:] or ["lora", "q", "ce", "swiglu", "rmsnorm", "rope"]
+    if "rope" in which:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            rope_case(2, 9, 32, 8, 128, dtype)  # Llama 3 8B
+        rope_case(1, 9, 9, 3, 64, torch.bfloat16)  # SmolLM2
+        rope_case(1, 5, 128, 8, 128, torch.bfloat16)  # 405B-class: heads over two programs
+        rope_case(1, 5, 16, 8, 256, torch.bfloat16)  # Gemma 3's head_dim
     if "rmsnorm" in which:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for h in (576, 4096, 8192, 16384):

@@ -11,7 +11,16 @@ from tiny import tiny_llama
 from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM
 
-from fusedtune.trainer.patches import FusedRMSNorm, SwiGLUMLP, apply_patches, fuse_rmsnorm, fuse_swiglu
+from fusedtune.trainer import patches
+from fusedtune.trainer.model import enable_checkpointing
+from fusedtune.trainer.patches import (
+    FusedRMSNorm,
+    SwiGLUMLP,
+    apply_patches,
+    fuse_rmsnorm,
+    fuse_rope,
+    fuse_swiglu,
+)
 
 EPS_TINY = 1e-6
 
@@ -82,6 +91,7 @@ def test_apply_patches_says_what_took_effect():
     assert lines == [
         "fused SwiGLU: 2/2 gated MLPs",
         "fused RMSNorm: 5/5 norms",
+        "fused RoPE: 2/2 attention layers",
         "padding-free micro-batches: on (no pad tokens; attention within each example)",
     ]
 
@@ -218,3 +228,78 @@ def test_norms_with_other_math_keep_their_forward_and_are_named():
     assert report.not_rmsnorm == {
         "model.norm": "weight dtype torch.float32 differs from the model's torch.float64"
     }
+
+
+def _rope_model(arch: str):
+    """A 2-layer fp32 model of ``arch`` (fp32: the triton path takes no fp64)."""
+    if arch == "llama":
+        return tiny_llama(
+            0, torch.float32, vocab_size=61, hidden_size=32, intermediate_size=48, num_attention_heads=2
+        )
+    return _gemma(
+        "gemma3"
+    )  # sliding and full layers, each with its own table; q/k normed after the transpose
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_rope_gives_the_same_loss_and_gradients(backend, arch, monkeypatch):
+    calls = []
+    real = patches.apply_rope
+    monkeypatch.setattr(patches, "apply_rope", lambda *a, **k: calls.append(k) or real(*a, **k))
+    ids = torch.randint(0, 61, (2, 9))
+    results = []
+    for fuse in (False, True):
+        model = _rope_model(arch)
+        if fuse:
+            assert fuse_rope(model, backend).lines() == ["fused RoPE: 2/2 attention layers"]
+            assert fuse_rope(model, backend).lines() == []  # already fused: nothing to do twice
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        assert len(calls) == (2 if fuse else 0), "the fused rotation ran where it was not asked for"
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g0.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
+    other = _rope_model(arch)  # an unpatched model of the same class, after the patch: HF's own rotation
+    other(input_ids=ids).logits.sum().backward()
+    assert len(calls) == 2 and calls[0] == {"backend": backend}
+
+
+def test_other_rotations_keep_their_function_and_are_named():
+    from transformers import CohereConfig, CohereForCausalLM, PhiConfig, PhiForCausalLM
+
+    shape = dict(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
+    )
+    shape.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cohere = CohereForCausalLM(CohereConfig(**shape))  # interleaved halves
+    phi = PhiForCausalLM(PhiConfig(**shape))  # partial rotary: the call takes the rotated slices
+    assert fuse_rope(cohere, "torch").lines()[1] == (
+        "  not fused (modeling_cohere.apply_rotary_pos_emb is not Llama's (other math or rounding)): all"
+    )
+    assert fuse_rope(phi, "torch").not_rope == {
+        f"model.layers.{i}.self_attn": "PhiAttention.forward calls apply_rotary_pos_emb with other arguments"
+        for i in range(2)
+    }
+    assert "forward" not in cohere.model.layers[0].self_attn.__dict__
+
+
+def test_fused_rope_survives_pickling_and_checkpoint_recompute(monkeypatch):
+    calls = []
+    real = patches.apply_rope
+    monkeypatch.setattr(patches, "apply_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 61, (2, 7))
+    plain = _rope_model("llama")
+    plain(input_ids=ids, labels=ids).loss.backward()
+    model = _rope_model("llama")
+    fuse_rope(model, "torch")
+    model = pickle.loads(pickle.dumps(model))
+    enable_checkpointing(model)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 4  # 2 layers, each forward and its recompute in backward
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
