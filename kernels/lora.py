@@ -36,6 +36,14 @@ they stay in the input dtype so that ``tl.dot`` runs on tensor cores.
 Sibling projections that share one input (q|k|v): ``_lora_down_kernel`` over the row-concatenated
 ``[A_q; A_k; A_v]`` gives all ``S'`` in one read of X, and ``_lora_fwd_kernel`` takes ``S'`` by pointer
 and strides, so each projection can read its column slice. ``lora_linear`` builds the single case.
+
+On the torch path, siblings without dropout run as one node (``lora_siblings_torch``): for n projections
+of one X with ``Â = [A₁; …; Aₙ]`` and ``dŜ = [s₁ dY₁ B₁ | … | sₙ dYₙ Bₙ]``::
+
+    Ŝ = X Âᵀ                         [M, Σr]  one GEMM for every A
+    Yᵢ = X Wᵢᵀ (+ bᵢ) + sᵢ Ŝᵢ Bᵢᵀ     [M, Nᵢ]
+    dX = Σᵢ dYᵢ Wᵢ + dŜ Â             [M, K]   accumulated in place in one buffer
+    dÂ = dŜᵀ X                       [Σr, K]  one GEMM for every A;  dBᵢ = sᵢ dYᵢᵀ Ŝᵢ
 """
 
 from __future__ import annotations
@@ -53,10 +61,12 @@ __all__ = [
     "LoRAConfig",
     "LoRALinearFunction",
     "LoRALinearTorchFunction",
+    "LoRASiblingsTorchFunction",
     "lora_backward",
     "lora_forward",
     "lora_linear",
     "lora_linear_torch",
+    "lora_siblings_torch",
 ]
 
 MAX_RANK = 256
@@ -873,6 +883,112 @@ def lora_linear_torch(
     keep = draw_keep(x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     return LoRALinearTorchFunction.apply(
         x, weight, lora_a, lora_b, bias, float(scale), keep, float(dropout_p)
+    )
+
+
+class LoRASiblingsTorchFunction(torch.autograd.Function):
+    """n LoRA projections of one input without dropout, as one node (the module docstring's sibling
+    algebra): one GEMM for every A forward and backward, and one dX buffer that every projection's
+    ``dYᵢ Wᵢ`` is added into, instead of n dX tensors summed by autograd.
+
+    ``apply(x, scales, *weights, *lora_as, *lora_bs, *biases)``: n of each, a bias may be None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scales: tuple[float, ...], *tensors):
+        n = len(scales)
+        weights, lora_as, lora_bs, biases = (tensors[i * n : (i + 1) * n] for i in range(4))
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        ranks = [a.shape[0] for a in lora_as]
+        a_cat = torch.cat([a.to(x.dtype) for a in lora_as])  # [Σr, K]
+        s_cat = x2 @ a_cat.t()  # [M, Σr]
+        ys = []
+        for w, b_, bias, s_i, scale in zip(
+            weights, lora_bs, biases, s_cat.split(ranks, 1), scales, strict=True
+        ):
+            y = F.linear(x2, w, bias)
+            y.addmm_(s_i, b_.to(x.dtype).t(), alpha=scale)
+            ys.append(y.reshape(*x.shape[:-1], w.shape[0]))
+        need = ctx.needs_input_grad
+        need_da = any(need[2 + n : 2 + 2 * n])
+        need_db = any(need[2 + 2 * n : 2 + 3 * n])
+        ctx.scales, ctx.ranks, ctx.x_shape = scales, ranks, x.shape
+        ctx.save_for_backward(
+            x2 if need_da else None, s_cat if need_db else None, *weights, *lora_as, *lora_bs
+        )
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, s_cat, *rest = ctx.saved_tensors
+        n = len(ctx.scales)
+        weights, lora_as, lora_bs = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        need = ctx.needs_input_grad
+        if any(need[2 : 2 + n]) or any(need[2 + 3 * n :]):
+            raise RuntimeError("LoRA never computes a gradient for the frozen weight or bias")
+        # (an output nothing used arrives as zeros: autograd materializes it)
+        dys = [g.reshape(-1, w.shape[0]) for g, w in zip(grads, weights, strict=True)]
+        dtype = dys[0].dtype
+        ds_cat = torch.cat(
+            [
+                (dy @ b_.to(dy.dtype)).mul_(scale)
+                for dy, b_, scale in zip(dys, lora_bs, ctx.scales, strict=True)
+            ],
+            dim=1,
+        )  # [M, Σr]
+        dx = None
+        if need[0]:
+            dx = dys[0] @ weights[0].to(dtype)
+            for dy, w in zip(dys[1:], weights[1:], strict=True):
+                dx.addmm_(dy, w.to(dtype))
+            dx.addmm_(ds_cat, torch.cat([a.to(dtype) for a in lora_as]))
+            dx = dx.reshape(ctx.x_shape)
+        das: list[torch.Tensor | None] = [None] * n
+        if x2 is not None:
+            da_cat = ds_cat.t() @ x2  # [Σr, K]
+            das = [  # own storage each: .grad must not alias another parameter's
+                d.to(a.dtype, copy=True) if need[2 + n + i] else None
+                for i, (d, a) in enumerate(zip(da_cat.split(ctx.ranks), lora_as, strict=True))
+            ]
+        dbs: list[torch.Tensor | None] = [None] * n
+        if s_cat is not None:
+            dbs = [
+                (dy.t() @ s_i).mul_(scale).to(b_.dtype) if need[2 + 2 * n + i] else None
+                for i, (dy, s_i, scale, b_) in enumerate(
+                    zip(dys, s_cat.split(ctx.ranks, 1), ctx.scales, lora_bs, strict=True)
+                )
+            ]
+        return (dx, None, *([None] * n), *das, *dbs, *([None] * n))
+
+
+def lora_siblings_torch(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    lora_as: list[torch.Tensor],
+    lora_bs: list[torch.Tensor],
+    scales: list[float],
+    biases: list[torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``Yᵢ = X Wᵢᵀ (+ bᵢ) + sᵢ · (X Aᵢᵀ) Bᵢᵀ`` for n projections of one X, as one node
+    (:class:`LoRASiblingsTorchFunction`), any device. No dropout: each projection would draw its own
+    mask, and the shared ``X Âᵀ`` GEMM needs one X.
+
+    Returns:
+        The n outputs, each as ``lora_linear_torch`` would give it.
+    """
+    n = len(weights)
+    biases = list(biases) if biases is not None else [None] * n
+    if not n or not (len(lora_as) == len(lora_bs) == len(scales) == len(biases) == n):
+        raise ValueError("lora_siblings_torch: one A, B, scale and bias (or None) per weight")
+    K = x.shape[-1]
+    for w, a, b_ in zip(weights, lora_as, lora_bs, strict=True):
+        if w.shape[1] != K or a.shape[1] != K or b_.shape != (w.shape[0], a.shape[0]):
+            raise ValueError(
+                f"shapes disagree: x [..., {K}], W {tuple(w.shape)}, A {tuple(a.shape)}, B {tuple(b_.shape)}"
+            )
+    return LoRASiblingsTorchFunction.apply(
+        x, tuple(float(s) for s in scales), *weights, *lora_as, *lora_bs, *biases
     )
 
 

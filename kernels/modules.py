@@ -111,8 +111,12 @@ class LoRALinear(nn.Module):
         module.reset_lora_parameters()
         return module
 
+    siblings: LoRASiblings | None = None  # set by LoRASiblings: projections that read the same input
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
+        if self.siblings is not None and p == 0.0 and self.backend == "torch":
+            return self.siblings.output(self, x)
         if self.backend == "triton":
             from .lora import lora_linear as fused_lora_linear
 
@@ -148,6 +152,55 @@ class LoRALinear(nn.Module):
 
 
 __all__ = ["Backend", "LoRALinear"]
+
+
+class LoRASiblings:
+    """LoRALinear projections that read one input (q|k|v, gate|up), run as one node on the torch path.
+
+    The first member called with an input computes every member's output through
+    ``lora.lora_siblings_torch`` (one GEMM for all the A's, one dX buffer in backward); the others,
+    called next with the same tensor, take theirs. Anything else (another input, the tensor changed in
+    place, grad mode switched, dropout in training, the triton backend) computes as a single layer.
+    Not a Module: members keep their own names, parameters and state-dict keys.
+    """
+
+    def __init__(self, members: list[LoRALinear]) -> None:
+        if len(members) < 2 or len({m.in_features for m in members}) != 1:
+            raise ValueError("LoRASiblings: two or more LoRALinear layers of one input width")
+        self.members = list(members)
+        self._pending: dict[int, torch.Tensor] = {}
+        self._input: torch.Tensor | None = None
+        self._key: tuple | None = None
+        for m in self.members:
+            m.siblings = self
+
+    def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """``member(x)``, computed with its siblings' outputs unless a sibling already did."""
+        from .lora import lora_siblings_torch
+
+        i = self.members.index(member)
+        key = (x._version, torch.is_grad_enabled())
+        if x is self._input and key == self._key and i in self._pending:
+            y = self._pending.pop(i)
+            if not self._pending:
+                self._input = self._key = None
+            return y
+        ms = self.members
+        ys = lora_siblings_torch(
+            x,
+            [m.weight for m in ms],
+            [m.lora_A for m in ms],
+            [m.lora_B for m in ms],
+            [m.scaling for m in ms],
+            [m.bias for m in ms],
+        )
+        self._pending = {j: y for j, y in enumerate(ys) if j != i}
+        self._input, self._key = x, key
+        return ys[i]
+
+    def __getstate__(self) -> dict:  # pickled without what is in flight
+        return {"members": self.members, "_pending": {}, "_input": None, "_key": None}
+
 
 # ---------------------------------------------------------------------------------------------------
 # QuantLoRALinear

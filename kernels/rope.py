@@ -10,9 +10,10 @@ for q ``[B, Hq, T, D]`` and k ``[B, Hk, T, D]`` alike (each head of a token uses
 tables). Backward is the transposed rotation, so one kernel serves both directions (``BACKWARD``).
 
 Through autograd, HF's form runs five elementwise ops per tensor forward (mul, slice, neg, cat, mul,
-add) and more backward, where the slices' gradients are zero-filled buffers. Here ``_rope_kernel`` reads
-each token's table row once for all its heads and writes the rotated tensor in one pass, fp32 math
-after each load. Only the tables are saved for backward, as autograd saves them for HF's form.
+add) and more backward, where the slices' gradients are zero-filled buffers. Here ``_rope_kernel``
+takes a tile of tokens of one head per program and writes the rotated tensor in one pass, fp32 math
+after each load (each head re-reads the table rows, from L2). Only the tables are saved for backward,
+as autograd saves them for HF's form.
 ``backend="torch"`` runs the same formulas in three torch ops per tensor (a product and two in-place
 ``addcmul_``, the CPU path); ``reference.rope`` is HF's form, the oracle.
 
@@ -35,7 +36,7 @@ def _rope_kernel(
     y_ptr,  # [B, H, T, D] output, unit stride in D
     cos_ptr,  # [B or 1, T, D] table, unit stride in D
     sin_ptr,  # [B or 1, T, D] table, same strides as cos
-    H,  # heads
+    n_tok,  # B * T
     T,  # positions
     HALF,  # D / 2
     sx_b,
@@ -47,23 +48,21 @@ def _rope_kernel(
     sc_b,
     sc_t,  # table strides (sc_b = 0: one table row per position for every batch row)
     BACKWARD: tl.constexpr,  # the transposed rotation (dX from dY)
-    BLOCK_H: tl.constexpr,  # heads per program
+    BLOCK_T: tl.constexpr,  # tokens per program (one head each: program_id(1))
     BLOCK_D: tl.constexpr,  # >= HALF
 ):
-    tok = tl.program_id(0)  # b * T + t
-    b = (tok // T).to(tl.int64)
-    t = (tok % T).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    in_d = d < HALF
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1).to(tl.int64)
+    b = (tok // T)[:, None]
+    t = (tok % T)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    inb = (tok < n_tok)[:, None] & (d < HALF)
     tab = b * sc_b + t * sc_t + d
-    c1 = tl.load(cos_ptr + tab, mask=in_d, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + tab + HALF, mask=in_d, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + tab, mask=in_d, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + tab + HALF, mask=in_d, other=0.0).to(tl.float32)[None, :]
-    inb = (heads[:, None] < H) & in_d[None, :]
-    h64 = heads.to(tl.int64)[:, None]
-    xo = x_ptr + b * sx_b + h64 * sx_h + t * sx_t + d[None, :]
+    c1 = tl.load(cos_ptr + tab, mask=inb, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + tab + HALF, mask=inb, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + tab, mask=inb, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + tab + HALF, mask=inb, other=0.0).to(tl.float32)
+    xo = x_ptr + b * sx_b + head * sx_h + t * sx_t + d
     x1 = tl.load(xo, mask=inb, other=0.0).to(tl.float32)
     x2 = tl.load(xo + HALF, mask=inb, other=0.0).to(tl.float32)
     if BACKWARD:
@@ -72,7 +71,7 @@ def _rope_kernel(
     else:
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
-    yo = y_ptr + b * sy_b + h64 * sy_h + t * sy_t + d[None, :]
+    yo = y_ptr + b * sy_b + head * sy_h + t * sy_t + d
     tl.store(yo, y1.to(y_ptr.dtype.element_ty), mask=inb)
     tl.store(yo + HALF, y2.to(y_ptr.dtype.element_ty), mask=inb)
 
@@ -96,13 +95,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     B, H, T, _ = x.shape
     if y.numel():
         block_d = next_power_of_2(half)
-        block_h = min(next_power_of_2(H), max(1, (1024 if interpreter_active() else 4096) // block_d))
-        _rope_kernel[(B * T, cdiv(H, block_h))](
-            x, y, cos, sin, H, T, half,
+        # a [BLOCK_T, BLOCK_D] tile per program and head: 4096 elements on a GPU; under the interpreter,
+        # where each program costs far more than its arithmetic, as many tokens as fit 2^16 elements
+        budget = 1 << 16 if interpreter_active() else 4096
+        block_t = min(next_power_of_2(B * T), max(1, budget // block_d))
+        _rope_kernel[(cdiv(B * T, block_t), H)](
+            x, y, cos, sin, B * T, T, half,
             x.stride(0), x.stride(1), x.stride(2),
             y.stride(0), y.stride(1), y.stride(2),
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
-            BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+            BACKWARD=backward, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return y
 

@@ -7,6 +7,7 @@ else is frozen and so never receives a ``.grad`` and never enters the optimizer.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from fusedtune.kernels import LoRALinear
 from fusedtune.kernels.lora import MAX_RANK as FUSED_MAX_RANK
+from fusedtune.kernels.modules import LoRASiblings
 from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 
 from .config import Config
@@ -58,6 +60,8 @@ class AdaptReport:
     not_fused: dict[str, str] = field(default_factory=dict)  # layer name -> why not
     quantized: list[str] = field(default_factory=list)
     trainable_names: list[str] = field(default_factory=list)
+    siblings: list[str] = field(default_factory=list)  # "parent: q_proj|k_proj|v_proj" per group
+    siblings_why_not: str | None = None
 
     def lines(self) -> list[str]:
         """Human-readable lines: what got adapted, fused, and what did not and why."""
@@ -76,6 +80,16 @@ class AdaptReport:
                     "(the smallest M measured on an H200, where dequantize + cuBLAS already won)"
                 )
             out += not_fused_lines(self.not_fused, len(self.adapted), "all adapted layers")
+        if self.siblings:
+            kinds: dict[str, int] = {}
+            for g in self.siblings:
+                kinds[g.split(": ")[1]] = kinds.get(g.split(": ")[1], 0) + 1
+            out.append(
+                "LoRA siblings as one node (one input: one GEMM for their A's, one dX): "
+                + ", ".join(f"{n} x {k}" for k, n in kinds.items())
+            )
+        elif self.siblings_why_not:
+            out.append(f"LoRA siblings not grouped: {self.siblings_why_not}")
         return out
 
 
@@ -229,6 +243,11 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                 report.not_fused[name] = why
         if cfg.method == "qlora":
             model.to(device)  # the rest (embeddings, norms, head) after the Linears are packed
+            report.siblings_why_not = "qlora layers run one by one"
+        elif lc.dropout > 0.0:
+            report.siblings_why_not = "lora.dropout > 0 (each projection draws its own mask)"
+        else:
+            report.siblings = group_siblings(model)
     elif cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -238,6 +257,38 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
     if not report.trainable_names:
         raise ConfigError(f"method {cfg.method}: no parameter is left trainable")
     return report
+
+
+# Projections that read one input in the models we know: attention's and the gated MLP's.
+SIBLING_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _call_arguments(forward, name: str) -> set[str]:
+    """The source text of every argument ``self.<name>(...)`` is called with in ``forward``."""
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return set()
+    return set(re.findall(rf"self\.{name}\(\s*([^()]*?)\s*\)", source))
+
+
+def group_siblings(model: nn.Module) -> list[str]:
+    """Group each module's torch-path LoRALinear q|k|v (and gate|up) into :class:`LoRASiblings` when its
+    forward calls them all on one and the same argument; returns ``"parent: q_proj|k_proj|v_proj"`` per
+    group."""
+    groups = []
+    for parent_name, parent in model.named_modules():
+        for names in SIBLING_SETS:
+            members = [getattr(parent, n, None) for n in names]
+            present = [(n, m) for n, m in zip(names, members, strict=True) if isinstance(m, LoRALinear)]
+            if len(present) < 2 or any(m.backend != "torch" or m.siblings is not None for _, m in present):
+                continue
+            args = [_call_arguments(type(parent).forward, n) for n, _ in present]
+            if len(args[0]) != 1 or any(a != args[0] for a in args):
+                continue  # not provably one input: each keeps its own forward
+            LoRASiblings([m for _, m in present])
+            groups.append(f"{parent_name}: {'|'.join(n for n, _ in present)}")
+    return groups
 
 
 def _quantize_linear(linear: nn.Linear, cfg: Config, backend: str, device: torch.device) -> nn.Module:

@@ -492,3 +492,87 @@ def test_split_reductions_match_single_program(monkeypatch, dtype, dropout):
     for name, got, exp in zip(("Y", "dX", "dA", "dB"), *results, strict=True):
         assert_close(got, exp, dtype, f"{name} split 3 vs 1")
     assert not torch.equal(results[0][2], torch.zeros_like(results[0][2]))
+
+
+# -- Siblings: projections of one input as one node (torch path) ------------------------------------
+
+
+def _siblings(dtype, n_out=(12, 5, 5), k=9, bias=(False, True, False), rank=(4, 4, 3)):
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(n, k, generator=g).to(dtype) for n in n_out]
+    As = [(torch.randn(r, k, generator=g) * 0.3).to(dtype).requires_grad_() for r in rank]
+    Bs = [(torch.randn(n, r, generator=g) * 0.3).to(dtype).requires_grad_() for n, r in zip(n_out, rank)]
+    bs = [torch.randn(n, generator=g).to(dtype) if b else None for n, b in zip(n_out, bias)]
+    return ws, As, Bs, bs, [2.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_siblings_match_single_layers(dtype):
+    ws, As, Bs, bs, scales = _siblings(dtype)
+    x = torch.randn(2, 3, 9).to(dtype).requires_grad_()
+    dys = [torch.randn(2, 3, w.shape[0]).to(dtype) for w in ws]
+    ys = lora_mod.lora_siblings_torch(x, ws, As, Bs, scales, bs)
+    torch.autograd.backward(ys, dys)
+    got = [x.grad, *[a.grad for a in As], *[b.grad for b in Bs]]
+    x64 = x.detach().double().requires_grad_()
+    A64 = [a.detach().double().requires_grad_() for a in As]
+    B64 = [b.detach().double().requires_grad_() for b in Bs]
+    refs = [
+        reference.lora_linear(x64, w.double(), a, b, s, None if bias is None else bias.double())
+        for w, a, b, s, bias in zip(ws, A64, B64, scales, bs)
+    ]
+    torch.autograd.backward(refs, [d.double() for d in dys])
+    for i, (y, ref) in enumerate(zip(ys, refs)):
+        assert y.dtype == dtype
+        assert_close(y, ref, dtype, f"Y{i}")
+    want = [x64.grad, *[a.grad for a in A64], *[b.grad for b in B64]]
+    for i, (g_, w_) in enumerate(zip(got, want)):
+        assert_close(g_, w_, dtype, f"grad {i}")
+    grads = [a.grad for a in As]  # each A's gradient in its own storage, not a view of a shared one
+    assert len({g_.untyped_storage().data_ptr() for g_ in grads}) == len(grads)
+
+
+def test_siblings_gradcheck_float64_and_frozen_parts():
+    ws, As, Bs, bs, scales = _siblings(torch.float64, n_out=(4, 3), bias=(True, False), rank=(2, 3))
+    x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, a0, a1, b0, b1: lora_mod.lora_siblings_torch(x, ws, [a0, a1], [b0, b1], scales[:2], bs),
+        (x, *As, *Bs),
+    )
+    x0 = torch.randn(3, 9, dtype=torch.float64)  # a first layer's input: no dX
+    ys = lora_mod.lora_siblings_torch(x0, ws, As, Bs, scales[:2], bs)
+    sum(y.sum() for y in ys).backward()
+    assert all(a.grad is not None for a in As)
+
+
+def test_sibling_modules_compute_once_and_match_their_own_forward():
+    from fusedtune.kernels.modules import LoRASiblings
+
+    torch.manual_seed(0)
+    mods = [LoRALinear(9, n, 4, 8.0) for n in (12, 5, 5)]
+    for m in mods:
+        nn.init.normal_(m.lora_B, std=0.3)
+        m.weight.data.normal_()
+    x = torch.randn(2, 3, 9, requires_grad=True)
+    alone = [m(x) for m in mods]
+    group = LoRASiblings(mods)
+    calls = []
+    real = lora_mod.lora_siblings_torch
+    lora_mod.lora_siblings_torch = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        ys = [mods[1](x), mods[0](x), mods[2](x)]  # any member may come first
+        assert len(calls) == 1 and group._pending == {}
+        for y, want in zip([ys[1], ys[0], ys[2]], alone):
+            torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+        mods[0](x)
+        x2 = x.detach().clone()
+        mods[1](x2)  # another tensor: computed afresh, not a stale output
+        assert len(calls) == 3
+        with torch.no_grad():
+            assert not mods[2](x2).requires_grad and len(calls) == 4  # grad mode is part of the key
+    finally:
+        lora_mod.lora_siblings_torch = real
+    for m in mods:
+        m.dropout = 0.1
+    mods[0].train()
+    torch.testing.assert_close(mods[0].eval()(x), alone[0])  # eval: dropout off, grouped again

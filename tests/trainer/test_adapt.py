@@ -182,3 +182,46 @@ def test_adapters_are_fp32_over_a_bf16_base(tiny_model_dir, method):
     out.logits.float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in trainable)
     assert any(p.grad.abs().sum() > 0 for _, p in trainable)
+
+
+def test_lora_siblings_train_as_single_layers(tiny_model_dir, monkeypatch):
+    ids = torch.randint(0, 50, (2, 9))
+    results = []
+    for grouped in (True, False):
+        if not grouped:
+            monkeypatch.setattr(adapt, "group_siblings", lambda model: [])
+        model = _model(tiny_model_dir)
+        report = apply_method(model, _cfg("lora.dropout=0.0"), CPU)
+        torch.manual_seed(1)
+        for _, p in trainable_parameters(model):
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would hide a wrong dA
+        if grouped:
+            assert report.siblings == [
+                f"model.layers.{i}.{part}"
+                for i in range(2)
+                for part in ("self_attn: q_proj|k_proj|v_proj", "mlp: gate_proj|up_proj")
+            ]
+            assert report.lines()[-1] == (
+                "LoRA siblings as one node (one input: one GEMM for their A's, one dX): "
+                "2 x q_proj|k_proj|v_proj, 2 x gate_proj|up_proj"
+            )
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in trainable_parameters(model)}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l0, l1, rtol=1e-6, atol=1e-7)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        (["lora.dropout=0.1"], "lora.dropout > 0 (each projection draws its own mask)"),
+        (["method=qlora", "lora.dropout=0.0"], "qlora layers run one by one"),
+    ],
+)
+def test_lora_siblings_say_why_not(tiny_model_dir, overrides, why):
+    report = apply_method(_model(tiny_model_dir), _cfg(*overrides), CPU)
+    assert report.siblings == [] and report.lines()[-1] == f"LoRA siblings not grouped: {why}"
