@@ -248,6 +248,12 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
             report.siblings_why_not = "lora.dropout > 0 (each projection draws its own mask)"
         else:
             report.siblings = group_siblings(model)
+            if not report.siblings:
+                report.siblings_why_not = (
+                    "the fused Triton kernels run each projection on its own"
+                    if report.fused
+                    else "no q|k|v or gate|up that the parent calls on one input"
+                )
     elif cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

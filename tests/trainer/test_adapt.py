@@ -220,6 +220,11 @@ def test_lora_siblings_train_as_single_layers(tiny_model_dir, monkeypatch):
     [
         (["lora.dropout=0.1"], "lora.dropout > 0 (each projection draws its own mask)"),
         (["method=qlora", "lora.dropout=0.0"], "qlora layers run one by one"),
+        (["kernels=triton", "lora.dropout=0.0"], "the fused Triton kernels run each projection on its own"),
+        (
+            ["lora.dropout=0.0", "lora.target_modules=[q_proj, o_proj]"],
+            "no q|k|v or gate|up that the parent calls on one input",
+        ),
     ],
 )
 def test_lora_siblings_say_why_not(tiny_model_dir, overrides, why):
