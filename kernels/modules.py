@@ -159,9 +159,15 @@ class LoRASiblings:
 
     The first member called with an input computes every member's output through
     ``lora.lora_siblings_torch`` (one GEMM for all the A's, one dX buffer in backward); the others,
-    called next with the same tensor, take theirs. Anything else (another input, the tensor changed in
-    place, grad mode switched, dropout in training, the triton backend) computes as a single layer.
-    Not a Module: members keep their own names, parameters and state-dict keys.
+    called next with the same tensor, take theirs. Anything else computes afresh: another input, the
+    input or any member's A or B changed in place, grad mode switched, the same member called twice.
+    Inference mode, a module that is not a member (a ``DataParallel`` replica), dropout in training and
+    the triton backend run the member as a single layer. Not a Module: members keep their own names,
+    parameters and state-dict keys.
+
+    A caller that runs backward on one member's output before calling the others must not rely on
+    their cached outputs (they share that graph); the models grouped by ``trainer.adapt`` call all
+    members before any backward.
     """
 
     def __init__(self, members: list[LoRALinear]) -> None:
@@ -174,12 +180,21 @@ class LoRASiblings:
         for m in self.members:
             m.siblings = self
 
+    def _state_key(self, x: torch.Tensor) -> tuple:
+        versions = tuple(p._version for m in self.members for p in (m.lora_A, m.lora_B))
+        return (x._version, torch.is_grad_enabled(), versions)
+
     def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
         """``member(x)``, computed with its siblings' outputs unless a sibling already did."""
-        from .lora import lora_siblings_torch
+        from .lora import lora_linear_torch, lora_siblings_torch
 
-        i = self.members.index(member)
-        key = (x._version, torch.is_grad_enabled())
+        i = next((j for j, m in enumerate(self.members) if m is member), None)
+        if i is None or torch.is_inference_mode_enabled() or x.is_inference():
+            # no version counters to key a cache on, or not one of ours: the single layer
+            return lora_linear_torch(
+                x, member.weight, member.lora_A, member.lora_B, member.scaling, member.bias
+            )
+        key = self._state_key(x)
         if x is self._input and key == self._key and i in self._pending:
             y = self._pending.pop(i)
             if not self._pending:

@@ -147,6 +147,8 @@ def apply_rope(
 
     Returns:
         The rotated q and k in q's and k's layout, in the promoted dtype of each and the tables (as HF).
+        They come from one autograd node: two separate ``backward`` calls through them (rather than one
+        loss over both) need ``retain_graph=True`` on the first, which HF's two chains do not.
     """
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")

@@ -33,7 +33,6 @@ import functools
 import inspect
 import logging
 import re
-import sys
 import textwrap
 from dataclasses import dataclass, field
 
@@ -291,17 +290,24 @@ class _FusedRoPEForward:
             _ROPE_BACKEND.reset(token)
 
 
+def _rope_namespace(module: nn.Module) -> dict:
+    """The globals the attention's forward looks ``apply_rotary_pos_emb`` up in (its defining module's,
+    which for an inherited forward is not the subclass's module)."""
+    return getattr(inspect.unwrap(type(module).forward), "__globals__", {})
+
+
 def _why_not_rope(module: nn.Module, body: str) -> str | None:
     name = type(module).__name__
     if _ROPE_CALL not in body:
         return f"{name}.forward calls apply_rotary_pos_emb with other arguments"
-    modeling = sys.modules.get(type(module).__module__)
-    fn, rotate = getattr(modeling, "apply_rotary_pos_emb", None), getattr(modeling, "rotate_half", None)
-    if fn is None or rotate is None:
-        return f"{name}'s module has no apply_rotary_pos_emb/rotate_half of its own"
+    namespace = _rope_namespace(module)
+    fn = namespace.get("apply_rotary_pos_emb")
     fn = fn.original if isinstance(fn, _RoPEDispatch) else fn
+    rotate = getattr(inspect.unwrap(fn), "__globals__", {}).get("rotate_half") if callable(fn) else None
+    if fn is None or rotate is None:
+        return f"{name}.forward's module has no apply_rotary_pos_emb with a rotate_half"
     if (_tree(fn), _tree(rotate)) != _llama_rope_trees() or None in _llama_rope_trees():
-        file = type(module).__module__.rsplit(".", 1)[-1]
+        file = str(namespace.get("__name__", "?")).rsplit(".", 1)[-1]
         return f"{file}.apply_rotary_pos_emb is not Llama's (other math or rounding)"
     return None
 
@@ -320,9 +326,9 @@ def fuse_rope(model: nn.Module, backend: str, report: PatchReport | None = None)
         if why is not None:
             report.not_rope[name] = why
             continue
-        modeling = sys.modules[type(module).__module__]
-        if not isinstance(modeling.apply_rotary_pos_emb, _RoPEDispatch):
-            modeling.apply_rotary_pos_emb = _RoPEDispatch(modeling.apply_rotary_pos_emb)
+        namespace = _rope_namespace(module)  # where the forward will look the function up
+        if not isinstance(namespace["apply_rotary_pos_emb"], _RoPEDispatch):
+            namespace["apply_rotary_pos_emb"] = _RoPEDispatch(namespace["apply_rotary_pos_emb"])
         module.forward = _FusedRoPEForward(module.forward, backend)
         report.rope.append(name)
     return report

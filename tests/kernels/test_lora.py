@@ -576,3 +576,32 @@ def test_sibling_modules_compute_once_and_match_their_own_forward():
         m.dropout = 0.1
     mods[0].train()
     torch.testing.assert_close(mods[0].eval()(x), alone[0])  # eval: dropout off, grouped again
+
+
+def test_sibling_cache_never_serves_a_stale_output():
+    from fusedtune.kernels.modules import LoRASiblings
+
+    torch.manual_seed(0)
+    mods = [LoRALinear(9, n, 4, 8.0) for n in (6, 5)]
+    for m in mods:
+        nn.init.normal_(m.lora_B, std=0.3)
+    LoRASiblings(mods)
+    x = torch.randn(3, 9)
+    with torch.no_grad():
+        mods[0](x)  # member 1's output now waits in the cache
+        mods[1].lora_B.add_(1.0)  # ... and is stale
+        got = mods[1](x)
+    want = lora_mod.lora_linear_torch(x, mods[1].weight, mods[1].lora_A, mods[1].lora_B, mods[1].scaling)
+    torch.testing.assert_close(got, want)
+    with torch.inference_mode():  # no version counters: each member alone
+        xi = torch.randn(3, 9)
+        ys = [m(xi) for m in mods]
+    with torch.no_grad():
+        for m, y in zip(mods, ys):
+            want = lora_mod.lora_linear_torch(xi, m.weight, m.lora_A, m.lora_B, m.scaling)
+            torch.testing.assert_close(y, want)
+    stranger = LoRALinear(9, 6, 4, 8.0)  # a copy that shares the group (a DataParallel replica)
+    stranger.siblings = mods[0].siblings
+    torch.testing.assert_close(
+        stranger(x), lora_mod.lora_linear_torch(x, stranger.weight, stranger.lora_A, stranger.lora_B, 2.0)
+    )

@@ -303,3 +303,25 @@ def test_fused_rope_survives_pickling_and_checkpoint_recompute(monkeypatch):
     assert len(calls) == 4  # 2 layers, each forward and its recompute in backward
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rope_of_an_inherited_forward_is_patched_where_the_forward_looks(monkeypatch):
+    """Remote code often subclasses Llama's attention in its own module: the forward still looks the
+    function up in modeling_llama's globals, so that is where the fused path must be installed."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setitem(sys.modules, "remote_llama", types.ModuleType("remote_llama"))
+    remote = type("RemoteAttention", (modeling_llama.LlamaAttention,), {"__module__": "remote_llama"})
+    calls = []
+    real = patches.apply_rope
+    monkeypatch.setattr(patches, "apply_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _rope_model("llama")
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = remote
+    assert fuse_rope(model, "torch").lines() == ["fused RoPE: 2/2 attention layers"]
+    ids = torch.randint(0, 61, (1, 5))
+    model(input_ids=ids)
+    assert len(calls) == 2
