@@ -1077,7 +1077,7 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
     rows.append(
         (f"activations saved for backward, checkpointing{ck}", est.activation_bytes_checkpointed, None, "")
     )
-    what = "dG, dU, residual gradients" + (", a recomputed block" if est.checkpointing else "")
+    what = "an MLP-wide and two residual gradients" + (", a recomputed block" if est.checkpointing else "")
     rows.append((f"backward transient ({what})", est.chosen_backward_transient_bytes, None, "one block"))
     rows.append(
         (

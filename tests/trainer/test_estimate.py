@@ -137,7 +137,7 @@ def test_cli_prints_breakdown_and_fit(tmp_path, tiny_model_dir, capsys):
         "optimizer state, adamw32bit",
         "activations saved for backward, no checkpointing (used)",
         "activations saved for backward, checkpointing",
-        "backward transient (dG, dU, residual gradients)",
+        "backward transient (an MLP-wide and two residual gradients)",
         "loss: saved gradient of the hidden states",
         "loss: logits chunk + hidden states (transient)",
         "the peak of tensors is reached ",
