@@ -74,6 +74,7 @@ class PatchReport:
         return out
 
 
+@functools.cache  # one read per function, not per module of every layer
 def _body(forward) -> str | None:
     """A forward's body, comments and whitespace removed (None when its source cannot be read)."""
     try:
@@ -239,6 +240,7 @@ _ROPE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("fuse
 _ROPE_CALL = "apply_rotary_pos_emb(query_states,key_states,cos,sin)"
 
 
+@functools.cache
 def _tree(fn) -> str | None:
     """A function's signature and body as a syntax tree dump, docstring and decorators aside (None when
     its source cannot be read)."""
