@@ -115,7 +115,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        if self.siblings is not None and p == 0.0 and self.backend == "torch":
+        if (
+            self.siblings is not None
+            and p == 0.0
+            and self.backend == "torch"
+            and self.siblings.serves(self, x)
+        ):
             return self.siblings.output(self, x)
         if self.backend == "triton":
             from .lora import lora_linear as fused_lora_linear
@@ -184,16 +189,20 @@ class LoRASiblings:
         versions = tuple(p._version for m in self.members for p in (m.lora_A, m.lora_B))
         return (x._version, torch.is_grad_enabled(), versions)
 
-    def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-        """``member(x)``, computed with its siblings' outputs unless a sibling already did."""
-        from .lora import lora_linear_torch, lora_siblings_torch
+    def _index(self, member: LoRALinear) -> int | None:
+        return next((j for j, m in enumerate(self.members) if m is member), None)
 
-        i = next((j for j, m in enumerate(self.members) if m is member), None)
-        if i is None or torch.is_inference_mode_enabled() or x.is_inference():
-            # no version counters to key a cache on, or not one of ours: the single layer
-            return lora_linear_torch(
-                x, member.weight, member.lora_A, member.lora_B, member.scaling, member.bias
-            )
+    def serves(self, member: LoRALinear, x: torch.Tensor) -> bool:
+        """Whether ``member(x)`` goes through the group: not in inference mode (no version counters to
+        key the cache on), and only for a member itself (not a copy sharing the group)."""
+        return not (torch.is_inference_mode_enabled() or x.is_inference()) and self._index(member) is not None
+
+    def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        """``member(x)`` for a member it :meth:`serves`, computed with its siblings' outputs unless a
+        sibling already did."""
+        from .lora import lora_siblings_torch
+
+        i = self._index(member)
         key = self._state_key(x)
         if x is self._input and key == self._key and i in self._pending:
             y = self._pending.pop(i)

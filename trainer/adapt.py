@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -81,9 +82,7 @@ class AdaptReport:
                 )
             out += not_fused_lines(self.not_fused, len(self.adapted), "all adapted layers")
         if self.siblings:
-            kinds: dict[str, int] = {}
-            for g in self.siblings:
-                kinds[g.split(": ")[1]] = kinds.get(g.split(": ")[1], 0) + 1
+            kinds = Counter(g.split(": ")[1] for g in self.siblings)
             out.append(
                 "LoRA siblings as one node (one input: one GEMM for their A's, one dX): "
                 + ", ".join(f"{n} x {k}" for k, n in kinds.items())
