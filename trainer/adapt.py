@@ -7,6 +7,7 @@ else is frozen and so never receives a ``.grad`` and never enters the optimizer.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections import Counter
@@ -268,13 +269,14 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
 SIBLING_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _call_arguments(forward, name: str) -> set[str]:
+@functools.cache  # per forward and name, not per layer
+def _call_arguments(forward, name: str) -> frozenset[str]:
     """The source text of every argument ``self.<name>(...)`` is called with in ``forward``."""
     try:
         source = inspect.getsource(forward)
     except (OSError, TypeError):
-        return set()
-    return set(re.findall(rf"self\.{name}\(\s*([^()]*?)\s*\)", source))
+        return frozenset()
+    return frozenset(re.findall(rf"self\.{name}\(\s*([^()]*?)\s*\)", source))
 
 
 def group_siblings(model: nn.Module) -> list[str]:
