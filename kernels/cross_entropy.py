@@ -44,12 +44,13 @@ def _ce_grad_kernel(
     loss_ptr,
     n_cols,
     stride_z,
+    stride_t,
     ignore_index,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
-    t = tl.load(t_ptr + row)
+    t = tl.load(t_ptr + row * stride_t)
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
@@ -65,15 +66,17 @@ def _ce_grad_kernel(
     s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
     lse = m_row + tl.log(s_row)
     active = t != ignore_index
-    t_safe = tl.where(active, t, 0).to(tl.int64)
+    # a target outside [0, V) gives a nan loss and gradient (checking it on the host would cost a sync)
+    bad = active & ((t < 0) | (t >= n_cols))
+    t_safe = tl.where(active & ~bad, t, 0).to(tl.int64)
     z_t = tl.load(z_row + t_safe).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(active, lse - z_t, 0.0))
+    tl.store(loss_ptr + row, tl.where(active, tl.where(bad, float("nan"), lse - z_t), 0.0))
     for start in range(0, n_cols, BLOCK):
         c = start + cols
         inb = c < n_cols
         z = tl.load(z_row + c, mask=inb, other=0.0).to(tl.float32)
         g = tl.exp(z - lse) - tl.where(c == t_safe, 1.0, 0.0)
-        g = tl.where(active, g, 0.0)
+        g = tl.where(active, tl.where(bad, float("nan"), g), 0.0)
         tl.store(z_row + c, g.to(z_ptr.dtype.element_ty), mask=inb)
 
 
@@ -84,7 +87,7 @@ def _ce_grad_triton(logits: torch.Tensor, target: torch.Tensor, ignore_index: in
         return loss
     block = min(next_power_of_2(cols), 1024 if interpreter_active() else 4096)
     _ce_grad_kernel[(rows,)](
-        logits, target, loss, cols, logits.stride(0), ignore_index, BLOCK=block, num_warps=8
+        logits, target, loss, cols, logits.stride(0), target.stride(0), ignore_index, BLOCK=block, num_warps=8
     )
     return loss
 
@@ -96,7 +99,9 @@ def cross_entropy_grad(
 
     Args:
         logits: contiguous rows, fp32/fp16/bf16; overwritten with the gradient of the summed loss.
-        target: ``[N]`` class indices (int64), ``ignore_index`` for rows without loss.
+        target: ``[N]`` class indices (int64, any stride), ``ignore_index`` for rows without loss. A target
+            outside ``[0, V)``: the row's loss and gradient are nan on the triton backend (no device sync
+            to check it); the torch backend raises.
         ignore_index: rows with this target get loss 0 and gradient 0.
         backend: ``triton`` (the kernel) or ``torch`` (``reference.cross_entropy_grad``).
 

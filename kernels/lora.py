@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
 from .dropout import apply_keep, apply_keep_, draw_keep, pack_keep, unpack_keep
@@ -799,6 +800,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @once_differentiable  # kernels autograd cannot see: a second derivative raises, never silently 0
     def backward(ctx, grad_y: torch.Tensor):
         x2, weight, lora_a, lora_b, s = ctx.saved_tensors
         need_dx, need_dw, need_da, need_db, need_dbias, _ = ctx.needs_input_grad
@@ -831,7 +833,7 @@ class LoRALinearTorchFunction(torch.autograd.Function):
         xd = x2 if keep2 is None else apply_keep(x2, keep2, dropout_p)
         s = xd @ a.t()  # [M, r]
         del xd
-        y = F.linear(x2, weight, bias)
+        y = F.linear(x2, weight, None if bias is None else bias.to(x.dtype))  # as the kernel, any bias dtype
         y.addmm_(s, b.t(), alpha=scale)
         ctx.scale, ctx.dropout_p, ctx.x_shape = scale, dropout_p, x.shape
         need_da, need_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
@@ -907,7 +909,7 @@ class LoRASiblingsTorchFunction(torch.autograd.Function):
         for w, b_, bias, s_i, scale in zip(
             weights, lora_bs, biases, s_cat.split(ranks, 1), scales, strict=True
         ):
-            y = F.linear(x2, w, bias)
+            y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
             y.addmm_(s_i, b_.to(x.dtype).t(), alpha=scale)
             ys.append(y.reshape(*x.shape[:-1], w.shape[0]))
         need = ctx.needs_input_grad

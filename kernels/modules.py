@@ -295,6 +295,20 @@ class QuantLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    _QUANT_STATE = ("absmax", "quant_offset", "nested_absmax", "nested_code", "weight_scale")
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` cast every floating buffer; the quantization state
+        is part of the frozen weight, so it keeps its dtype (as bnb's QuantState) and follows device moves
+        only. Otherwise ``model.bfloat16()`` would round the fp32 absmax and change deq(W)."""
+        kept = {n: b for n in self._QUANT_STATE if (b := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     @property
     def double_quant(self) -> bool:
         return getattr(self, "nested_absmax", None) is not None

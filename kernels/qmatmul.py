@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import quant
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
@@ -608,12 +609,20 @@ def _dense(pw: PackedWeight, dtype: torch.dtype, cfg: QLoRAConfig) -> torch.Tens
     installed: bit-identical to ``reference.dequantize_4bit`` (tests/kernels/test_qmatmul.py) and 15x
     faster (SmolLM2's 1536x576 NF4 weight, 1 thread: 0.18 ms vs 2.8 ms), which is most of a CPU QLoRA
     step's overhead over LoRA. Elsewhere the reference (torch) or the Triton kernel (triton).
+
+    bnb's CPU kernel (0.50, AVX-512) looks a 2-D weight's absmax up per row, which is wrong when a block
+    straddles two rows (``K % blocksize != 0``: SmolLM2's K = 576 at blocksize 128). Such a weight is
+    handed to it as one flat row, where the per-row lookup is the flat index's.
     """
     if cfg.backend == "torch" and isinstance(pw, quant.PackedWeight4bit) and pw.packed.device.type == "cpu":
         bnb_dequantize = _bnb_dequantize_4bit()
         if bnb_dequantize is not None:
             data, state = pw.to_bnb()
             state.dtype = dtype  # bnb computes in fp32 and rounds once, into this dtype: as the reference
+            n_rows, k = pw.shape
+            if k % pw.blocksize:
+                state.shape = torch.Size([n_rows * k])
+                return bnb_dequantize(data, state).reshape(n_rows, k)
             return bnb_dequantize(data, state)
     return quant.dequantize(pw, dtype, backend=cfg.backend)
 
@@ -654,13 +663,15 @@ class QLoRALinearFunction(torch.autograd.Function):
         if _fused(cfg, x2.shape[0], pw):
             y = qmatmul_forward(x2, pw, s * cfg.scale, b, bias)
         else:
-            y = F.linear(x2, _dense(pw, x.dtype, cfg), bias).addmm_(s, b.t(), alpha=cfg.scale)
+            bias_ = None if bias is None else bias.to(x.dtype)  # as the fused kernel: any bias dtype
+            y = F.linear(x2, _dense(pw, x.dtype, cfg), bias_).addmm_(s, b.t(), alpha=cfg.scale)
         ctx.pw, ctx.cfg = pw, cfg
         bits = None if keep2 is None else pack_keep(keep2)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, lora_a, lora_b, bits)
         return y.reshape(*lead, pw.shape[0])
 
     @staticmethod
+    @once_differentiable  # kernels autograd cannot see: a second derivative raises, never silently 0
     def backward(ctx, dy: torch.Tensor):
         x, s, lora_a, lora_b, bits = ctx.saved_tensors
         pw, cfg = ctx.pw, ctx.cfg

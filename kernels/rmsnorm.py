@@ -24,6 +24,7 @@ torch ops (the CPU path); ``reference.rms_norm`` is HF's forward, the plain-auto
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._triton import cdiv, interpreter_active, next_power_of_2, tl, triton
 
@@ -209,6 +210,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y.permute(_inverse(order)) if order else y
 
     @staticmethod
+    @once_differentiable  # kernels autograd cannot see: a second derivative raises, never silently 0
     def backward(ctx, dy: torch.Tensor):
         x2, weight, r = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]

@@ -24,6 +24,7 @@ The output keeps the input's memory layout (HF's q and k are transposed views of
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._triton import cdiv, interpreter_active, next_power_of_2, tl, triton
 
@@ -124,6 +125,7 @@ class RoPEFunction(torch.autograd.Function):
         return out[0], out[1]
 
     @staticmethod
+    @once_differentiable  # kernels autograd cannot see: a second derivative raises, never silently 0
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         grads = [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._triton import cdiv, interpreter_active, tl, triton
 
@@ -84,6 +85,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return _forward(gate, up, backend)
 
     @staticmethod
+    @once_differentiable  # kernels autograd cannot see: a second derivative raises, never silently 0
     def backward(ctx, dy: torch.Tensor):
         gate, up = ctx.saved_tensors
         dg, du = _backward(dy.contiguous(), gate, up, ctx.backend)

@@ -87,6 +87,32 @@ def test_cross_entropy_grad_rows(backend):
     assert_close(work, ref_grad, torch.float32, name="grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_target(backend):
+    """A target that is a column of a wider tensor (stride 2) is read by its stride."""
+    h, w, _, t = _problem(9, 16, 40, torch.float32, ignore=(4,))
+    pairs = torch.stack([t, torch.zeros_like(t)], dim=1)  # [N, 2]: pairs[:, 0] has stride 2
+    ref_loss, ref_grads = _oracle(h, w, None, t, 1.0)
+    loss = linear_cross_entropy(h, w, pairs[:, 0], backend=backend, chunk_bytes=3 * 40 * 4)
+    loss.backward()
+    assert_close(loss, ref_loss, torch.float32, name="loss")
+    assert_close(h.grad, ref_grads[0], torch.float32, name="dh")
+    assert_close(w.grad, ref_grads[1], torch.float32, name="dw")
+
+
+def test_target_out_of_range_is_not_a_finite_loss():
+    """Triton: nan loss and gradient in that row only (no device sync to check); torch raises."""
+    z = torch.randn(3, 40, device=DEVICE)
+    for bad in (40, -5):
+        t = torch.tensor([1, bad, 7], device=DEVICE)
+        work = z.clone()
+        loss = cross_entropy_grad(work, t, backend="triton")
+        assert torch.isnan(loss[1]) and torch.isnan(work[1]).all()
+        assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(work[[0, 2]]).all()
+        with pytest.raises((RuntimeError, IndexError)):
+            cross_entropy_grad(z.clone(), t, backend="torch")
+
+
 def test_gradcheck_float64():
     h, w, b, t = _problem(4, 3, 11, torch.float64, bias=True, ignore=(2,))
     assert torch.autograd.gradcheck(

@@ -605,3 +605,27 @@ def test_sibling_cache_never_serves_a_stale_output():
     torch.testing.assert_close(
         stranger(x), lora_mod.lora_linear_torch(x, stranger.weight, stranger.lora_A, stranger.lora_B, 2.0)
     )
+
+
+def test_bias_in_another_dtype_than_x():
+    """An fp32 bias beside fp16 x and W: every path takes it (the torch ones used to raise in addmm)."""
+    from fusedtune.kernels import quant
+    from fusedtune.kernels.qmatmul import qlora_linear
+
+    x, w, a, b, _ = make_problem(6, 64, 24, 4, torch.float16)
+    bias = torch.randn(24, device=DEVICE)
+    expected = (x.float() @ w.float().t() + bias + 2.0 * (x.float() @ a.float().t()) @ b.float().t()).half()
+    outs = {
+        "triton": lora_linear(x, w, a.float(), b.float(), 2.0, bias=bias),
+        "torch": lora_mod.lora_linear_torch(x, w, a.float(), b.float(), 2.0, bias=bias),
+        "siblings": lora_mod.lora_siblings_torch(x, [w], [a.float()], [b.float()], [2.0], [bias])[0],
+    }
+    pw = quant.quantize(w, "int8")
+    deq = quant.dequantize(pw, torch.float32)
+    q_expected = (x.float() @ deq.t() + bias + 2.0 * (x.float() @ a.float().t()) @ b.float().t()).half()
+    for backend in ("triton", "torch"):
+        y = qlora_linear(x, pw, a.float(), b.float(), 2.0, bias=bias, backend=backend, path="dequant")
+        assert_close(y, q_expected, torch.float16, name=f"qlora {backend}")
+    for name, y in outs.items():
+        assert y.dtype == torch.float16
+        assert_close(y, expected, torch.float16, name=name)

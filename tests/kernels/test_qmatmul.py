@@ -323,13 +323,16 @@ def test_quant_kernels_bit_exact_gpu(quant_type):
 def test_torch_path_dense_weight_is_the_reference(fmt, double_quant):
     """The torch path's dequantize (bitsandbytes' CPU kernel where it runs) is bit-identical to ours."""
     cfg = qmatmul.QLoRAConfig(scale=1.0, backend="torch")
-    for original in (torch.float32, torch.bfloat16, torch.float16):  # the dtype the weight was quantized from
-        w = (torch.randn(37, 201, device=DEVICE) * 0.1).to(original)
-        pw = quant.quantize(w, fmt, 64, double_quant, backend="torch")
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            expected = quant.dequantize(pw, dtype, backend="torch")
-            got = qmatmul._dense(pw, dtype, cfg)
-            assert got.dtype == dtype and torch.equal(got, expected), (original, dtype)
+    # odd K (bnb's generic path), blocks that straddle rows with K a multiple of 16 (SmolLM2's k_proj at
+    # blocksize 128: bnb's AVX-512 kernel got these wrong), and whole blocks per row
+    for (n, k), blocksize in (((37, 201), 64), ((24, 576), 128), ((8, 96), 64), ((16, 128), 64)):
+        for original in (torch.float32, torch.bfloat16, torch.float16):  # the dtype quantized from
+            w = (torch.randn(n, k, device=DEVICE) * 0.1).to(original)
+            pw = quant.quantize(w, fmt, blocksize, double_quant, backend="torch")
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                expected = quant.dequantize(pw, dtype, backend="torch")
+                got = qmatmul._dense(pw, dtype, cfg)
+                assert got.dtype == dtype and torch.equal(got, expected), (n, k, blocksize, original, dtype)
 
 
 def _bad_launch(case: str):
@@ -380,3 +383,17 @@ def test_qlora_function_refuses_a_bias_gradient():
         qmatmul.qlora_linear(torch.randn(3, 64, device=DEVICE), pw, a, b, 1.0, bias, backend="torch")
     with torch.no_grad():  # no gradient asked for: fine
         qmatmul.qlora_linear(torch.randn(3, 64, device=DEVICE), pw, a, b, 1.0, bias, backend="torch")
+
+
+@pytest.mark.parametrize(("quant_type", "double_quant"), [("nf4", True), ("nf4", False), ("int8", False)])
+def test_dtype_cast_keeps_the_quantization_state(quant_type, double_quant):
+    """``module.to(bf16)`` casts the adapter, never the frozen weight's scales (deq(W) stays bit-equal)."""
+    linear = nn.Linear(128, 64, device=DEVICE)
+    layer = QuantLoRALinear.from_linear(linear, 4, 8, quant_type=quant_type, double_quant=double_quant)
+    before = layer.dequantized_weight(torch.float32)
+    dtypes = {n: b.dtype for n, b in layer.named_buffers()}
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to(DEVICE, torch.float64)):
+        layer = cast(layer)
+        assert {n: b.dtype for n, b in layer.named_buffers()} == dtypes
+        assert torch.equal(layer.dequantized_weight(torch.float32), before)
+    assert layer.lora_A.dtype == torch.float64  # the adapter does follow
