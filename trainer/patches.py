@@ -339,10 +339,11 @@ def fuse_rope(model: nn.Module, backend: str, report: PatchReport | None = None)
 def apply_patches(model: nn.Module, padding_free_wanted: bool, max_seq_len: int, backend: str) -> list[str]:
     """Fused SwiGLU, RMSNorm and RoPE, and padding-free micro-batches, on ``model``; the lines that say
     what took effect."""
-    from . import padding_free
+    from . import loss, padding_free
 
     report = fuse_swiglu(model, backend)
     fuse_rmsnorm(model, backend, report)
     lines = fuse_rope(model, backend, report).lines()
     lines.append(padding_free.setup(model, padding_free_wanted, max_seq_len))
+    lines.append(loss.head_report(model))  # after the patches: its probe runs the model as training will
     return lines

@@ -125,3 +125,68 @@ def test_scaled_logits_take_the_full_head_path():
     assert head_at_targets_supported(model)
     model.config.logits_scaling = 8.0
     assert not head_at_targets_supported(model)
+
+
+def _full_logits_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def _scaled_forward(model, factor):
+    """A model whose forward scales its logits after the head, under no config name we know."""
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * factor
+        return out
+
+    model.forward = scaled
+    return model
+
+
+class _ScaledHead(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 3.0
+
+
+@pytest.mark.parametrize("case", ["forward", "head_subclass", "head_hook"])
+def test_unknown_logit_transform_takes_the_full_head_path(case):
+    """Falcon-H1's lm_head_multiplier, Dory's scaled head, a hook: none is a config name the check knows.
+    The probe forward finds them, the loss is the model's own, and the run's line says why."""
+    from tiny import tiny_llama
+
+    from fusedtune.trainer.loss import head_report, loss_sum
+
+    model = tiny_llama(vocab_size=50)
+    if case == "forward":
+        _scaled_forward(model, 0.25)
+        why = "changes the LM head's output"
+    elif case == "head_subclass":
+        head = _ScaledHead(model.config.hidden_size, 50, bias=False, dtype=torch.float64)
+        head.weight = model.lm_head.weight
+        model.lm_head = head
+        why = "_ScaledHead, not a plain Linear"
+    else:
+        model.lm_head.register_forward_hook(lambda m, a, out: out * 2.0)
+        why = "forward hooks"
+    batch = _batch(torch.randint(4, 50, (2, 9)), [2, 3], [9, 7])
+    assert why in head_report(model) and "full logits" in head_report(model)
+    torch.testing.assert_close(
+        loss_sum(model, batch), _full_logits_loss(model, batch), rtol=1e-12, atol=1e-12
+    )
+    assert "fused, at the target positions only" in head_report(tiny_llama(vocab_size=50))
+
+
+def test_head_probe_follows_a_new_head():
+    """The probe's answer is kept per head module: a head swapped in later is probed again."""
+    from tiny import tiny_llama
+
+    from fusedtune.trainer.loss import head_at_targets_supported
+
+    model = tiny_llama(vocab_size=50)
+    assert head_at_targets_supported(model)
+    model.lm_head = _ScaledHead(model.config.hidden_size, 50, bias=False, dtype=torch.float64)
+    assert not head_at_targets_supported(model)

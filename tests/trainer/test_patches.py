@@ -93,6 +93,7 @@ def test_apply_patches_says_what_took_effect():
         "fused RMSNorm: 5/5 norms",
         "fused RoPE: 2/2 attention layers",
         "padding-free micro-batches: on (no pad tokens; attention within each example)",
+        "LM head + loss: fused, at the target positions only",
     ]
 
 
