@@ -30,13 +30,17 @@ _SEGMENTS_KWARG = "fusedtune_segments"
 _IN_PACKED_FORWARD = contextvars.ContextVar("fusedtune_in_packed_forward", default=False)
 
 
+class MissingBoundaries(RuntimeError):
+    """A packed forward reached an attention layer without the row boundaries."""
+
+
 def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     segments = kwargs.pop(_SEGMENTS_KWARG, None)
     if segments is None:
         if _IN_PACKED_FORWARD.get():  # a layer dropped the boundaries: attention would cross examples
-            raise RuntimeError(
+            raise MissingBoundaries(
                 f"padding-free: {type(module).__name__} was called without the row boundaries; "
                 "set train.padding_free: false for this model"
             )
@@ -118,10 +122,32 @@ def setup(model: nn.Module, wanted: bool, max_seq_len: int) -> str:
     if not wanted:
         return "padding-free micro-batches: off (train.padding_free: false)"
     why = unsupported_reason(model, max_seq_len)
+    if why is None:
+        previous = model.config._attn_implementation
+        enable(model)
+        why = _probe(model)
+        if why is not None:
+            model.set_attn_implementation(previous)
     if why is not None:
         return f"padding-free micro-batches: off ({why}); micro-batches run right-padded"
-    enable(model)
     return "padding-free micro-batches: on (no pad tokens; attention within each example)"
+
+
+def _probe(model: nn.Module) -> str | None:
+    """One packed forward of two short rows: every attention layer must get the row boundaries. A
+    decoder layer that drops the attention's keyword arguments (Nemotron's) fails here, at set-up, and
+    not in the first training step. No probe on the meta device (``trainer estimate``)."""
+    weight = model.get_input_embeddings().weight
+    if weight.device.type == "meta":
+        return None
+    ids = torch.arange(1, 7, device=weight.device).reshape(2, 3) % weight.shape[0]
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], device=weight.device)
+    try:
+        with torch.no_grad():
+            decoder_hidden(model, {"input_ids": ids, "attention_mask": mask})
+    except MissingBoundaries as e:
+        return str(e).split(";")[0].removeprefix("padding-free: ")
+    return None
 
 
 def enabled(model: nn.Module) -> bool:

@@ -79,8 +79,11 @@ def test_packed_matches_padded_and_per_row(checkpointing):
 
 
 def test_packed_forward_builds_no_mask_and_attends_per_row(monkeypatch):
+    from fusedtune.trainer.loss import head_at_targets_supported
+
     model = _model()
     padding_free.enable(model)
+    assert head_at_targets_supported(model)  # its probe forward (once per model) before the spy counts
     calls = []
     real = padding_free._packed_attention
 
@@ -193,3 +196,28 @@ def test_a_layer_that_drops_the_boundaries_is_an_error():
     padding_free.enable(model)
     with padding_free.packed_forward(), pytest.raises(RuntimeError, match="without the row boundaries"):
         model.get_decoder()(input_ids=torch.randint(1, VOCAB, (1, 6)))
+
+
+def test_set_up_probes_that_every_layer_gets_the_boundaries():
+    """A decoder layer that drops the attention's keyword arguments (Nemotron's) passes the static
+    checks; set-up's probe forward finds it, switches padding-free off and names the layer, instead of
+    the first training step dying with a traceback."""
+    model = _model()
+    layer = model.model.layers[1]
+    forward = layer.forward
+
+    def drops_kwargs(hidden_states, *args, **kwargs):
+        kwargs.pop(padding_free._SEGMENTS_KWARG, None)
+        return forward(hidden_states, *args, **kwargs)
+
+    layer.forward = drops_kwargs
+    previous = model.config._attn_implementation
+    line = padding_free.setup(model, True, 64)
+    assert line == (
+        "padding-free micro-batches: off (LlamaAttention was called without the row boundaries); "
+        "micro-batches run right-padded"
+    )
+    assert not padding_free.enabled(model) and model.config._attn_implementation == previous
+    batch = _batch()
+    loss_sum(model, batch).backward()  # trains, padded
+    assert padding_free.setup(_model(), True, 64).startswith("padding-free micro-batches: on")
