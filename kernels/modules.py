@@ -403,6 +403,8 @@ class QuantLoRALinear(nn.Module):
             )
         if isinstance(layer, bnb.nn.Linear8bitLt):
             cb, scb = layer.weight.CB, layer.weight.SCB
+            if cb is None and scb is None:  # after its first forward bnb keeps them in layer.state
+                cb, scb = getattr(layer.state, "CB", None), getattr(layer.state, "SCB", None)
             if cb is None or scb is None:
                 raise ValueError("the Linear8bitLt is not quantized yet: move it to a device first")
             packed = quant.PackedWeightInt8(cb, scb, torch.float16)

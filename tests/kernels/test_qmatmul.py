@@ -245,6 +245,12 @@ def test_from_bnb_linear8bitlt():
     w_deq = bnb.functional.int8_vectorwise_dequant(layer.weight.CB, layer.weight.SCB)
     assert_close(on_device(ours)(x.to(DEVICE)), x @ w_deq.t(), name="int8 base")
     assert torch.equal(ours.to_bnb().weight.CB, layer.weight.CB)
+    # after its first forward bnb moves CB/SCB into layer.state: still taken over, the same weight
+    cb = layer.weight.CB.clone()
+    layer(x.half())
+    assert layer.weight.CB is None
+    again = QuantLoRALinear.from_bnb(layer, rank=4, alpha=4)
+    assert torch.equal(again.qweight, cb)
 
 
 @needs_bnb
