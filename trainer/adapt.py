@@ -64,10 +64,20 @@ class AdaptReport:
     trainable_names: list[str] = field(default_factory=list)
     siblings: list[str] = field(default_factory=list)  # "parent: q_proj|k_proj|v_proj" per group
     siblings_why_not: str | None = None
+    too_narrow: dict[str, str] = field(default_factory=dict)  # default targets left out: name -> "in->out"
 
     def lines(self) -> list[str]:
         """Human-readable lines: what got adapted, fused, and what did not and why."""
         out = [f"method {self.method}: {len(self.trainable_names)} trainable tensors"]
+        if self.too_narrow:
+            kinds = Counter(
+                f"{_BLOCK_INDEX.sub(lambda m: m.group(0).replace(m.group(1), '*'), n)} ({shape})"
+                for n, shape in self.too_narrow.items()
+            )
+            out.append(
+                f"not adapted, narrower than lora.rank (name them in lora.target_modules with a smaller rank "
+                f"to adapt them): {', '.join(f'{n} x {k}' for k, n in kinds.items())}"
+            )
         if self.adapted:
             out.append(
                 f"kernels {self.backend} ({self.backend_reason}): {len(self.fused)}/{len(self.adapted)} "
@@ -207,6 +217,12 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
     if cfg.method in ("lora", "qlora"):
         lc = cfg.lora
         targets = select_targets(model, lc.target_modules)
+        if lc.target_modules is None:  # every block Linear but those narrower than the rank (a scalar gate)
+            for name in [n for n, m in targets.items() if lc.rank > min(m.in_features, m.out_features)]:
+                m = targets.pop(name)
+                report.too_narrow[name] = f"{m.in_features}->{m.out_features}"
+            if not targets:
+                raise ConfigError(f"lora.rank: {lc.rank} is larger than every Linear in the blocks")
         for name, linear in targets.items():
             _check_rank(name, linear, lc.rank)
         method_backend, method_reason = lora_layer_backend(

@@ -51,7 +51,10 @@ class LoRAConfig(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[str] | None = Field(
         None,
-        description="module-name suffixes (e.g. q_proj, v_proj); null: every Linear in the transformer blocks",
+        description=(
+            "module-name suffixes (e.g. q_proj, v_proj); null: every Linear in the transformer blocks "
+            "but those narrower than the rank (the run names them)"
+        ),
     )
 
 

@@ -230,3 +230,19 @@ def test_lora_siblings_train_as_single_layers(tiny_model_dir, monkeypatch):
 def test_lora_siblings_say_why_not(tiny_model_dir, overrides, why):
     report = apply_method(_model(tiny_model_dir), _cfg(*overrides), CPU)
     assert report.siblings == [] and report.lines()[-1] == f"LoRA siblings not grouped: {why}"
+
+
+def test_default_targets_leave_out_layers_narrower_than_the_rank(tiny_model_dir):
+    """Default targets (every block Linear) skip and name a layer narrower than the rank, as Qwen2-MoE's
+    shared_expert_gate (hidden -> 1) would be at any rank; named targets still refuse it."""
+    model = _model(tiny_model_dir)
+    narrow = {n for n, m in block_linears(model).items() if min(m.in_features, m.out_features) < 33}
+    assert narrow and len(narrow) < len(block_linears(model))
+    report = apply_method(model, _cfg("lora.rank=33"), CPU)
+    assert set(report.too_narrow) == narrow
+    assert not narrow & set(report.adapted)
+    assert len(report.adapted) == len(block_linears(_model(tiny_model_dir))) - len(narrow)
+    line = next(x for x in report.lines() if x.startswith("not adapted, narrower than lora.rank"))
+    assert "2 x model.layers.*.self_attn.k_proj (64->32)" in line
+    with pytest.raises(ConfigError, match="larger than every Linear"):
+        apply_method(_model(tiny_model_dir), _cfg("lora.rank=1000"), CPU)
