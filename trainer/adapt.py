@@ -369,6 +369,11 @@ def _select_partial(model: nn.Module, cfg: Config) -> None:
         indices = sorted({int(m.group(1)) for n in names if (m := _BLOCK_INDEX.search(n))})
         if not indices:
             raise ConfigError("partial.last_n_layers: the model has no indexed blocks")
+        if pc.last_n_layers > len(indices):
+            raise ConfigError(
+                f"partial.last_n_layers: {pc.last_n_layers} is more than the model's {len(indices)} blocks "
+                "(method: full trains everything)"
+            )
         last_blocks = {str(i) for i in indices[-pc.last_n_layers :]}
     for name, p in model.named_parameters(remove_duplicate=False):
         m = _BLOCK_INDEX.search(name)

@@ -130,6 +130,10 @@ def test_partial_bias_only(tiny_model_dir_bias):
         (["lora.rank=33", "lora.target_modules=[v_proj]"], "lora.rank: 33 is larger than layer"),
         (["method=partial", "partial.patterns=[zzz]"], "partial.patterns: 'zzz' matches no parameter"),
         (["method=partial", "partial.patterns=['(']"], "partial.patterns: invalid regular expression"),
+        (
+            ["method=partial", "partial.last_n_layers=3"],
+            "partial.last_n_layers: 3 is more than the model's 2",
+        ),
     ],
 )
 def test_bad_targets(tiny_model_dir, overrides, message):
