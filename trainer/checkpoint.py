@@ -369,12 +369,15 @@ def save_checkpoint(
 def rotate_checkpoints(root: Path, keep_last: int, newest: Path) -> list[Path]:
     """Delete valid checkpoints beyond the ``keep_last`` newest, and interrupted writes older than ``newest``.
 
-    ``newest`` (the checkpoint just written) is never deleted. Returns what was deleted.
+    ``newest`` (the checkpoint just written) is never deleted, and neither is anything at a later step:
+    that is not this run's past (a run resumed from an earlier step refuses to start beside later
+    checkpoints, see :func:`checkpoints_after`), so the step numbers say nothing about its age. Returns
+    what was deleted.
     """
-    valid = [p for p in valid_checkpoints(root, verify=False) if p != newest]
+    newest_step = _step_of(newest)
+    valid = [p for p in valid_checkpoints(root, verify=False) if _step_of(p) < newest_step]
     keep = set(valid[-(keep_last - 1) :]) if keep_last > 1 else set()
     doomed = [p for p in valid if p not in keep]
-    newest_step = _step_of(newest)
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
         if m and p != newest and p not in valid and int(m.group(1)) < newest_step:
@@ -428,9 +431,9 @@ def valid_checkpoints(root: Path, verify: bool = False) -> list[Path]:
     return [p for p in steps if check_manifest(p, verify=verify) is None]
 
 
-def latest_checkpoint(root: Path, log=print) -> Path | None:
+def latest_checkpoint(root: Path, log=print, skipped: list[tuple[Path, str]] | None = None) -> Path | None:
     """The newest checkpoint under ``root`` whose manifest and hashes check out; others are skipped
-    with a message."""
+    with a message (and appended to ``skipped`` as ``(path, why)`` when given)."""
     if not root.is_dir():
         return None
     steps = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name) and p.is_dir()), key=_step_of)
@@ -439,7 +442,14 @@ def latest_checkpoint(root: Path, log=print) -> Path | None:
         if why is None:
             return p
         log(f"resume: skipping {p}: {why}")
+        if skipped is not None:
+            skipped.append((p, why))
     return None
+
+
+def checkpoints_after(root: Path, step: int) -> list[Path]:
+    """The complete checkpoints under ``root`` (sizes checked, not hashes) at a step above ``step``."""
+    return [p for p in valid_checkpoints(root, verify=False) if _step_of(p) > step]
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

@@ -34,9 +34,11 @@ from torch import nn
 from . import memory
 from .adapt import AdaptReport, apply_method
 from .checkpoint import (
+    CHECKPOINTS,
     Checkpoint,
     CheckpointError,
     checkpoint_root,
+    checkpoints_after,
     config_differences,
     latest_checkpoint,
     read_checkpoint,
@@ -51,7 +53,7 @@ from .data import Datasets, Example, build_datasets, collate, epoch_order, pack
 from .errors import ModelError, UserError
 from .evaluate import heldout_loss, task_accuracy
 from .loss import loss_sum, target_tokens
-from .metrics import MetricsLog, plot_loss
+from .metrics import MetricsError, MetricsLog, plot_loss
 from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
 from .optim import build_optimizer, build_scheduler, trainable_parameters
 from .patches import apply_patches
@@ -310,22 +312,47 @@ def find_resume_checkpoint(cfg: Config, log=print) -> Checkpoint | None:
     """The checkpoint ``cfg.resume`` names (verified), or ``None`` for a fresh run.
 
     ``auto`` takes the newest valid checkpoint in ``output_dir/checkpoints``; checkpoints with a missing
-    or mismatching manifest (interrupted writes) are skipped with a message.
+    or mismatching manifest (interrupted writes) are skipped with a message. With none to take, the run
+    starts fresh, but only in an empty (or new) ``output_dir`` or with ``overwrite``.
 
     Raises:
-        CheckpointError: a path that is not a usable checkpoint, or one whose config differs from
-            ``cfg`` in keys that change the math (unless ``resume_allow_config_changes``).
+        CheckpointError: a path that is not a usable checkpoint; one whose config differs from ``cfg`` in
+            keys that change the math (unless ``resume_allow_config_changes``) or in ``optim.name``; a
+            checkpoint of ``output_dir`` with later checkpoints beside it (another continuation of the
+            run); ``resume=auto`` with nothing to resume in a non-empty ``output_dir``.
     """
     if cfg.resume is None:
         return None
+    root = checkpoint_root(cfg.output_dir)
     if cfg.resume == "auto":
-        path = latest_checkpoint(checkpoint_root(cfg.output_dir), log)
+        skipped: list[tuple[Path, str]] = []
+        path = latest_checkpoint(root, log, skipped)
         if path is None:
-            log(f"resume: auto: no checkpoint in {checkpoint_root(cfg.output_dir)}; starting fresh")
+            _check_fresh_start_after_auto(cfg, root, skipped)
+            log(f"resume: auto: no checkpoint in {root}; starting fresh")
             return None
     else:
         path = Path(cfg.resume)
     ckpt = read_checkpoint(path)
+    saved_optimizer = ckpt.state["config"].get("optim", {}).get("name")
+    if saved_optimizer is not None and saved_optimizer != cfg.optim.name:
+        raise CheckpointError(
+            f"optim.name: {ckpt.path} holds {saved_optimizer} optimizer state, which {cfg.optim.name} cannot "
+            f"continue from (resume_allow_config_changes does not cover a change of optimizer); resume with "
+            f"optim.name={saved_optimizer}, or start a fresh run in another output_dir"
+        )
+    if cfg.resume != "auto" and ckpt.path.resolve().parent == root.resolve():
+        later = checkpoints_after(root, ckpt.step)
+        if later:
+            names = ", ".join(p.name for p in later[:3]) + (
+                f" (+{len(later) - 3} more)" if len(later) > 3 else ""
+            )
+            raise CheckpointError(
+                f"resume: {root} also holds checkpoints after {ckpt.path.name}: {names}, from a run that went "
+                f"on past it; resuming {ckpt.path.name} there would mix the two runs' checkpoints (rotation "
+                "and resume=auto go by step number); move those out of the way first, or resume into a new "
+                "output_dir, or set resume=auto to continue from the newest"
+            )
     diffs = config_differences(ckpt.state["config"], cfg.model_dump(mode="json"))
     if diffs and not cfg.resume_allow_config_changes:
         more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
@@ -336,6 +363,120 @@ def find_resume_checkpoint(cfg: Config, log=print) -> Checkpoint | None:
     for d in diffs:
         log(f"resume: config differs from the checkpoint's (allowed): {d}")
     return ckpt
+
+
+def _check_fresh_start_after_auto(cfg: Config, root: Path, skipped: list[tuple[Path, str]]) -> None:
+    """``resume=auto`` found nothing to resume: a fresh start needs an empty output_dir or ``overwrite``."""
+    out = Path(cfg.output_dir)
+    if cfg.overwrite or not out.is_dir() or not any(out.iterdir()):
+        return
+    if skipped:
+        first = f"{skipped[0][0].name}: {skipped[0][1]}"
+        more = f" (+{len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise CheckpointError(
+            f"resume: auto: no usable checkpoint in {root} ({first}{more}), so the run in {out} cannot be "
+            "continued; set overwrite=true to start it over there (the unusable checkpoints are deleted), "
+            "or choose another output_dir"
+        )
+    raise CheckpointError(
+        f"resume: auto: {out} is not empty and holds no checkpoint to continue from; set overwrite=true to "
+        "start over there, or choose another output_dir"
+    )
+
+
+def _expand_paths(cfg: Config) -> Config:
+    """``output_dir`` and a ``resume`` path with ``~`` expanded (as model and data paths are)."""
+    update = {}
+    if cfg.output_dir.startswith("~"):
+        update["output_dir"] = str(Path(cfg.output_dir).expanduser())
+    if cfg.resume is not None and cfg.resume.startswith("~"):
+        update["resume"] = str(Path(cfg.resume).expanduser())
+    return cfg.model_copy(update=update) if update else cfg
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, ckpt: Checkpoint) -> list[str]:
+    """Load the checkpoint's optimizer and scheduler state, then take this config's hyperparameters.
+
+    The state (moments, step counts) and the schedule's position come from the checkpoint; the peak
+    learning rate, betas, eps and weight decay of each parameter group, and the schedule's shape (the
+    scheduler's lambda), are the ones ``optimizer`` and ``scheduler`` were built with from the current
+    config. Unchanged, these are the saved values, so a plain resume stays bit-identical; changed (an
+    allowed config change), the change takes effect from the first resumed step.
+
+    Returns:
+        The hyperparameters whose saved values were replaced (``lr``, ``weight_decay`` ...).
+    """
+    built = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt.optimizer_state())
+    scheduler.load_state_dict(ckpt.scheduler_state())
+    changed: set[str] = set()
+    for group, new in zip(optimizer.param_groups, built, strict=True):
+        for key, value in new.items():
+            if key == "lr":
+                continue
+            if key == "initial_lr":
+                key = "lr"  # the peak lr, which the schedule scales
+                value = new["initial_lr"]
+                if group.get("initial_lr") != value:
+                    changed.add(key)
+                group["initial_lr"] = value
+                continue
+            if group.get(key) != value:
+                changed.add(key)
+            group[key] = value
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, factor, base in zip(optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+        group["lr"] = base * factor(scheduler.last_epoch)  # what LambdaLR.step() sets
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return sorted(changed)
+
+
+def _finished_run(out: Path, ckpt: Checkpoint, steps: int) -> RunResult | None:
+    """The run's ``summary.json`` as a result, when the run that wrote it ended with ``ckpt``.
+
+    That run's last checkpoint has ``ckpt``'s name and the same losses and skip count (a summary left by
+    another continuation of the run, killed before it wrote its own, does not match).
+    """
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        names = {f.name for f in dataclasses.fields(RunResult)}
+        result = RunResult(**{k: v for k, v in summary.items() if k in names})
+        summary_lines(result)  # every field it shows is there
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    result.first_loss, result.last_loss = _nan(result.first_loss), _nan(result.last_loss)
+    st = ckpt.state
+    same = (
+        not result.stopped
+        and result.steps == steps
+        and result.checkpoint is not None
+        and Path(result.checkpoint).name == ckpt.path.name
+        and result.skipped_steps == st["skipped_steps"]
+        and _same_float(result.first_loss, _nan(st["first_loss"]))
+        and _same_float(result.last_loss, _nan(st["last_loss"]))
+    )
+    if not same:
+        return None
+    result.output_dir = str(out)  # where it is now (the directory may have been moved or copied)
+    return result
+
+
+def _same_float(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _metrics_up_to(ckpt: Checkpoint) -> bytes:
+    """The records its run had logged when ``ckpt`` was written, from that run's ``metrics.jsonl``.
+
+    Empty when the checkpoint is not in a run directory's ``checkpoints/`` or the file no longer has them.
+    """
+    size = int(ckpt.state.get("metrics_bytes", 0))
+    source = ckpt.path.parent.parent / "metrics.jsonl"
+    if ckpt.path.parent.name != CHECKPOINTS or size <= 0 or not source.is_file():
+        return b""
+    with open(source, "rb") as f:
+        data = f.read(size)
+    return data if len(data) == size and data.endswith(b"\n") else b""
 
 
 def _check_tokenizer_fits(tokenizer, vocab: int, path: str) -> None:
@@ -388,6 +529,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         UserError: bad input anywhere, a checkpoint that cannot be used or written, out of memory, or a
             diverged run.
     """
+    cfg = _expand_paths(cfg)
     seed_everything(cfg.train.seed)
     ckpt = find_resume_checkpoint(cfg, log)
     inside = ckpt is not None and checkpoint_root(cfg.output_dir).resolve() in ckpt.path.resolve().parents
@@ -442,15 +584,27 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     if ckpt is not None:
         restore_trainable(model, ckpt.tensors("trainable"), ckpt.path)
         try:
-            optimizer.load_state_dict(ckpt.optimizer_state())
-            scheduler.load_state_dict(ckpt.scheduler_state())
+            changed = restore_optimizer(optimizer, scheduler, ckpt)
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"resume: {ckpt.path}: cannot restore the optimizer ({e})") from None
+        if changed:
+            log(
+                "resume: the optimizer keeps its state (moments, step counts) and takes this config's "
+                f"{', '.join(changed)} from the first resumed step"
+            )
         start_step = ckpt.step
         if start_step > steps:
             raise CheckpointError(
                 f"resume: {ckpt.path} is at step {start_step}, past this run's {steps} steps"
             )
+        if start_step == steps and inside and (done := _finished_run(out, ckpt, steps)) is not None:
+            log(
+                f"resume: {ckpt.path} is this run's last step ({steps} of {steps}): the run is already "
+                f"finished, its outputs in {out} are left as they are (raise train.max_steps to train on)"
+            )
+            for line in summary_lines(done):
+                log(line)
+            return done
 
     # Everything validated: now the run directory is ours.
     root = checkpoint_root(out)
@@ -468,12 +622,25 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         first_loss, last_loss, skipped, consecutive = math.nan, math.nan, 0, 0
         position = {"epoch": 0, "offset": 0}
     else:
+        metrics_path = out / "metrics.jsonl"
+        if inside:  # this run's own log: drop records logged after the checkpoint
+            size = ckpt.state["metrics_bytes"]
+            if metrics_path.exists() and metrics_path.stat().st_size > size:
+                with open(metrics_path, "r+b") as f:
+                    f.seek(size)
+                    dropped = f.read().count(b"\n")
+                    f.truncate(size)
+                log(f"resume: metrics.jsonl: dropped the {dropped} records logged after {ckpt.path.name}")
+        else:  # another directory's checkpoint: the run continues here, with its log up to the checkpoint
+            history = _metrics_up_to(ckpt)
+            if out.exists():  # overwrite=true (else it is empty): the earlier run's outputs go
+                for name in ("adapter_model.safetensors", "adapter_config.json", "trainable.safetensors"):
+                    (out / name).unlink(missing_ok=True)
+                shutil.rmtree(root, ignore_errors=True)
+            out.mkdir(parents=True, exist_ok=True)
+            metrics_path.write_bytes(history)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-        metrics_path = out / "metrics.jsonl"
-        if metrics_path.exists() and metrics_path.stat().st_size > ckpt.state["metrics_bytes"]:
-            with open(metrics_path, "r+b") as f:  # drop records logged after the checkpoint
-                f.truncate(ckpt.state["metrics_bytes"])
         metrics = MetricsLog(metrics_path, append=True)
         st = ckpt.state
         eval_before = st["eval_before"]
@@ -604,7 +771,10 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         save_peft_adapter(model, cfg, model_path, out)
     else:
         save_trainable(model, out / "trainable.safetensors")
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    try:
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    except MetricsError as e:
+        log(f"loss.png not written: {e}")
     acc = memory.param_accounting(model)
     state_bytes = memory.optimizer_state_bytes(optimizer)
     accounting = {

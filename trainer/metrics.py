@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from .errors import UserError
+
 
 class MetricsLog:
     """Appends one JSON line per record to ``path`` and flushes it, so a killed run keeps its log."""
@@ -24,9 +26,34 @@ class MetricsLog:
         self._file.close()
 
 
+class MetricsError(UserError):
+    """A ``metrics.jsonl`` line that is not a JSON record."""
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """All records of a ``metrics.jsonl``."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All records of a ``metrics.jsonl``.
+
+    A last line without its newline that does not parse (a write cut short) is left out.
+
+    Raises:
+        MetricsError: any other line is not a JSON object (named by ``file:line``).
+    """
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # torn last line
+            raise MetricsError(f"{path}:{number}: not a JSON record: {line[:60]!r}") from None
+        if not isinstance(record, dict):
+            raise MetricsError(f"{path}:{number}: not a JSON object: {line[:60]!r}")
+        records.append(record)
+    return records
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path:

@@ -378,3 +378,242 @@ def test_resume_refuses_a_changed_config_unless_allowed(tiny_model_dir, tmp_path
     assert "optim.lr: 0.01 -> 0.5" in err and "log_every" not in err and "resume_allow_config_changes" in err
     assert main(["run", str(cfg), "resume=auto", "optim.lr=0.5", "resume_allow_config_changes=true"]) == 0
     assert "config differs from the checkpoint's (allowed): optim.lr" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config changes on resume, timelines, finished runs, other directories
+# ---------------------------------------------------------------------------------------------------
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes (what "left as it was" compares)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _train_lrs(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+
+
+def test_resume_takes_the_changed_optimizer_hyperparameters(tiny_model_dir, tmp_path, monkeypatch):
+    """An allowed change of optim.lr / weight_decay / betas acts from the first resumed step (the saved
+    param groups and scheduler must not bring the old values back); the moments are kept."""
+    new = ["optim.lr=0.001", "optim.weight_decay=0.1", "optim.betas=[0.8, 0.9]"]
+    cfg = _config(tmp_path / "a", tiny_model_dir, "lora", "adamw_torch")
+    _run(cfg, monkeypatch, stop_at=3)
+    resumed, _ = _run(cfg, monkeypatch, overrides=["resume=auto", "resume_allow_config_changes=true", *new])
+    assert resumed.resumed_from.endswith("step-3")
+    # the same schedule as a run that had the new lr from the start
+    reference, _ = _run(
+        _config(tmp_path / "b", tiny_model_dir, "lora", "adamw_torch"), monkeypatch, overrides=new
+    )
+    lrs, expected = _train_lrs(tmp_path / "a" / "run"), _train_lrs(Path(reference.output_dir))
+    assert [lrs[s] for s in (4, 5, 6)] == [expected[s] for s in (4, 5, 6)]
+    assert lrs[4] < 0.001 + 1e-12 and lrs[3] > 0.001  # not the old run's lr
+    opt = json.loads((tmp_path / "a" / "run" / "checkpoints" / "step-6" / "optimizer.json").read_text())
+    (group,) = opt["param_groups"]  # LoRA: matrices only, one decayed group
+    assert group["initial_lr"] == 0.001 and group["weight_decay"] == 0.1
+    assert group["betas"] == {"__tuple__": [0.8, 0.9]}
+    state = read_checkpoint(tmp_path / "a" / "run" / "checkpoints" / "step-6").state
+    assert state["scheduler"]["base_lrs"] == [0.001]
+
+
+def test_restore_optimizer_applies_the_new_weight_decay_to_the_update():
+    """The update itself follows the new value: with zero gradients AdamW only decays the weights."""
+    from fusedtune.trainer.checkpoint import Checkpoint
+    from fusedtune.trainer.optim import lr_lambda
+
+    def build(wd: float):
+        from fusedtune.trainer.config import load_config
+
+        cfg = load_config(None, [f"optim.weight_decay={wd}", "optim.lr=0.1", "optim.name=adamw_torch"]).optim
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4, bias=False)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps
+        )
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 10))
+
+    model, opt, sched = build(0.0)
+    _step(model, opt, sched, width=4)
+    saved = {"scheduler": sched.state_dict()}
+    ckpt = Checkpoint(path=Path("."), state=saved)
+    monkey_state = opt.state_dict()
+    ckpt.optimizer_state = lambda: monkey_state  # type: ignore[method-assign]
+    ckpt.scheduler_state = lambda: saved["scheduler"]  # type: ignore[method-assign]
+    model2, opt2, sched2 = build(0.5)
+    with torch.no_grad():
+        model2.weight.copy_(model.weight)
+    assert loop.restore_optimizer(opt2, sched2, ckpt) == ["weight_decay"]
+    before = model2.weight.detach().clone()
+    state = opt2.state[model2.weight]
+    exp_avg, exp_avg_sq, step = (
+        state["exp_avg"].clone(),
+        state["exp_avg_sq"].clone(),
+        float(state["step"]) + 1,
+    )
+    model2.weight.grad = torch.zeros_like(model2.weight)
+    opt2.step()
+    lr = opt2.param_groups[0]["lr"]
+    # AdamW: decay by lr * wd, then the (gradient-free) moment update
+    decayed = before * (1 - lr * 0.5)
+    m, v = exp_avg * 0.9, exp_avg_sq * 0.999
+    expected = decayed - lr * (m / (1 - 0.9**step)) / ((v / (1 - 0.999**step)).sqrt() + 1e-8)
+    torch.testing.assert_close(model2.weight.detach(), expected)
+
+
+@pytest.mark.parametrize(("saved", "now"), [("adamw8bit", "adamw_torch"), ("adamw_torch", "adamw8bit")])
+def test_resume_refuses_a_change_of_optimizer_up_front(tiny_model_dir, tmp_path, capsys, saved, now):
+    cfg = _config(tmp_path, tiny_model_dir, "lora", saved, max_steps=2)
+    assert main(["run", str(cfg)]) == 0
+    before = _tree(tmp_path / "run")
+    capsys.readouterr()
+    code = main(
+        [
+            "run",
+            str(cfg),
+            "resume=auto",
+            "resume_allow_config_changes=true",
+            f"optim.name={now}",
+            "train.max_steps=4",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: optim.name:") and "\n" not in err, err
+    assert f"holds {saved} optimizer state" in err and f"optim.name={saved}" in err
+    assert _tree(tmp_path / "run") == before  # config.yaml, metrics.jsonl, checkpoints: as they were
+
+
+def test_resume_from_an_earlier_checkpoint_beside_later_ones_is_refused(tiny_model_dir, tmp_path, capsys):
+    """Resuming step-2 in a directory that still holds step-3.. of a run that went on would mix two
+    timelines: rotation (by step number) would delete the new run's checkpoints and resume=auto would
+    continue the abandoned one. Refused up front; with the later ones moved away it runs."""
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw_torch", max_steps=4, save_every=1, keep_last=10)
+    assert main(["run", str(cfg)]) == 0
+    root = tmp_path / "run" / "checkpoints"
+    before = _tree(tmp_path / "run")
+    capsys.readouterr()
+    again = ["run", str(cfg), f"resume={root / 'step-2'}", "train.keep_last=2", "train.max_steps=5"]
+    assert main([*again, "resume_allow_config_changes=true", "optim.lr=0.001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: resume: {root} also holds checkpoints after step-2: step-3, step-4")
+    assert "\n" not in err and "resume=auto" in err and "new output_dir" in err
+    assert _tree(tmp_path / "run") == before
+
+    (tmp_path / "abandoned").mkdir()
+    for name in ("step-3", "step-4"):
+        (root / name).rename(tmp_path / "abandoned" / name)
+    assert main([*again, "resume_allow_config_changes=true", "optim.lr=0.001"]) == 0
+    assert "metrics.jsonl: dropped the 3 records logged after step-2" in capsys.readouterr().out
+    assert [s for s, _ in _train_records(tmp_path / "run")] == [1, 2, 3, 4, 5]
+    assert [p.name for p in valid_checkpoints(root)] == ["step-4", "step-5"]
+    assert read_checkpoint(root / "step-5").state["config"]["optim"]["lr"] == 0.001
+
+
+def test_rotation_never_deletes_checkpoints_of_later_steps(tmp_path):
+    """Step numbers order one run's checkpoints; one at a later step than the one just written is not
+    older, whatever its number says."""
+    model, opt, sched = _small_state()
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 5, model, opt, sched, {"config": {}}, keep_last=2)
+    for step in (1, 2, 3):
+        _step(model, opt, sched)
+        save_checkpoint(root, step, model, opt, sched, {"config": {}}, keep_last=2)
+    assert [p.name for p in valid_checkpoints(root)] == ["step-2", "step-3", "step-5"]
+
+
+def test_resume_auto_on_a_finished_run_leaves_it_as_it_is(tiny_model_dir, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw_torch", max_steps=2)
+    assert main(["run", str(cfg)]) == 0
+    run_dir = tmp_path / "run"
+    before = _tree(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["run", str(cfg), "resume=auto"]) == 0
+    out = capsys.readouterr().out
+    assert "is this run's last step (2 of 2): the run is already finished" in out
+    assert f"done: 2 steps in {summary['accounting']['train_seconds']:.1f} s" in out
+    assert _tree(run_dir) == before  # summary.json keeps its measured numbers
+
+    # killed after its last checkpoint, before the summary: the outputs are written then
+    (run_dir / "summary.json").unlink()
+    assert main(["run", str(cfg), "resume=auto"]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+
+
+def test_resume_from_another_directorys_checkpoint_over_an_unrelated_run(tiny_model_dir, tmp_path, capsys):
+    """overwrite=true into a directory of another run: its log is not cut at the checkpoint's byte count
+    (it is not that log); the run finishes with summary.json and loss.png, and its log is the
+    checkpoint's run's up to the checkpoint, then the new steps."""
+    cfg = _config(tmp_path / "src", tiny_model_dir, "lora", "adamw_torch", max_steps=4, save_every=2)
+    assert main(["run", str(cfg)]) == 0
+    src = tmp_path / "src" / "run"
+    source = _tree(src)
+    other = tmp_path / "other"
+    (other / "checkpoints" / "step-9").mkdir(parents=True)
+    lines = [
+        json.dumps({"kind": "train", "step": i, "loss": 1.0 + i, "lr": 0.1, "note": "x" * 40})
+        for i in range(50)
+    ]
+    (other / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    args = [
+        "run",
+        str(cfg),
+        f"output_dir={other}",
+        "overwrite=true",
+        f"resume={src / 'checkpoints' / 'step-2'}",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (other / "summary.json").is_file() and (other / "loss.png").is_file()
+    assert _train_records(other) == _train_records(src)  # the source's steps 1-2, then 3-4 the same
+    assert [p.name for p in (other / "checkpoints").iterdir()] == ["step-4"]  # the old run's are gone
+    assert _tree(src) == source
+
+
+def test_read_metrics_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):
+    from fusedtune.trainer.metrics import MetricsError, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st')
+    assert read_metrics(path) == [{"kind": "train", "step": 1}]
+    path.write_text('{"kind": "train", "st\n{"kind": "train", "step": 1}\n')
+    with pytest.raises(MetricsError, match=r"metrics.jsonl:1: not a JSON record"):
+        read_metrics(path)
+
+
+def test_resume_auto_with_only_unusable_checkpoints_says_so(tiny_model_dir, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw_torch")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-3").mkdir(parents=True)  # an interrupted write: no manifest
+    (run_dir / "metrics.jsonl").write_text("")
+    assert main(["run", str(cfg), "resume=auto"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith(f"error: resume: auto: no usable checkpoint in {run_dir / 'checkpoints'}"), err
+    assert "step-3: no manifest.json" in err and "overwrite=true" in err and "\n" not in err
+    assert "resume=auto to continue" not in err and "starting fresh" not in captured.out
+    assert (run_dir / "checkpoints" / "step-3").is_dir()
+
+    (run_dir / "checkpoints" / "step-3").rmdir()
+    (run_dir / "checkpoints").rmdir()
+    assert main(["run", str(cfg), "resume=auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: resume: auto: {run_dir} is not empty and holds no checkpoint"), err
+
+
+def test_output_dir_and_resume_expand_the_home_directory(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw_torch", max_steps=2, save_every=1)
+    assert main(["run", str(cfg), "output_dir=~/run"]) == 0
+    assert (home / "run" / "summary.json").is_file() and not (cwd / "~").exists()
+    assert load_config(home / "run" / "config.yaml").output_dir == str(home / "run")
+    capsys.readouterr()
+    again = ["output_dir=~/run", "resume=~/run/checkpoints/step-2", "train.max_steps=3"]
+    assert main(["run", str(cfg), *again, "resume_allow_config_changes=true"]) == 0
+    assert f"continuing from {home / 'run' / 'checkpoints' / 'step-2'}" in capsys.readouterr().out
+    assert not (cwd / "~").exists()
