@@ -3,6 +3,9 @@
     trainer run [CONFIG.yaml] [key=value ...]     fine-tune (no CONFIG: the embedded default)
     trainer run CONFIG.yaml --print-config        show the resolved config and exit
 
+CONFIG and the overrides may come in any order; at most one word without ``=`` (or ending in .yaml/.yml)
+is the config file.
+
 A user mistake prints one line, ``error: <what and where>``, and exits with code 2; never a traceback.
 """
 
@@ -15,7 +18,8 @@ import shlex
 import sys
 import warnings
 
-from .errors import UserError
+from . import __version__
+from .errors import ConfigError, UserError
 
 EXAMPLES = """examples:
   trainer run                                   the embedded default: LoRA on SmolLM2-135M-Instruct, CPU-friendly
@@ -34,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s (fusedtune) {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser(
         "run",
@@ -56,18 +61,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     est.add_argument("config", nargs="?", help="YAML config file (default: the embedded default)")
     est.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    est.add_argument("--gpu-memory", metavar="SIZE", help="the card's memory, e.g. 24GB: does it fit?")
+    est.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="the card's memory with a unit, e.g. 24GB or 80GiB (binary units): does it fit?",
+    )
     est.add_argument("--measure", action="store_true", help="also run 3 real steps, print the measured peak")
     return parser
 
 
+def _is_config_file(word: str) -> bool:
+    # `trainer run lora.rank=8` has no config file; `a=b.yaml` is a file (no override names a .yaml).
+    return "=" not in word or word.endswith((".yaml", ".yml"))
+
+
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    # `trainer run lora.rank=8` has no config file: its first positional is an override.
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides.insert(0, config)
-        config = None
-    return config, overrides
+    """The config file and the overrides, in any order (`trainer run lora.rank=8 my.yaml` too)."""
+    words = ([args.config] if args.config is not None else []) + list(args.overrides)
+    files = [w for w in words if _is_config_file(w)]
+    if len(files) > 1:
+        raise ConfigError(
+            f"one config file at most, got {files[0]!r} and {files[1]!r} (overrides are key=value)"
+        )
+    return (files[0] if files else None), [w for w in words if not _is_config_file(w)]
 
 
 def _quiet_libraries() -> None:
@@ -78,7 +94,23 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: our own bar and log lines say enough
+    # transformers sets its logger's level when first imported, which undoes the setLevel above
+    hf_logging.set_verbosity_error()
+    # datasets (parquet files): no "Generating train split" bars, and no log line of its own beside the
+    # one-line error we print. Read when datasets is first imported (lazily, in data.py).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*[Pp]aged optimizers are not supported on CPU.*")
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions:  # argparse keeps no public handle on them
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    stray = [a for a in extra if a.startswith("-") or "=" not in a]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    stray = [a for a in extra if a.startswith("-")]
+    if stray:  # the command's own usage, not the top-level one
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*args.overrides, *extra]
     _quiet_libraries()
     try:

@@ -12,18 +12,51 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
 DEFAULT_CONFIG = "default.yaml"
 
 
+def _mentions(annotation: Any, kinds: tuple[type, ...]) -> bool:
+    """Whether a field's type is, or contains (``int | None``, ``tuple[float, float]``), one of ``kinds``."""
+    if annotation in kinds:
+        return True
+    return any(_mentions(arg, kinds) for arg in get_args(annotation))
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: `.inf` / `.nan` are refused for every float field, naming it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true/false as 1/0: `lora.rank: true` would silently be rank 1.
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _has_bool(value):
+            ann = field.annotation
+            if _mentions(ann, (int, float)) and not _mentions(ann, (bool,)):
+                raise ValueError("Input should be a number, not a boolean")
+        return value
 
 
 class ModelConfig(_Strict):
@@ -159,7 +192,9 @@ class TrainConfig(_Strict):
         description="run each micro-batch as its real tokens only (no pad), attention within each example; "
         "the run says when the model cannot",
     )
-    seed: int = Field(0, description="seed of initialisation, data order and dropout")
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="seed of initialisation, data order and dropout (0 to 2**32 - 1)"
+    )
     log_every: int = Field(1, ge=1, description="write metrics.jsonl every N steps")
     eval_every: int | None = Field(
         None, ge=1, description="also evaluate every N steps (always at start/end)"
@@ -241,19 +276,40 @@ class Config(_Strict):
 # ---------------------------------------------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate mapping keys instead of silently keeping the last one."""
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
-    def construct_mapping(self, node, deep=False):
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of silently keeping the last one.
+
+    Merge keys (``<<: *anchor``) work as in ``yaml.safe_load``: the merged mapping's keys may be
+    overridden by the mapping's own keys, which must still be unique among themselves.
+    """
+
+    def _check_unique_keys(self, node: yaml.MappingNode, deep: bool) -> None:
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for sub in merged:  # an inline `<<: {a: 1, a: 2}` is never constructed on its own
+                    if isinstance(sub, yaml.MappingNode):
+                        self._check_unique_keys(sub, deep)
+                continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # SafeLoader's own check names it: "found unhashable key", with its line
             if key in seen:
                 raise ConfigError(
                     f"{key_node.start_mark.name}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
                     f"(first at line {seen[key] + 1})"
                 )
             seen[key] = key_node.start_mark.line
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self._check_unique_keys(node, deep)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -270,14 +326,30 @@ def _read_yaml(path: Path) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file") from None
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
+        mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {e.problem}") from None
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except yaml.reader.ReaderError as e:  # a control character: the reader knows only its position
+        raise ConfigError(
+            f"{path}:{_line_of(path, e.position)}: invalid YAML: character #x{e.character:04x} is not "
+            "allowed (a control character?)"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _line_of(path: Path, position: int) -> int:
+    """The 1-based line of character ``position`` of a text file."""
+    try:
+        with open(path) as f:
+            return f.read(position).count("\n") + 1
+    except (OSError, UnicodeDecodeError):
+        return 1
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -395,13 +467,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     else:
         source = str(path)
         tree = _read_yaml(Path(path))
+    applied: list[tuple[str, str]] = []
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+        applied.append((key, text))
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        raise ConfigError(_format_validation_error(e, _source_of(e, source, applied))) from None
+
+
+def _source_of(err: ValidationError, source: str, applied: list[tuple[str, str]]) -> str:
+    """Label the error with the override that set the failing key (or a section above it), else the file."""
+    dotted = ".".join(str(p) for p in err.errors()[0]["loc"])
+    for key, text in reversed(applied):  # the last override of a key is the one in effect
+        if dotted and (dotted == key or dotted.startswith(key + ".")):
+            return f"override {text!r}"
+    return source
 
 
 # ---------------------------------------------------------------------------------------------------

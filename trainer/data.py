@@ -18,8 +18,9 @@ each is a token prefix of the whole conversation: a template that re-renders ear
 is reported instead of silently mislabelled.
 
 Sources: ``.jsonl`` (and a ``.json`` array) are read here so that every error names its exact
-``file:line``; ``.csv``, ``.tsv`` and ``.parquet`` go through the ``datasets`` library and are named by
-row (``file.csv:row 7``). Every mistake in the data raises :class:`DataError` with one line.
+``file:line``; so are ``.csv`` and ``.tsv`` (the csv module, every cell as text; a malformed record names
+its line). ``.parquet`` goes through the ``datasets`` library. Tabular rows are named by row
+(``file.csv:row 7``). Every mistake in the data raises :class:`DataError` with one line.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-# Read through the `datasets` library: extension -> (builder, extra load_dataset kwargs).
+# Tabular files: extension -> (builder, extra load_dataset kwargs). "csv" is read by _read_csv (the csv
+# module, with its delimiter `sep`); the others through the `datasets` library.
 DATASETS_FORMATS = {
     ".csv": ("csv", {}),
     ".tsv": ("csv", {"sep": "\t"}),
@@ -163,24 +165,94 @@ def _read_json_array(path: str, text: str) -> list[Row]:
     return rows
 
 
+def _read_csv(file: Path, path: str, delimiter: str) -> list[Row]:
+    """CSV/TSV with the csv module, every cell as text: a malformed row names its ``file:line``.
+
+    CSV has no types ("0123" stays a string); an empty cell is a missing value (``None``), as
+    pandas/datasets read it; blank lines are skipped. Rows are named ``file.csv:row N`` (N counts the data
+    rows, the header not included), errors by the line a record starts on.
+    """
+    csv.field_size_limit(2**31 - 1)  # the default 128 KiB would refuse a long example
+    rows: list[Row] = []
+    line = 1
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            header = None
+            while True:
+                line = reader.line_num + 1  # the line this record starts on
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    break
+                if not record or record == [""]:  # a blank line
+                    continue
+                if header is None:
+                    header = record
+                    dup = next((name for i, name in enumerate(header) if name in header[:i]), None)
+                    if dup is not None:
+                        raise DataError(f"{path}:{line}: duplicate column {dup!r} in the header")
+                    continue
+                if len(record) != len(header):
+                    raise DataError(
+                        f"{path}:{line}: row {len(rows) + 1} has {len(record)} fields, the header has "
+                        f"{len(header)}"
+                    )
+                cells = {name: (value if value != "" else None) for name, value in zip(header, record)}
+                rows.append(Row(cells, f"{path}:row {len(rows) + 1}"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except csv.Error as e:
+        raise DataError(f"{path}:{line}: malformed {file.suffix.lower()} ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return rows
+
+
+def _innermost_message(e: BaseException) -> str:
+    """The first line of the deepest cause: datasets wraps the reader's error in a generic one."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _json_object_file(path: str, text: str) -> None:
+    """Refuse a .json file that is one JSON object (``{"data": [...]}``) rather than rows.
+
+    JSON Lines holding one row (an object with a row's keys, on one line) passes; so does anything that
+    is not one whole JSON value (JSON Lines proper, or invalid JSON, whose errors then name the line).
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if not isinstance(value, dict):
+        return
+    if len(text.strip().splitlines()) == 1 and {"text", "instruction", "messages"} & set(value):
+        return
+    got = f"an object with keys {', '.join(repr(k) for k in list(value)[:5])}" if value else "an empty object"
+    lists = [k for k, v in value.items() if isinstance(v, list)]
+    hint = f"; are the rows the list under {lists[0]!r}?" if lists else ""
+    raise DataError(
+        f"{path}:1: expected a JSON array of objects (or JSON Lines, one object per line), got {got}{hint}"
+    )
+
+
 def _read_with_datasets(file: Path, path: str, suffix: str) -> list[Row]:
+    builder, kwargs = DATASETS_FORMATS[suffix]
+    if builder == "csv":
+        return _read_csv(file, path, kwargs.get("sep", ","))
     try:
         import datasets
     except ImportError:
         raise DataError(
             f"{path}: reading {suffix} files needs the datasets package (pip install datasets)"
         ) from None
-    builder, kwargs = DATASETS_FORMATS[suffix]
     try:
-        if builder == "csv":  # every column as text: CSV has no types ("0123" must not become 123)
-            with open(file, newline="", encoding="utf-8-sig") as f:
-                header = next(csv.reader(f, delimiter=kwargs.get("sep", ",")), [])
-            strings = datasets.Features({name: datasets.Value("string") for name in header})
-            kwargs = {**kwargs, "features": strings}
         table = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
-    except Exception as e:  # the builders raise many types (pyarrow, pandas, ValueError...)
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: cannot read as {suffix} ({message})") from None
+    except Exception as e:  # the builders raise many types (pyarrow, ValueError...)
+        raise DataError(f"{path}: cannot read as {suffix} ({_innermost_message(e)})") from None
     return [Row(dict(row), f"{path}:row {i + 1}") for i, row in enumerate(table)]
 
 
@@ -216,6 +288,9 @@ def read_rows(path: str, field_name: str) -> list[Row]:
             raise DataError(f"{field_name}: cannot read {path} ({e.strerror})") from None
         if suffix == ".json" and text.lstrip().startswith("["):
             rows = _read_json_array(path, text)
+        elif suffix == ".json" and text.lstrip().startswith("{"):
+            _json_object_file(path, text)
+            rows = _read_jsonl(path, text)
         else:
             rows = _read_jsonl(path, text)
     else:

@@ -102,19 +102,29 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE
 
 
 def parse_size(text: str) -> int:
-    """``"24GB"`` / ``"24GiB"`` / ``"1.5T"`` / ``"800MB"`` -> bytes (GPU memory is quoted in binary units).
+    """``"24GB"`` / ``"24GiB"`` / ``"1.5T"`` / ``"800MB"`` / ``"512B"`` -> bytes (GPU memory is quoted in
+    binary units: K, M, G, T are powers of 1024, with or without ``i`` and ``B``).
+
+    A unit is required (``24`` alone is refused, not read as 24 bytes), and the size must be at least
+    one byte once rounded down.
 
     Raises:
-        UserError: not a size.
+        UserError: not a size, no unit, or less than one byte.
     """
     m = _SIZE.match(text)
+    if not text.strip():
+        raise UserError("--gpu-memory: empty; write the card's memory with a unit, e.g. 24GB or 80GiB")
     if not m or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
         raise UserError(f"--gpu-memory: cannot read {text!r} as a size; write e.g. 24GB or 80GiB")
+    if not m.group(2) and not m.group(3):
+        raise UserError(
+            f"--gpu-memory: {text!r} has no unit; write e.g. {m.group(1)}GB (or B, KB, MB, TB: binary units)"
+        )
     power = " kmgt".index(m.group(2).lower() or " ")
-    value = float(m.group(1)) * 1024**power
-    if value <= 0:
-        raise UserError(f"--gpu-memory: must be positive, got {text!r}")
-    return int(value)
+    value = int(float(m.group(1)) * 1024**power)
+    if value < 1:
+        raise UserError(f"--gpu-memory: must be positive, got {text!r} (less than one byte)")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1163,7 +1173,7 @@ def fit_lines(cfg: Config, est: Estimate, budget: int) -> list[str]:
 
 def main(args: argparse.Namespace, cfg: Config, log=print) -> int:
     """``trainer estimate``: print the breakdown, the fit against ``--gpu-memory``, optionally measure."""
-    budget = parse_size(args.gpu_memory) if args.gpu_memory else None
+    budget = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
     on_gpu = torch.cuda.is_available() or budget is not None
     est = estimate(cfg, on_gpu=on_gpu)
     if args.measure:

@@ -105,6 +105,8 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         AutoConfig.from_pretrained(
             name, local_files_only=not cfg.allow_download, trust_remote_code=cfg.trust_remote_code
         )
+    except ValueError as e:  # in the cache but unknown model_type, or custom code not trusted
+        raise _load_error(name, cfg, f"cannot read the config of {name}", e) from None
     except OSError:
         if cfg.allow_download:
             raise ModelError(
@@ -115,6 +117,65 @@ def resolve_model_path(cfg: ModelConfig) -> str:
             "(offline; set model.allow_download=true to download it)"
         ) from None
     return name
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of a library's message, cut to its first sentence when that line runs on."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    if len(line) > 160 and ". " in line:
+        line = line[: line.index(". ")]
+    return line
+
+
+def _load_error(path: str, cfg: ModelConfig, what: str, e: BaseException) -> ModelError:
+    """``what``: the failed action, e.g. ``cannot load /m as a causal LM``."""
+    if "trust_remote_code" in str(e) and not cfg.trust_remote_code:
+        return ModelError(
+            f"model.name_or_path: {path} needs its own Python code to load (config.json auto_map); set "
+            "model.trust_remote_code=true to run it, only for a repository you trust"
+        )
+    if _is_safetensors_error(e):
+        damaged = _damaged_safetensors(path)
+        where = f"{damaged} is" if damaged else "a weights file is"
+        return ModelError(
+            f"model.name_or_path: cannot load {path}: {where} truncated or damaged ({_reason(e)}); "
+            "copy or download it again"
+        )
+    return ModelError(f"model.name_or_path: {what} ({_reason(e)})")
+
+
+def _is_safetensors_error(e: BaseException) -> bool:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors comes with transformers
+        return False
+    return isinstance(e, SafetensorError)
+
+
+def _damaged_safetensors(path: str) -> str | None:
+    """The first ``*.safetensors`` file of a local model directory whose header does not read."""
+    from safetensors import safe_open
+
+    directory = Path(path)
+    if not directory.is_dir():
+        return None
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception:  # any failure names this file
+            return file.name
+    return None
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model directory raises for a bad directory (not for a bug of ours)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        return (OSError, ValueError)
+    return (OSError, ValueError, SafetensorError)
 
 
 @dataclass
@@ -137,9 +198,7 @@ def load_tokenizer(path: str, cfg: ModelConfig):
             path, local_files_only=not cfg.allow_download, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as e:
-        raise ModelError(
-            f"model.name_or_path: cannot load a tokenizer from {path} ({str(e).splitlines()[0]})"
-        ) from None
+        raise _load_error(path, cfg, f"cannot load a tokenizer from {path}", e) from None
     if tokenizer.pad_token is None:
         # Padded positions are masked out of attention and loss, so any token can pad.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
@@ -150,9 +209,12 @@ def vocab_size_of(path: str, cfg: ModelConfig) -> int:
     """The model's embedding rows, read from its config without loading weights."""
     from transformers import AutoConfig
 
-    hf_cfg = AutoConfig.from_pretrained(
-        path, local_files_only=not cfg.allow_download, trust_remote_code=cfg.trust_remote_code
-    )
+    try:
+        hf_cfg = AutoConfig.from_pretrained(
+            path, local_files_only=not cfg.allow_download, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:  # unknown or missing model_type, custom code not trusted
+        raise _load_error(path, cfg, f"cannot read the config of {path}", e) from None
     size = getattr(hf_cfg, "vocab_size", None) or getattr(hf_cfg.get_text_config(), "vocab_size", None)
     if size is None:
         raise ModelError(f"model.name_or_path: {path} config has no vocab_size")
@@ -186,11 +248,18 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, load_device: t
             local_files_only=not cfg.allow_download,
             trust_remote_code=cfg.trust_remote_code,
             device_map={"": target} if target.type == "cuda" else None,
+            output_loading_info=True,
         )
-    except (OSError, ValueError) as e:
+    except _load_errors() as e:  # SafetensorError: a truncated or damaged weights file
+        raise _load_error(path, cfg, f"cannot load {path} as a causal LM", e) from None
+    model, info = model
+    missing = list(info.get("missing_keys") or ())
+    if missing:  # transformers would initialise them randomly (and only log it); training that is useless
         raise ModelError(
-            f"model.name_or_path: cannot load {path} as a causal LM ({str(e).splitlines()[0]})"
-        ) from None
+            f"model.name_or_path: {path}'s weights do not fit its architecture ({type(model).__name__}, "
+            f"model_type {getattr(model.config, 'model_type', None)!r}): {len(missing)} parameters are missing "
+            f"from the checkpoint, e.g. {sorted(missing)[0]!r}"
+        )
     if target.type != "cuda":
         model.to(target)
     model.config.use_cache = False

@@ -4,6 +4,7 @@ counts its trainable parameters exactly; bad input exits 2 with one line and ove
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,36 @@ def test_console_script_help_and_error_exit_code(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("case", ["bad parquet", "unknown model_type"])
+def test_console_script_library_errors_are_one_line(tiny_model_dir, tmp_path, case):
+    """The libraries' own output (datasets' progress bars and error log, transformers' warnings) stays
+    off the terminal: the error line is all. A subprocess, since their log handlers hold the real stderr."""
+    cfg = write_config(tmp_path, tiny_model_dir)
+    if case == "bad parquet":
+        pytest.importorskip("datasets")
+        pa = pytest.importorskip("pyarrow")
+        pq = pytest.importorskip("pyarrow.parquet")
+        data = tmp_path / "train.parquet"  # the footer reads, the data pages do not (as in test_data.py)
+        pq.write_table(pa.table({"text": ["a" * 50] * 100}), data, compression="none", row_group_size=10)
+        blob = bytearray(data.read_bytes())
+        blob[400:460] = b"\x07" * 60
+        data.write_bytes(bytes(blob))
+        override, expected = f"data.train={data}", "cannot read as .parquet (Couldn't deserialize thrift"
+    else:  # transformers warns "You are using a model of type `qwen9` to instantiate..." on the way
+        model = broken_model_dir(tiny_model_dir, tmp_path / "m", "unknown model_type")
+        override, expected = f"model.name_or_path={model}", "model type `qwen9`"
+    exe = Path(sys.executable).with_name("trainer")
+    proc = subprocess.run(
+        [exe, "run", str(cfg), override],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert expected in proc.stderr
+
+
 def _copy_model_with_vocab(src: Path, dst: Path, vocab_size: int) -> Path:
     import shutil
 
@@ -137,6 +168,30 @@ def _copy_model_without(src: Path, dst: Path, *names: str) -> Path:
     shutil.copytree(src, dst)
     for name in names:
         (dst / name).unlink()
+    return dst
+
+
+def broken_model_dir(src: Path, dst: Path, kind: str) -> Path:
+    """A copy of the tiny model spoiled one way (as in test_model.py, which tests the same at load_model)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    if kind == "remote code":
+        config["model_type"] = "mymodel"
+        config["auto_map"] = {
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.M",
+        }
+    elif kind == "unknown model_type":
+        config["model_type"] = "qwen9"
+    elif kind == "no model_type":
+        del config["model_type"]
+    elif kind == "wrong architecture":  # a Llama checkpoint under a BERT config: every weight missing
+        config["model_type"] = "bert"
+        config["architectures"] = ["BertModel"]
+    elif kind == "truncated weights":  # an interrupted download
+        weights = dst / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (dst / "config.json").write_text(json.dumps(config))
     return dst
 
 
@@ -169,6 +224,20 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, checkpoint: Path) -> dict[str, 
 
     n_tokens = len(AutoTokenizer.from_pretrained(model_dir))
     short_vocab = _copy_model_with_vocab(model_dir, tmp_path / "short-vocab", n_tokens - 1)
+    spoiled = {
+        kind: broken_model_dir(model_dir, tmp_path / kind.replace(" ", "-"), kind)
+        for kind in (
+            "remote code",
+            "unknown model_type",
+            "no model_type",
+            "truncated weights",
+            "wrong architecture",
+        )
+    }
+    (tmp_path / "ragged.csv").write_text("instruction,output\na,b\nc,d,e\n")
+    (tmp_path / "header-only.csv").write_text("instruction,output\n")
+    (tmp_path / "object.json").write_text(json.dumps({"data": [{"text": "a"}]}, indent=2))
+    (tmp_path / "not.parquet").write_text("not parquet")
     corrupt = tmp_path / "corrupt-checkpoint"
     shutil.copytree(checkpoint, corrupt)
     blob = bytearray((corrupt / "optimizer.safetensors").read_bytes())
@@ -206,6 +275,37 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, checkpoint: Path) -> dict[str, 
         "partial without patterns": (["method=partial"], "partial.patterns"),
         "partial bad regex": (["method=partial", "partial.patterns=['(']"], "partial.patterns"),
         "eval file and eval fraction": (["data.eval_fraction=0.2"], "data.eval_fraction"),
+        "negative seed": (["train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),
+        "seed of 2**32": (["train.seed=4294967296"], "train.seed: Input should be less than 4294967296"),
+        "infinite eps": (["optim.eps=.inf"], "optim.eps: Input should be a finite number"),
+        "infinite epochs": (
+            ["train.max_steps=null", "train.epochs=.inf"],
+            "train.epochs: Input should be a finite",
+        ),
+        "boolean rank": (["lora.rank=true"], "lora.rank: Input should be a number, not a boolean"),
+        "boolean max_steps": (
+            ["train.max_steps=true"],
+            "train.max_steps: Input should be a number, not a boolean",
+        ),
+        "bad override named": (
+            ["train.max_steps=3=4"],
+            "error: override 'train.max_steps=3=4': train.max_steps:",
+        ),
+        "yaml control character": ([], "config.yaml:", "extra: \x1b[D\n"),
+        "yaml unhashable key": ([], "invalid YAML: found unhashable key", "? [a, b]\n: 1\n"),
+        "ragged csv": (
+            [f"data.train={tmp_path}/ragged.csv"],
+            "ragged.csv:3: row 2 has 3 fields, the header has 2",
+        ),
+        "header-only csv": ([f"data.train={tmp_path}/header-only.csv"], "header-only.csv: no examples"),
+        "json object file": (
+            [f"data.train={tmp_path}/object.json"],
+            "object.json:1: expected a JSON array of objects",
+        ),
+        "not parquet": (
+            [f"data.train={tmp_path}/not.parquet"],
+            "not.parquet: cannot read as .parquet (Parquet magic",
+        ),
         # data
         "missing eval file": ([f"data.eval={tmp_path}/nope-eval.jsonl"], "nope-eval.jsonl"),
         "data path is a directory": ([f"data.train={tmp_path}/not-a-model"], "not-a-model"),
@@ -217,6 +317,23 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, checkpoint: Path) -> dict[str, 
             "chat template",
         ),
         "no tokenizer in model dir": ([f"model.name_or_path={no_tokenizer}"], "cannot load a tokenizer"),
+        "model needs remote code": (
+            [f"model.name_or_path={spoiled['remote code']}"],
+            "set model.trust_remote_code=true",
+        ),
+        "unknown model_type": ([f"model.name_or_path={spoiled['unknown model_type']}"], "model type `qwen9`"),
+        "no model_type": (
+            [f"model.name_or_path={spoiled['no model_type']}"],
+            "Should have a `model_type` key",
+        ),
+        "truncated weights": (
+            [f"model.name_or_path={spoiled['truncated weights']}"],
+            "model.safetensors is truncated or damaged",
+        ),
+        "weights of another architecture": (
+            [f"model.name_or_path={spoiled['wrong architecture']}"],
+            "weights do not fit its architecture",
+        ),
         "tokenizer larger than embeddings": (
             [f"model.name_or_path={short_vocab}"],
             f"{n_tokens} tokens but the model's embedding has {n_tokens - 1} rows",
@@ -268,12 +385,30 @@ BAD_INPUT_NAMES = [
     "partial without patterns",
     "partial bad regex",
     "eval file and eval fraction",
+    "negative seed",
+    "seed of 2**32",
+    "infinite eps",
+    "infinite epochs",
+    "boolean rank",
+    "boolean max_steps",
+    "bad override named",
+    "yaml control character",
+    "yaml unhashable key",
+    "ragged csv",
+    "header-only csv",
+    "json object file",
+    "not parquet",
     "missing eval file",
     "data path is a directory",
     "overlength error",
     "model dir without config.json",
     "chat template missing for messages",
     "no tokenizer in model dir",
+    "model needs remote code",
+    "unknown model_type",
+    "no model_type",
+    "truncated weights",
+    "weights of another architecture",
     "tokenizer larger than embeddings",
     "output_dir is a file",
     "output_dir under a file",
@@ -314,3 +449,59 @@ def test_non_empty_output_dir_without_overwrite(tiny_model_dir, tmp_path, capsys
     assert main(["run", str(cfg)]) == 2
     assert "output_dir" in capsys.readouterr().err
     assert (tmp_path / "run" / "keep.txt").read_text() == "x"
+
+
+def test_version(capsys):
+    from fusedtune.trainer import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"trainer (fusedtune) {__version__}"
+
+
+def test_unknown_flag_shows_the_commands_usage(tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    for command in ("run", "estimate"):
+        with pytest.raises(SystemExit) as stop:
+            main([command, str(cfg), "--bogus"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"usage: trainer {command} " in err, err
+        assert f"trainer {command}: error: unrecognized arguments: --bogus" in err
+
+
+def test_config_file_may_follow_the_overrides(tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    assert main(["run", "lora.rank=2", str(cfg), "train.max_steps=3", "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["lora"]["rank"], resolved["train"]["max_steps"]) == (2, 3)
+    assert resolved["model"]["name_or_path"] == str(tiny_model_dir)  # the file's, not the default's
+    assert main(["run", "--print-config", "lora.rank=2", str(cfg)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["name_or_path"] == str(tiny_model_dir)
+    assert main(["run", str(cfg), "lora.rank=2", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: one config file at most") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ("24", "--gpu-memory: '24' has no unit; write e.g. 24GB"),
+        ("0.5", "--gpu-memory: '0.5' has no unit"),
+        ("0.0000000001GB", "--gpu-memory: must be positive, got '0.0000000001GB' (less than one byte)"),
+        ("", "--gpu-memory: empty"),
+    ],
+)
+def test_estimate_gpu_memory_needs_a_unit_and_a_byte(tiny_model_dir, tmp_path, capsys, size, expected):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    assert main(["estimate", str(cfg), "--gpu-memory", size]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_estimate_measure_on_truncated_weights_is_one_line(tiny_model_dir, tmp_path, capsys):
+    model = broken_model_dir(tiny_model_dir, tmp_path / "m", "truncated weights")
+    cfg = write_config(tmp_path, model)
+    assert main(["estimate", str(cfg), "--measure"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.name_or_path: ") and err.count("\n") == 1, err
+    assert "model.safetensors is truncated or damaged" in err

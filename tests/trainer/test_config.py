@@ -42,6 +42,21 @@ def test_overrides_parse_yaml_values():
         (["data.eval=x.jsonl"], "data.eval: a built-in task brings its own held-out set"),
         (["lora.dropout=1.0"], "lora.dropout: Input should be less than 1"),
         (["novalue"], "expected key=value"),
+        # numpy seeds are 0 .. 2**32 - 1: anything else crashed in the loop
+        (["train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),
+        (["train.seed=4294967296"], "train.seed: Input should be less than 4294967296"),
+        # non-finite floats: eps=inf trained nothing, epochs=inf crashed
+        (["optim.eps=.inf"], "optim.eps: Input should be a finite number"),
+        (["optim.lr=.inf"], "optim.lr: Input should be a finite number"),
+        (["optim.lr=.nan"], "optim.lr: Input should be a finite number"),
+        (["lora.alpha=.inf"], "lora.alpha: Input should be a finite number"),
+        (["optim.weight_decay=.inf"], "optim.weight_decay: Input should be a finite number"),
+        (["train.epochs=.inf"], "train.epochs: Input should be a finite number"),
+        # booleans are not numbers: rank=true was rank 1
+        (["lora.rank=true"], "lora.rank: Input should be a number, not a boolean"),
+        (["train.max_steps=true"], "train.max_steps: Input should be a number, not a boolean"),
+        (["optim.lr=false"], "optim.lr: Input should be a number, not a boolean"),
+        (["optim.betas=[true, 0.9]"], "optim.betas: Input should be a number, not a boolean"),
     ],
 )
 def test_bad_values_name_the_field(overrides, expected):
@@ -57,6 +72,62 @@ def test_duplicate_yaml_key_names_file_and_line(tmp_path):
     path.write_text("method: lora\nmodel:\n  dtype: fp32\nmethod: full\n")
     with pytest.raises(ConfigError, match=r"run\.yaml:4: duplicate key 'method' \(first at line 1\)"):
         load_config(path)
+
+
+def test_numbers_at_their_bounds_and_booleans_where_booleans_belong():
+    cfg = load_config(None, ["train.seed=4294967295", "model.trust_remote_code=true", "data.max_seq_len=8.0"])
+    assert cfg.train.seed == 2**32 - 1 and cfg.model.trust_remote_code is True and cfg.data.max_seq_len == 8
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lora:\n  rank: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["lora.rank=4", "train.max_steps=3=4"])
+    assert str(err.value).startswith("override 'train.max_steps=3=4': train.max_steps: Input should be")
+    with pytest.raises(ConfigError, match=r"^override 'optim\.learning_rate=1': unknown key"):
+        load_config(path, ["optim.learning_rate=1"])
+    path.write_text("lora:\n  rank: x\n")  # the file's own mistake is still the file's
+    with pytest.raises(ConfigError, match=r"^.*run\.yaml: lora\.rank: Input should be a valid integer"):
+        load_config(path, ["train.max_steps=3"])
+
+
+def test_yaml_merge_keys_work_and_duplicates_are_still_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "lora: &b\n  rank: 8\n  alpha: 16\n"
+        "train:\n  <<: {max_steps: 2, seed: 5}\n  seed: 7\n"  # an explicit key wins over a merged one
+        "optim:\n  <<: [{lr: 0.5}]\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.lora.rank, cfg.lora.alpha) == (8, 16.0)
+    assert (cfg.train.max_steps, cfg.train.seed, cfg.optim.lr) == (2, 7, 0.5)
+    path.write_text("train:\n  <<: {max_steps: 2}\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:4: duplicate key 'seed' \(first at line 3\)"):
+        load_config(path)
+    path.write_text("train:\n  <<: {seed: 1, seed: 2}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:2: duplicate key 'seed'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("lora:\n  rank: 8\x1b[D\n", r"run\.yaml:2: invalid YAML: character #x001b is not allowed"),
+        ("method: lora\n? [a, b]\n: 1\n", r"run\.yaml:2: invalid YAML: found unhashable key"),
+        (
+            "x: !!python/object:os.system ls\n",
+            r"run\.yaml:1: invalid YAML: could not determine a constructor",
+        ),
+    ],
+    ids=["control character", "unhashable key", "python tag"],
+)
+def test_yaml_errors_are_one_line_with_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
 
 
 def test_invalid_yaml_names_line(tmp_path):

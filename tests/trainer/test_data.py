@@ -316,6 +316,78 @@ def test_bad_input_is_one_line_naming_the_place(tmp_path, tiny_tokenizer, case):
     assert expected.format(dir=tmp_path, long=long, fox_max=fox_max) in message
 
 
+FILE_SHAPES = {
+    # id: (file name, content, expected message ({path}: the file))
+    "csv extra field": ("t.csv", "instruction,output\na,b\nc,d,e\n", "{path}:3: row 2 has 3 fields, the header has 2"),
+    "csv missing field": ("t.csv", "instruction,output\na,b\n\nc\n", "{path}:4: row 2 has 1 fields, the header has 2"),
+    "csv ragged after a quoted newline": ("t.csv", 'text,x\n"a\nb",1\nc,1,2\n', "{path}:4: row 2 has 3 fields"),
+    "tsv extra field": ("t.tsv", "text\thello\nmore\tx\ty\n", "{path}:2: row 1 has 3 fields, the header has 2"),
+    "csv bad quoting": ("t.csv", 'text,x\na,b\n"c"d,e\n', "{path}:3: malformed .csv ("),
+    "csv duplicate column": ("t.csv", "text,text\na,b\n", "{path}:1: duplicate column 'text' in the header"),
+    "csv header only": ("t.csv", "instruction,output\n", "{path}: no examples"),
+    "csv empty": ("t.csv", "", "{path}: no examples"),
+    "csv not utf-8": ("t.csv", b"text\n\xff\n", "{path}: not UTF-8 text"),
+    "json object": ("t.json", '{\n  "data": [\n    {"text": "a"}\n  ]\n}\n', "{path}:1: expected a JSON array of objects (or JSON Lines, one object per line), got an object with keys 'data'; are the rows the list under 'data'?"),
+    "json object on one line": ("t.json", '{"data": [{"text": "a"}]}', "{path}:1: expected a JSON array of objects"),
+    "json empty object": ("t.json", "{}", "{path}:1: expected a JSON array of objects (or JSON Lines, one object per line), got an empty object"),
+    "parquet not parquet": ("t.parquet", "not parquet", "{path}: cannot read as .parquet (Parquet magic bytes not found"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FILE_SHAPES, ids=list(FILE_SHAPES))
+def test_file_shape_errors_are_one_line_naming_the_file(tmp_path, tiny_tokenizer, case):
+    name, content, expected = FILE_SHAPES[case]
+    if name.endswith(".parquet"):
+        pytest.importorskip("datasets")
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError) as info:
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+    message = str(info.value)
+    assert "\n" not in message
+    assert expected.format(path=path) in message, message
+
+
+def corrupt_parquet(path):
+    """A parquet file whose footer reads but whose data pages do not: datasets fails while generating."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": ["a" * 50] * 100}), path, compression="none", row_group_size=10)
+    blob = bytearray(path.read_bytes())
+    blob[400:460] = b"\x07" * 60
+    path.write_bytes(bytes(blob))
+    return path
+
+
+def test_parquet_error_names_the_readers_reason(tmp_path, tiny_tokenizer):
+    # datasets wraps it: "An error occurred while generating the dataset" said nothing
+    pytest.importorskip("datasets")
+    path = corrupt_parquet(tmp_path / "train.parquet")
+    with pytest.raises(
+        DataError, match=r"train\.parquet: cannot read as \.parquet \(Couldn't deserialize thrift"
+    ):
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+
+
+def test_csv_reads_quoted_newlines_blank_lines_and_empty_cells(tmp_path, tiny_tokenizer):
+    path = tmp_path / "train.csv"
+    path.write_text('instruction,input,output\n"Two\nlines",,"a, b"\n\nWhat?,x,\n')
+    with pytest.raises(DataError, match=r"train\.csv:row 2: alpaca row has no 'output' field"):
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)  # an empty cell is missing
+    path.write_text('instruction,input,output\n"Two\nlines",,"a, b"\n\nWhat?,x,y\n')
+    data = build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+    assert [e.source for e in data.train] == [f"{path}:row 1", f"{path}:row 2"]
+    assert tiny_tokenizer.decode(target_spans(data.train[0])[0]) == "a, b<|im_end|>\n"
+
+
+def test_json_file_with_one_row_object_on_one_line_is_json_lines(tmp_path, tiny_tokenizer):
+    path = tmp_path / "train.json"
+    path.write_text('{"text": "fox"}\n')
+    assert len(build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB).train) == 1
+    path.write_text('{"text": "fox"}\n{"text": "dog"}\n')
+    assert len(build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB).train) == 2
+
+
 def test_json_array_errors_name_the_line(tmp_path, tiny_tokenizer):
     path = tmp_path / "train.json"
     path.write_text('[\n  {"text": "a"},\n  "b"\n]\n')

@@ -1,14 +1,20 @@
-"""Loading the model (trainer/model.py): gradient checkpointing differentiates exactly what trains."""
+"""Loading the model (trainer/model.py): gradient checkpointing differentiates exactly what trains;
+a model directory transformers cannot use is one ModelError naming model.name_or_path."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from tiny import write_config
 
 from fusedtune.trainer.adapt import apply_method
-from fusedtune.trainer.config import load_config
-from fusedtune.trainer.model import load_model
+from fusedtune.trainer.config import ModelConfig, load_config
+from fusedtune.trainer.errors import ModelError
+from fusedtune.trainer.model import load_model, vocab_size_of
 
 
 def _grads_and_block0_calls(cfg, ids):
@@ -53,3 +59,53 @@ def test_checkpointing_gives_the_same_gradients_and_skips_frozen_blocks(
     assert ckpt.keys() == plain.keys() and ckpt
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def broken_model_dir(src: Path, dst: Path, kind: str) -> Path:
+    """A copy of the tiny model spoiled one way (test_cli.py has the same, for the whole CLI)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    if kind == "remote code":
+        config["model_type"] = "mymodel"
+        config["auto_map"] = {
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.M",
+        }
+    elif kind == "unknown model_type":
+        config["model_type"] = "qwen9"
+    elif kind == "no model_type":
+        del config["model_type"]
+    elif kind == "wrong architecture":  # a Llama checkpoint under a BERT config: every weight missing
+        config["model_type"] = "bert"
+        config["architectures"] = ["BertModel"]
+    elif kind == "truncated weights":  # an interrupted download
+        weights = dst / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+MODEL_DIR_ERRORS = {
+    # kind: (where it fails, expected fragment)
+    "remote code": ("config", "needs its own Python code to load (config.json auto_map); set model.trust_remote_code=true"),
+    "unknown model_type": ("config", "cannot read the config of {dir} (The checkpoint you are trying to load has model type `qwen9`"),
+    "no model_type": ("config", "cannot read the config of {dir} (Unrecognized model in {dir}"),
+    "truncated weights": ("weights", "cannot load {dir}: model.safetensors is truncated or damaged (Error while deserializing header"),
+    "wrong architecture": ("weights", "{dir}'s weights do not fit its architecture (BertLMHeadModel, model_type 'bert'): "),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", MODEL_DIR_ERRORS)
+def test_unusable_model_directory_is_one_model_error(tmp_path, tiny_model_dir, kind):
+    where, expected = MODEL_DIR_ERRORS[kind]
+    path = broken_model_dir(tiny_model_dir, tmp_path / "m", kind)
+    cfg = ModelConfig(name_or_path=str(path), dtype="fp32")
+    with pytest.raises(ModelError) as err:
+        if where == "config":
+            vocab_size_of(str(path), cfg)
+        else:
+            assert vocab_size_of(str(path), cfg) == 400
+            load_model(str(path), cfg, torch.device("cpu"))
+    message = str(err.value)
+    assert message.startswith("model.name_or_path: ") and "\n" not in message
+    assert expected.format(dir=path) in message, message
