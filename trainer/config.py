@@ -287,6 +287,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """
 
     def _check_unique_keys(self, node: yaml.MappingNode, deep: bool) -> None:
+        checked = self.__dict__.setdefault("_checked_nodes", set())
+        if id(node) in checked:  # an anchored mapping, checked where it was defined and since flattened
+            return
+        checked.add(id(node))
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
             if key_node.tag == MERGE_TAG:

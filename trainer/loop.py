@@ -437,6 +437,8 @@ def _finished_run(out: Path, ckpt: Checkpoint, steps: int) -> RunResult | None:
     That run's last checkpoint has ``ckpt``'s name and the same losses and skip count (a summary left by
     another continuation of the run, killed before it wrote its own, does not match).
     """
+    if not any((out / name).is_file() for name in ("adapter_model.safetensors", "trainable.safetensors")):
+        return None  # killed after its last checkpoint, before its outputs: finish it
     try:
         summary = json.loads((out / "summary.json").read_text())
         names = {f.name for f in dataclasses.fields(RunResult)}
@@ -471,8 +473,9 @@ def _metrics_up_to(ckpt: Checkpoint) -> bytes:
     Empty when the checkpoint is not in a run directory's ``checkpoints/`` or the file no longer has them.
     """
     size = int(ckpt.state.get("metrics_bytes", 0))
-    source = ckpt.path.parent.parent / "metrics.jsonl"
-    if ckpt.path.parent.name != CHECKPOINTS or size <= 0 or not source.is_file():
+    path = ckpt.path.resolve()  # a symlink to the checkpoint: its run is where it really is
+    source = path.parent.parent / "metrics.jsonl"
+    if path.parent.name != CHECKPOINTS or size <= 0 or not source.is_file():
         return b""
     with open(source, "rb") as f:
         data = f.read(size)
@@ -610,7 +613,12 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     root = checkpoint_root(out)
     if ckpt is None:
         if out.exists():
-            for name in ("adapter_model.safetensors", "adapter_config.json", "trainable.safetensors"):
+            for name in (
+                "adapter_model.safetensors",
+                "adapter_config.json",
+                "trainable.safetensors",
+                "summary.json",
+            ):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(root, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -634,7 +642,12 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         else:  # another directory's checkpoint: the run continues here, with its log up to the checkpoint
             history = _metrics_up_to(ckpt)
             if out.exists():  # overwrite=true (else it is empty): the earlier run's outputs go
-                for name in ("adapter_model.safetensors", "adapter_config.json", "trainable.safetensors"):
+                for name in (
+                    "adapter_model.safetensors",
+                    "adapter_config.json",
+                    "trainable.safetensors",
+                    "summary.json",
+                ):
                     (out / name).unlink(missing_ok=True)
                 shutil.rmtree(root, ignore_errors=True)
             out.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ the original function. Partial-rotary or interleaved variants keep their own, an
 from __future__ import annotations
 
 import ast
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -341,9 +342,33 @@ def apply_patches(model: nn.Module, padding_free_wanted: bool, max_seq_len: int,
     what took effect."""
     from . import loss, padding_free
 
+    # The two set-up probes (one short forward each) run first, with the model's own norms, MLPs and
+    # rotations and the adapters on their torch path, under a forked RNG: under Triton's interpreter the
+    # fused kernels made them take two minutes for SmolLM2, and dropout masks drawn in them would move a
+    # fresh run's random stream. What they check (row boundaries reaching attention, what follows the
+    # LM head) is the same with or without the fused kernels.
+    with _probe_mode(model):
+        probed = [padding_free.setup(model, padding_free_wanted, max_seq_len), loss.head_report(model)]
     report = fuse_swiglu(model, backend)
     fuse_rmsnorm(model, backend, report)
-    lines = fuse_rope(model, backend, report).lines()
-    lines.append(padding_free.setup(model, padding_free_wanted, max_seq_len))
-    lines.append(loss.head_report(model))  # after the patches: its probe runs the model as training will
-    return lines
+    return fuse_rope(model, backend, report).lines() + probed
+
+
+@contextlib.contextmanager
+def _probe_mode(model: nn.Module):
+    from fusedtune.kernels.modules import LoRALinear, QuantLoRALinear
+
+    fused = [
+        m for m in model.modules() if isinstance(m, LoRALinear | QuantLoRALinear) and m.backend != "torch"
+    ]
+    before = [m.backend for m in fused]
+    for m in fused:
+        m.backend = "torch"
+    try:
+        with torch.random.fork_rng(
+            devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []
+        ):
+            yield
+    finally:
+        for m, b in zip(fused, before, strict=True):
+            m.backend = b

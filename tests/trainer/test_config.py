@@ -183,3 +183,15 @@ def test_large_lr_for_whole_matrices_is_called_out():
         "the default for full/partial is 2e-05)"
     )
     assert lr_warning(load_config(None, ["method=full", "optim.lr=2e-5"])) is None
+
+
+def test_chained_yaml_merges_load_as_safe_load_does(tmp_path):
+    """A mapping merged into another that is merged in turn: PyYAML flattens the middle one in place,
+    which must not read as a duplicate key."""
+    import yaml
+
+    from fusedtune.trainer.config import _read_yaml
+
+    text = "a: &a {x: 1, y: 2}\nb: &b {<<: *a, x: 3}\nc: {<<: *b, z: 4}\n"
+    (tmp_path / "m.yaml").write_text(text)
+    assert _read_yaml(tmp_path / "m.yaml") == yaml.safe_load(text)

@@ -326,3 +326,21 @@ def test_rope_of_an_inherited_forward_is_patched_where_the_forward_looks(monkeyp
     ids = torch.randint(0, 61, (1, 5))
     model(input_ids=ids)
     assert len(calls) == 2
+
+
+def test_set_up_probes_leave_the_random_stream_and_the_adapters_backend_alone():
+    """The probe forwards run with the adapters on their torch path and under a forked RNG: a fresh
+    run's dropout masks are the ones it would draw without them, and triton layers stay triton."""
+    from fusedtune.kernels import LoRALinear
+
+    model = _llama()
+    model.model.layers[0].self_attn.q_proj = LoRALinear.from_linear(
+        model.model.layers[0].self_attn.q_proj, 4, 8, dropout=0.5, backend="triton"
+    )
+    model.train()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    apply_patches(model, True, 64, "torch")
+    assert torch.equal(torch.rand(3), expected)
+    assert model.model.layers[0].self_attn.q_proj.backend == "triton"

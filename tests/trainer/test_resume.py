@@ -540,6 +540,12 @@ def test_resume_auto_on_a_finished_run_leaves_it_as_it_is(tiny_model_dir, tmp_pa
     assert main(["run", str(cfg), "resume=auto"]) == 0
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
 
+    # a summary that matches but no adapter (an identical overwrite run killed in its final eval, which
+    # now also deletes summary.json; or files removed by hand): not finished, the outputs are written
+    (run_dir / "adapter_model.safetensors").unlink()
+    assert main(["run", str(cfg), "resume=auto"]) == 0
+    assert (run_dir / "adapter_model.safetensors").is_file()
+
 
 def test_resume_from_another_directorys_checkpoint_over_an_unrelated_run(tiny_model_dir, tmp_path, capsys):
     """overwrite=true into a directory of another run: its log is not cut at the checkpoint's byte count
