@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -109,21 +110,49 @@ def build_tiny_model(
     return path
 
 
+# The in-memory tiny decoder's shape (tiny_llama; test_architectures.py builds other architectures at it).
+TINY_SHAPE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def broken_model_dir(src: Path, dst: Path, kind: str) -> Path:
+    """A copy of a saved tiny model spoiled one way, as a user's model directory can be (test_model.py
+    tests each at ``load_model``, test_cli.py through the whole CLI)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    if kind == "remote code":
+        config["model_type"] = "mymodel"
+        config["auto_map"] = {
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.M",
+        }
+    elif kind == "unknown model_type":
+        config["model_type"] = "qwen9"
+    elif kind == "no model_type":
+        del config["model_type"]
+    elif kind == "wrong architecture":  # a Llama checkpoint under a BERT config: every weight missing
+        config["model_type"] = "bert"
+        config["architectures"] = ["BertModel"]
+    elif kind == "truncated weights":  # an interrupted download
+        weights = dst / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides):
     """An in-memory 2-layer Llama (vocab 97, hidden 64, GQA 4/2 heads), no tokenizer; ``overrides`` the config."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fields = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**fields, **overrides})).to(dtype)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_SHAPE, **overrides})).to(dtype)
     model.config.use_cache = False
     return model
 

@@ -14,19 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from tiny import TINY_SHAPE
 
 from fusedtune.trainer.loss import loss_sum
 from fusedtune.trainer.patches import apply_patches
 
-BASE = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+BASE = {**TINY_SHAPE, "max_position_embeddings": 128}
 ARCHS = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}),

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import write_config
+from tiny import broken_model_dir, write_config
 
 from fusedtune.trainer.cli import main
 
@@ -168,30 +168,6 @@ def _copy_model_without(src: Path, dst: Path, *names: str) -> Path:
     shutil.copytree(src, dst)
     for name in names:
         (dst / name).unlink()
-    return dst
-
-
-def broken_model_dir(src: Path, dst: Path, kind: str) -> Path:
-    """A copy of the tiny model spoiled one way (as in test_model.py, which tests the same at load_model)."""
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    if kind == "remote code":
-        config["model_type"] = "mymodel"
-        config["auto_map"] = {
-            "AutoConfig": "configuration_my.MyConfig",
-            "AutoModelForCausalLM": "modeling_my.M",
-        }
-    elif kind == "unknown model_type":
-        config["model_type"] = "qwen9"
-    elif kind == "no model_type":
-        del config["model_type"]
-    elif kind == "wrong architecture":  # a Llama checkpoint under a BERT config: every weight missing
-        config["model_type"] = "bert"
-        config["architectures"] = ["BertModel"]
-    elif kind == "truncated weights":  # an interrupted download
-        weights = dst / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    (dst / "config.json").write_text(json.dumps(config))
     return dst
 
 

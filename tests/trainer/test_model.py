@@ -3,13 +3,9 @@ a model directory transformers cannot use is one ModelError naming model.name_or
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
-from tiny import write_config
+from tiny import broken_model_dir, write_config
 
 from fusedtune.trainer.adapt import apply_method
 from fusedtune.trainer.config import ModelConfig, load_config
@@ -59,30 +55,6 @@ def test_checkpointing_gives_the_same_gradients_and_skips_frozen_blocks(
     assert ckpt.keys() == plain.keys() and ckpt
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
-
-
-def broken_model_dir(src: Path, dst: Path, kind: str) -> Path:
-    """A copy of the tiny model spoiled one way (test_cli.py has the same, for the whole CLI)."""
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    if kind == "remote code":
-        config["model_type"] = "mymodel"
-        config["auto_map"] = {
-            "AutoConfig": "configuration_my.MyConfig",
-            "AutoModelForCausalLM": "modeling_my.M",
-        }
-    elif kind == "unknown model_type":
-        config["model_type"] = "qwen9"
-    elif kind == "no model_type":
-        del config["model_type"]
-    elif kind == "wrong architecture":  # a Llama checkpoint under a BERT config: every weight missing
-        config["model_type"] = "bert"
-        config["architectures"] = ["BertModel"]
-    elif kind == "truncated weights":  # an interrupted download
-        weights = dst / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
 
 
 MODEL_DIR_ERRORS = {
