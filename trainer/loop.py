@@ -431,13 +431,25 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, ckpt: Checkpo
     return sorted(changed)
 
 
+# What a run writes at its end (the weights first), and what a run that takes a directory over removes.
+_WEIGHT_OUTPUTS = ("adapter_model.safetensors", "trainable.safetensors")
+_END_OUTPUTS = (*_WEIGHT_OUTPUTS, "adapter_config.json", "summary.json")
+
+
+def _remove_outputs(out: Path) -> None:
+    """An earlier run's outputs and checkpoints in ``out`` (``overwrite=true``); its log is rewritten."""
+    for name in _END_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+
+
 def _finished_run(out: Path, ckpt: Checkpoint, steps: int) -> RunResult | None:
     """The run's ``summary.json`` as a result, when the run that wrote it ended with ``ckpt``.
 
     That run's last checkpoint has ``ckpt``'s name and the same losses and skip count (a summary left by
     another continuation of the run, killed before it wrote its own, does not match).
     """
-    if not any((out / name).is_file() for name in ("adapter_model.safetensors", "trainable.safetensors")):
+    if not any((out / name).is_file() for name in _WEIGHT_OUTPUTS):
         return None  # killed after its last checkpoint, before its outputs: finish it
     try:
         summary = json.loads((out / "summary.json").read_text())
@@ -613,14 +625,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     root = checkpoint_root(out)
     if ckpt is None:
         if out.exists():
-            for name in (
-                "adapter_model.safetensors",
-                "adapter_config.json",
-                "trainable.safetensors",
-                "summary.json",
-            ):
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(root, ignore_errors=True)
+            _remove_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
         metrics = MetricsLog(out / "metrics.jsonl")
@@ -631,6 +636,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         position = {"epoch": 0, "offset": 0}
     else:
         metrics_path = out / "metrics.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
         if inside:  # this run's own log: drop records logged after the checkpoint
             size = ckpt.state["metrics_bytes"]
             if metrics_path.exists() and metrics_path.stat().st_size > size:
@@ -642,17 +648,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         else:  # another directory's checkpoint: the run continues here, with its log up to the checkpoint
             history = _metrics_up_to(ckpt)
             if out.exists():  # overwrite=true (else it is empty): the earlier run's outputs go
-                for name in (
-                    "adapter_model.safetensors",
-                    "adapter_config.json",
-                    "trainable.safetensors",
-                    "summary.json",
-                ):
-                    (out / name).unlink(missing_ok=True)
-                shutil.rmtree(root, ignore_errors=True)
-            out.mkdir(parents=True, exist_ok=True)
+                _remove_outputs(out)
             metrics_path.write_bytes(history)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
         metrics = MetricsLog(metrics_path, append=True)
         st = ckpt.state

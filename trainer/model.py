@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .errors import ModelError
@@ -135,7 +136,7 @@ def _load_error(path: str, cfg: ModelConfig, what: str, e: BaseException) -> Mod
             f"model.name_or_path: {path} needs its own Python code to load (config.json auto_map); set "
             "model.trust_remote_code=true to run it, only for a repository you trust"
         )
-    if _is_safetensors_error(e):
+    if isinstance(e, SafetensorError):
         damaged = _damaged_safetensors(path)
         where = f"{damaged} is" if damaged else "a weights file is"
         return ModelError(
@@ -145,18 +146,8 @@ def _load_error(path: str, cfg: ModelConfig, what: str, e: BaseException) -> Mod
     return ModelError(f"model.name_or_path: {what} ({_reason(e)})")
 
 
-def _is_safetensors_error(e: BaseException) -> bool:
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - safetensors comes with transformers
-        return False
-    return isinstance(e, SafetensorError)
-
-
 def _damaged_safetensors(path: str) -> str | None:
     """The first ``*.safetensors`` file of a local model directory whose header does not read."""
-    from safetensors import safe_open
-
     directory = Path(path)
     if not directory.is_dir():
         return None
@@ -167,15 +158,6 @@ def _damaged_safetensors(path: str) -> str | None:
         except Exception:  # any failure names this file
             return file.name
     return None
-
-
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What loading a model directory raises for a bad directory (not for a bug of ours)."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover
-        return (OSError, ValueError)
-    return (OSError, ValueError, SafetensorError)
 
 
 @dataclass
@@ -250,7 +232,7 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, load_device: t
             device_map={"": target} if target.type == "cuda" else None,
             output_loading_info=True,
         )
-    except _load_errors() as e:  # SafetensorError: a truncated or damaged weights file
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a truncated weights file
         raise _load_error(path, cfg, f"cannot load {path} as a causal LM", e) from None
     model, info = model
     missing = list(info.get("missing_keys") or ())
