@@ -73,6 +73,19 @@ _ARCHS = {
         "Gemma3ForCausalLM",
         {"head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
     ),
+    # MoE: experts as stacked 3-D weights (gate_up_proj [E, 2I, H], down_proj [E, H, I])
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # routed experts plus a dense shared expert (nn.Linear) and its scalar gate
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+        },
+    ),
 }
 
 

@@ -21,6 +21,7 @@ from fusedtune.kernels.lora import MAX_RANK as FUSED_MAX_RANK
 from fusedtune.kernels.modules import LoRASiblings
 from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 
+from . import experts
 from .config import Config
 from .errors import ConfigError
 
@@ -65,6 +66,9 @@ class AdaptReport:
     siblings: list[str] = field(default_factory=list)  # "parent: q_proj|k_proj|v_proj" per group
     siblings_why_not: str | None = None
     too_narrow: dict[str, str] = field(default_factory=dict)  # default targets left out: name -> "in->out"
+    experts_adapted: list[str] = field(default_factory=list)  # "<experts module>.<3-D weight>"
+    experts_quantized: list[str] = field(default_factory=list)
+    experts_why_not: str | None = None  # why the expert weights were not adapted
 
     def lines(self) -> list[str]:
         """Human-readable lines: what got adapted, fused, and what did not and why."""
@@ -92,6 +96,7 @@ class AdaptReport:
                     "(the smallest M measured on an H200, where dequantize + cuBLAS already won)"
                 )
             out += not_fused_lines(self.not_fused, len(self.adapted), "all adapted layers")
+        out += self._expert_lines()
         if self.siblings:
             kinds = Counter(g.split(": ")[1] for g in self.siblings)
             out.append(
@@ -100,6 +105,26 @@ class AdaptReport:
             )
         elif self.siblings_why_not:
             out.append(f"LoRA siblings not grouped: {self.siblings_why_not}")
+        return out
+
+    def _expert_lines(self) -> list[str]:
+        def kinds(names: list[str]) -> str:
+            c = Counter(_BLOCK_INDEX.sub(lambda m: m.group(0).replace(m.group(1), "*"), n) for n in names)
+            return ", ".join(f"{n} x {k}" for k, n in c.items())
+
+        out = []
+        if self.experts_adapted:
+            out.append(
+                f"MoE experts: per-expert LoRA on {len(self.experts_adapted)} stacked expert weights "
+                f"({kinds(self.experts_adapted)}), tokens grouped by expert, one autograd node per projection"
+            )
+        if self.experts_why_not:
+            out.append(f"MoE experts: not adapted ({self.experts_why_not})")
+        if self.experts_quantized:
+            out.append(
+                f"MoE experts: {len(self.experts_quantized)} stacked expert weights quantized, each expert on its "
+                f"own as a Linear's weight ({kinds(self.experts_quantized)})"
+            )
         return out
 
 
@@ -147,26 +172,46 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def select_targets(model: nn.Module, target_modules: list[str] | None) -> dict[str, nn.Linear]:
     """The Linear layers to adapt: all block Linears, or those whose name ends with a target.
 
+    A target may also name MoE expert weights (``gate_up_proj``, ``experts.down_proj``, ...), which
+    :func:`select_expert_targets` picks.
+
     Raises:
-        ConfigError: targets that match no Linear layer.
+        ConfigError: targets that match no Linear layer and no expert weight.
     """
     if target_modules is None:
         targets = block_linears(model)
-        if not targets:
+        if not targets and not experts.expert_weights(model):
             raise ConfigError("lora.target_modules: the model has no Linear layers inside indexed blocks")
         return targets
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    targets = {n: m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in target_modules)}
-    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linears)]
+    expert_names = list(experts.expert_weights(model))
+    targets = {n: m for n, m in linears.items() if _matches(n, target_modules)}
+    unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in (*linears, *expert_names))]
     if unmatched:
         leafs = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        also = sorted({n.rsplit(".", 1)[-1] for n in expert_names})
         raise ConfigError(
             f"lora.target_modules: {unmatched} match no Linear layer (available: {', '.join(leafs)})"
+            + (f" and no expert weight (available: {', '.join(also)})" if also else "")
         )
     return targets
+
+
+def select_expert_targets(
+    model: nn.Module, target_modules: list[str] | None
+) -> dict[str, tuple[nn.Module, str]]:
+    """The MoE expert weights to adapt: all of them by default, or those whose name ends with a target."""
+    weights = experts.expert_weights(model)
+    if target_modules is None:
+        return weights
+    return {n: w for n, w in weights.items() if _matches(n, target_modules)}
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -225,6 +270,7 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                 raise ConfigError(f"lora.rank: {lc.rank} is larger than every Linear in the blocks")
         for name, linear in targets.items():
             _check_rank(name, linear, lc.rank)
+        expert_targets = _expert_targets(model, cfg, report)
         method_backend, method_reason = lora_layer_backend(
             cfg.kernels, cfg.method, lc.dropout, backend, reason
         )
@@ -257,6 +303,9 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                 report.fused.append(name)
             else:
                 report.not_fused[name] = why
+        _adapt_experts(
+            model, cfg, expert_targets, backend if cfg.method == "qlora" else "torch", device, report
+        )
         if cfg.method == "qlora":
             model.to(device)  # the rest (embeddings, norms, head) after the Linears are packed
             report.siblings_why_not = "qlora layers run one by one"
@@ -279,6 +328,62 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
     if not report.trainable_names:
         raise ConfigError(f"method {cfg.method}: no parameter is left trainable")
     return report
+
+
+def _expert_targets(model: nn.Module, cfg: Config, report: AdaptReport) -> dict[str, tuple[nn.Module, str]]:
+    """The MoE expert weights to adapt (checked), recording in ``report`` why any are left out."""
+    lc = cfg.lora
+    all_weights = experts.expert_weights(model)
+    if not all_weights:
+        return {}
+    chosen = select_expert_targets(model, lc.target_modules)
+    if not chosen:
+        report.experts_why_not = "no expert weight in lora.target_modules"
+        return {}
+    if lc.dropout > 0.0:
+        if lc.target_modules is None:
+            report.experts_why_not = (
+                "lora.dropout > 0: expert LoRA has no dropout, as in PEFT; set lora.dropout: 0 to adapt them"
+            )
+            return {}
+        raise ConfigError(
+            f"lora.dropout: expert weights ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in chosen}))}) "
+            "take no LoRA dropout (as in PEFT); set lora.dropout: 0 or leave them out of lora.target_modules"
+        )
+    for name, (module, weight) in list(chosen.items()):
+        _, k, n = experts.shape(module, weight)
+        if lc.rank > min(k, n):
+            if lc.target_modules is None:
+                report.too_narrow[name] = f"{k}->{n}"
+                del chosen[name]
+                continue
+            raise ConfigError(
+                f"lora.rank: {lc.rank} is larger than expert weight {name} ({k}->{n}); use at most {min(k, n)}"
+            )
+    return chosen
+
+
+def _adapt_experts(
+    model: nn.Module,
+    cfg: Config,
+    targets: dict[str, tuple[nn.Module, str]],
+    backend: str,
+    device: torch.device,
+    report: AdaptReport,
+) -> None:
+    """Per-expert LoRA on ``targets``; under QLoRA every expert weight is quantized first (adapted or not:
+    they are most of an MoE model's weights)."""
+    lc, qc = cfg.lora, cfg.quant
+    for name, (module, weight) in experts.expert_weights(model).items():
+        dense = module._parameters.get(weight)
+        dtype = dense.dtype if dense is not None else experts.frozen_dtype(module, weight)
+        if cfg.method == "qlora" and dense is not None:
+            experts.quantize(module, weight, qc.quant_type, qc.blocksize, qc.double_quant, device)
+            report.experts_quantized.append(name)
+        if name in targets:
+            experts.add_lora(module, weight, lc.rank, lc.alpha, adapter_dtype(dtype))
+            report.experts_adapted.append(name)
+        experts.set_backend(module, backend)
 
 
 # Projections that read one input in the models we know: attention's and the gated MLP's.

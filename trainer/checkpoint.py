@@ -25,6 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fusedtune.kernels.experts import ExpertsLoRA
+
+from . import experts
 from .config import Config
 from .errors import UserError
 
@@ -32,12 +35,14 @@ PEFT_PREFIX = "base_model.model."
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules carrying ``lora_A`` / ``lora_B`` Parameters, by qualified name."""
+    """Linear layers carrying ``lora_A`` / ``lora_B`` Parameters, by qualified name (the experts' stacked
+    adapters are ``experts.peft_tensors``')."""
     return {
         name: mod
         for name, mod in model.named_modules()
         if isinstance(getattr(mod, "lora_A", None), nn.Parameter)
         and isinstance(getattr(mod, "lora_B", None), nn.Parameter)
+        and not isinstance(mod, ExpertsLoRA)
     }
 
 
@@ -63,19 +68,22 @@ def save_peft_adapter(model: nn.Module, cfg: Config, base_model_path: str, out_d
     for name, mod in modules.items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.detach().contiguous().cpu()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach().contiguous().cpu()
+    expert_tensors, expert_targets = experts.peft_tensors(model, PEFT_PREFIX)
+    tensors.update(expert_tensors)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     peft_cfg = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=_peft_target_modules(model, list(modules)),
+        target_modules=_peft_target_modules(model, list(modules)) if modules else None,
+        target_parameters=expert_targets or None,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,
     )
     peft_cfg.save_pretrained(str(out_dir))
-    return list(modules)
+    return [*modules, *expert_targets]
 
 
 def save_trainable(model: nn.Module, path: Path) -> int:

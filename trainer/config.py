@@ -85,8 +85,9 @@ class LoRAConfig(_Strict):
     target_modules: list[str] | None = Field(
         None,
         description=(
-            "module-name suffixes (e.g. q_proj, v_proj); null: every Linear in the transformer blocks "
-            "but those narrower than the rank (the run names them)"
+            "module-name suffixes (e.g. q_proj, v_proj; MoE expert weights: gate_up_proj, down_proj); "
+            "null: every Linear in the transformer blocks and every MoE expert weight, but those narrower "
+            "than the rank (the run names them)"
         ),
     )
 

@@ -88,7 +88,7 @@ from torch import nn
 from fusedtune.kernels.lora import MAX_RANK as FUSED_MAX_RANK
 from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 
-from . import memory, padding_free
+from . import experts, memory, padding_free
 from .config import Config
 from .errors import UserError
 
@@ -221,6 +221,9 @@ class Training:
     # With dropout, the torch paths and QLoRA save the keep-mask as bits (kernels/dropout.py); the fused
     # Triton LoRA kernels regenerate it from a seed and save nothing.
     mask_saved: bool = True
+    # per block: its MoE experts (experts, top_k, intermediate, gated, adapted weights, shared expert's
+    # intermediate or 0), or None for a dense MLP
+    moe: list[dict | None] = field(default_factory=list)
 
     @classmethod
     def of(cls, model: nn.Module, layers: int, rank: int = 0, dropout: float = 0.0) -> Training:
@@ -247,6 +250,26 @@ class Training:
                 t.blocks[block][1].add(leaf)
             if lora_a is not None:
                 t.adapted[block][leaf] = mod.in_features
+        t.moe = [None] * layers
+        top_k = int(getattr(model.config.get_text_config(), "num_experts_per_tok", 0) or 1)
+        for name, mod in experts.expert_modules(model).items():
+            m = _BLOCK_INDEX.search(name)
+            if m is None or int(m.group(1)) >= layers:
+                continue
+            first = experts.weight_names(mod)[0]
+            parent = model.get_submodule(name.rpartition(".")[0])
+            shared = getattr(parent, "shared_expert", None) or getattr(parent, "shared_experts", None)
+            t.moe[int(m.group(1))] = {
+                "experts": mod.num_experts,
+                "top_k": top_k,
+                "inter": experts.shape(mod, "down_proj")[1],
+                "gated": bool(mod.has_gate),
+                "lora": {w for w in experts.weight_names(mod) if experts.lora_of(mod, w) is not None},
+                "first": first,
+                "shared_inter": getattr(getattr(shared, "down_proj", None), "in_features", 0),
+                "transformers_forward": mod.config._experts_implementation != experts.EXPERTS_IMPLEMENTATION,
+                "normalized": bool(getattr(model.config.get_text_config(), "norm_topk_prob", True)),
+            }
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         t.embedding = emb.weight.requires_grad
         t.head = head is not None and head.weight.requires_grad
@@ -352,6 +375,16 @@ def block_saved_bytes_per_token(
         out = norm("post_attention_layernorm", out)
     g = grad_in or out
     x = norm("pre_feedforward_layernorm" if training.sandwich else "post_attention_layernorm", g)
+    moe = training.moe[block] if training.moe else None
+    if moe is not None:
+        moe_saved, down = moe_saved_bytes_per_token(moe, h, b, training.rank, x)
+        total += moe_saved
+        if moe["shared_inter"]:  # a dense shared expert beside the routed ones (Qwen2-MoE)
+            shared = linears(_MLP_IN, h, x)
+            if shared:
+                total += b * (2 if swiglu_fused else 3) * moe["shared_inter"] + b * (h + 1)  # and its gate
+            down = linears(("down_proj",), moe["shared_inter"], shared) or down
+        return total, g or down, attn
     mlp = linears(_MLP_IN, h, x)
     if mlp:  # gate and up (and act(gate) when the MLP is not on the fused SwiGLU)
         total += b * (2 if swiglu_fused else 3) * i
@@ -359,6 +392,28 @@ def block_saved_bytes_per_token(
     if training.sandwich:
         down = norm("post_feedforward_layernorm", down)
     return total, g or down, attn
+
+
+def moe_saved_bytes_per_token(moe: dict, h: int, b: int, rank: int, grad_in: bool) -> tuple[float, bool]:
+    """What an MoE layer's routed experts (``experts.experts_forward``) save per token, and whether its
+    output needs a gradient. Per routed token (``top_k`` of them): the gate/up output and the activation
+    (3 intermediate-wide; 2 without a gate), the down projection's output and its routing weight (for
+    the weighting's gradient), and where adapted, a projection's input and ``X Aᵀ``. Per token: the
+    router's fp32 probabilities and the sort's permutation."""
+    lora = moe["lora"]
+    if not (grad_in or lora):
+        return 0.0, False
+    k, i = moe["top_k"], moe["inter"]
+    per = b * (3 if moe["gated"] else 2) * i + b * h
+    if moe["first"] in lora:
+        per += b * (h + rank)
+    if "down_proj" in lora:
+        per += b * (i + rank)
+    # the router (Mixtral's, Qwen's): fp32 probabilities, top-k indices, the renormalization's division
+    router = 4 * moe["experts"] + 8 * k + (4 + 4 * k if moe["normalized"] else 0)
+    # experts_forward: the sort's permutation, the token index of each routed row, the gathered weights;
+    # transformers' grouped_mm forward (experts neither adapted nor packed) also its inverse permutation
+    return router + k * (8 + 8 + 4 + (8 if moe["transformers_forward"] else 0)) + k * per, True
 
 
 @dataclass
@@ -694,6 +749,12 @@ def estimate(
     if cfg.method == "qlora":
         targets = select_targets(model, cfg.lora.target_modules)
         quantized = {name: (lin.out_features, lin.in_features) for name, lin in targets.items()}
+        shared_codes = 0  # an expert stack keeps one double-quant code table for all its experts
+        for name, (module, weight) in experts.expert_weights(model).items():  # adapt packs every expert
+            n_experts, k, n = experts.shape(module, weight)
+            quantized.update({f"{name}[{e}]": (n, k) for e in range(n_experts)})
+            if cfg.quant.double_quant and cfg.quant.quant_type != "int8":
+                shared_codes += (n_experts - 1) * NESTED_CODE_BYTES
         lora_cfg = cfg.model_copy(update={"method": "lora"})
         apply_method(model, lora_cfg, torch.device("meta"))
     else:
@@ -709,6 +770,7 @@ def estimate(
             by_format[label] = by_format.get(label, 0) + packed_weight_bytes(
                 n, k, qc.quant_type, qc.blocksize, qc.double_quant
             )
+        by_format[label] -= shared_codes
         by_format = {k: v for k, v in by_format.items() if v}
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -135,11 +135,12 @@ def _unique_any(tensors) -> list[torch.Tensor]:
 def frozen_bytes_by_format(model: nn.Module) -> dict[str, int]:
     """Frozen parameter and buffer bytes of a live (or meta) model, by storage format.
 
-    Packed weights of ``QuantLoRALinear`` modules count under their format (``nf4 + double quant``...);
+    Packed weights of ``QuantLoRALinear`` and ``QuantExperts`` modules count under their format (``nf4 + double quant``...);
     every other frozen tensor under its dtype. Shared storage counts once, RoPE tables not at all
     (as :func:`memory.param_accounting`).
     """
     from fusedtune.kernels import QuantLoRALinear
+    from fusedtune.kernels.experts import QuantExperts
 
     def label_of(dtype: torch.dtype) -> str:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
@@ -148,10 +149,11 @@ def frozen_bytes_by_format(model: nn.Module) -> dict[str, int]:
 
     fmt_of: dict[int, str] = {}
     for mod in model.modules():
-        if isinstance(mod, QuantLoRALinear):
+        if isinstance(mod, QuantLoRALinear | QuantExperts):
+            nested = getattr(mod, "nested_absmax", None) is not None
             label = (
                 mod.quant_type
-                if mod.quant_type == "int8" or not mod.double_quant
+                if mod.quant_type == "int8" or not nested
                 else f"{mod.quant_type} + double quant"
             )
             for _, buf in mod.named_buffers(recurse=False):
