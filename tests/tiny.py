@@ -31,8 +31,9 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(path: Path):
-    """Train a ~400-token byte-level BPE tokenizer and save it as a transformers tokenizer."""
+def build_tokenizer(path: Path, corpus: list[str] | None = None):
+    """Train a ~400-token byte-level BPE tokenizer (on ``corpus``, default a small fixed one) and save it
+    as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -45,7 +46,7 @@ def build_tokenizer(path: Path):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator((corpus or _CORPUS) * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,

@@ -141,6 +141,8 @@ class DataConfig(_Strict):
             raise ValueError("set data.train (a file) or data.task (a built-in task)")
         if self.task is not None and self.train is not None:
             raise ValueError("set only one of data.train and data.task")
+        if self.task is not None and self.format not in ("auto", "messages"):
+            raise ValueError(f"data.format: a built-in task's rows are messages, not {self.format!r}")
         if self.task is not None and self.eval is not None:
             raise ValueError("data.eval: a built-in task brings its own held-out set (data.num_eval)")
         if self.task is not None and self.eval_fraction > 0:

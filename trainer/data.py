@@ -129,7 +129,8 @@ def _json_error(path: str, e: json.JSONDecodeError, line: int | None = None) -> 
 
 def _read_jsonl(path: str, text: str) -> list[Row]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines also breaks at U+2028/U+2029/U+0085, which JSON strings may hold
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -229,7 +230,7 @@ def _json_object_file(path: str, text: str) -> None:
         return
     if not isinstance(value, dict):
         return
-    if len(text.strip().splitlines()) == 1 and {"text", "instruction", "messages"} & set(value):
+    if len(text.strip().split("\n")) == 1 and {"text", "instruction", "messages"} & set(value):
         return
     got = f"an object with keys {', '.join(repr(k) for k in list(value)[:5])}" if value else "an empty object"
     lists = [k for k, v in value.items() if isinstance(v, list)]
@@ -341,7 +342,16 @@ def _string_field(row: Row, key: str, fmt: str, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{row.source}: {fmt} field {key!r} must be a string, got {type(value).__name__}")
+    _check_unicode(value, row.source, f"field {key!r}")
     return value
+
+
+def _check_unicode(text: str, source: str, what: str) -> None:
+    """JSON can escape a lone surrogate (``"\ud800"``), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{source}: {what} holds an unpaired surrogate (invalid Unicode)") from None
 
 
 def _messages_of(row: Row) -> list[dict]:
@@ -361,6 +371,7 @@ def _messages_of(row: Row) -> list[dict]:
             raise DataError(
                 f"{row.source}: messages[{i}] content must be a string, got {type(message['content']).__name__}"
             )
+        _check_unicode(message["content"], row.source, f"messages[{i}] content")
     return messages
 
 
@@ -403,13 +414,58 @@ def encode_messages(
         DataError: the template fails, or renders a prefix of the conversation inconsistently with
             the whole, so the assistant tokens cannot be located.
     """
-    ids = _tokenize(tokenizer, _render(tokenizer, messages, False, source), add_special_tokens=False)
+    text = _render(tokenizer, messages, False, source)
     if not completion_only:
+        ids = _tokenize(tokenizer, text, add_special_tokens=False)
         return ids, list(ids)
+    if not getattr(tokenizer, "is_fast", False):
+        return _encode_messages_by_token_prefix(tokenizer, messages, text, source)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in _assistant_spans(tokenizer, messages, text, source):
+        # a token that straddles the reply's first character (the generation prompt's "\n" merged with the
+        # reply's leading spaces, as BPE tokenizers do for indented code) is the reply's first token
+        for j, (a, b) in enumerate(offsets):
+            if b > start and a < end:
+                labels[j] = ids[j]
+    return ids, labels
+
+
+def _assistant_spans(tokenizer, messages: list[dict], text: str, source: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the assistant turns in the rendered ``text``: from the end of
+    the conversation before the turn with its generation prompt, to the end of the conversation through
+    the turn (its end-of-turn tokens included). A turn that opens the conversation starts at its content."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        through = _render(tokenizer, messages[: i + 1], False, source)
+        before = _render(tokenizer, messages[:i], True, source) if i else None
+        for prefix in (before, through):
+            if prefix is not None and not text.startswith(prefix):
+                raise DataError(
+                    f"{source}: the chat template does not render messages[:{i + (prefix is through)}] as a "
+                    "prefix of the whole conversation, so the assistant tokens cannot be located "
+                    "(set data.completion_only=false to train on every token)"
+                )
+        start = len(before) if before is not None else max(through.rfind(message["content"]), 0)
+        spans.append((start, len(through)))
+    return spans
+
+
+def _encode_messages_by_token_prefix(tokenizer, messages, text, source) -> tuple[list[int], list[int]]:
+    """A slow tokenizer (no character offsets): each prefix's tokens must be a prefix of the whole's."""
+    ids = _tokenize(tokenizer, text, add_special_tokens=False)
     labels = [IGNORE_INDEX] * len(ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        if i == 0:
+            raise DataError(
+                f"{source}: a conversation that opens with an assistant turn needs a fast tokenizer to locate "
+                "it (set data.completion_only=false to train on every token)"
+            )
         bounds = []
         for prefix, generation_prompt in ((messages[:i], True), (messages[: i + 1], False)):
             prefix_ids = _tokenize(

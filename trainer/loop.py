@@ -226,8 +226,21 @@ def total_steps(cfg: Config, n_examples: int) -> int:
     """``train.max_steps``, or the optimizer steps in ``train.epochs`` epochs."""
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    per_epoch = math.ceil(n_examples / cfg.train.micro_batch_size)
-    return max(1, math.ceil(cfg.train.epochs * per_epoch / cfg.train.grad_accum))
+    return max(1, math.ceil(_epoch_micro_batches(cfg, n_examples) / cfg.train.grad_accum))
+
+
+def _epoch_micro_batches(cfg: Config, n_examples: int) -> int:
+    return max(1, math.ceil(cfg.train.epochs * math.ceil(n_examples / cfg.train.micro_batch_size)))
+
+
+def micro_batches_in_step(cfg: Config, n_examples: int, step: int) -> int:
+    """``train.grad_accum``, except that the last step of a run by epochs takes only the micro-batches left
+    in its last epoch (the loss is normalized by the step's target tokens, so a shorter step is exact):
+    ``epochs: 1`` sees each example once, whatever the accumulation."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.grad_accum
+    left = _epoch_micro_batches(cfg, n_examples) - (step - 1) * cfg.train.grad_accum
+    return max(1, min(cfg.train.grad_accum, left))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -696,7 +709,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     window_tokens, window_t0 = 0, t_start
     stopped = False
     for step in range(start_step + 1, steps + 1):
-        micro = [next(stream) for _ in range(cfg.train.grad_accum)]
+        micro = [next(stream) for _ in range(micro_batches_in_step(cfg, len(train_examples), step))]
         try:
             result = optimizer_step(
                 model, params, micro, optimizer, cfg.optim.max_grad_norm, report.backend, meter

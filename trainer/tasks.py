@@ -122,7 +122,8 @@ class Task:
             True when correct.
         """
         answer = row["answer"]
-        return re.match(re.escape(answer) + r"(?![0-9A-Za-z])", completion.strip()) is not None
+        # not followed by more of a token: a letter or digit, or a separator and a digit (2024-03-05-01)
+        return re.match(re.escape(answer) + r"(?![0-9A-Za-z]|[-./:][0-9])", completion.strip()) is not None
 
 
 def question_of(row: dict) -> str:

@@ -40,6 +40,7 @@ def test_overrides_parse_yaml_values():
         (["optim.betas=[0.9, 1.5]"], "optim.betas must lie in [0, 1)"),
         (["data.eval_fraction=0.1"], "data.eval_fraction: a built-in task brings its own held-out set"),
         (["data.eval=x.jsonl"], "data.eval: a built-in task brings its own held-out set"),
+        (["data.format=text"], "data.format: a built-in task's rows are messages, not 'text'"),
         (["lora.dropout=1.0"], "lora.dropout: Input should be less than 1"),
         (["novalue"], "expected key=value"),
         # numpy seeds are 0 .. 2**32 - 1: anything else crashed in the loop

@@ -15,6 +15,7 @@ from fusedtune.trainer.data import (
     Example,
     build_datasets,
     collate,
+    encode_messages,
     epoch_order,
     pack,
 )
@@ -287,6 +288,8 @@ BAD_INPUTS = {
     "unknown role": ([CHAT, '{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}'], {}, VOCAB, "train.jsonl:2: messages[1] has unknown role 'bot' (known: system, user, assistant, tool)"),
     "message not object": (['{"messages": ["hi"]}'], {}, VOCAB, "train.jsonl:1: messages[0] must be an object with 'role' and 'content'"),
     "messages empty": (['{"messages": []}'], {}, VOCAB, "train.jsonl:1: 'messages' must be a non-empty list"),
+    "lone surrogate": (['{"text": "bad \\ud800 row"}'], {}, VOCAB, "train.jsonl:1: field 'text' holds an unpaired surrogate (invalid Unicode)"),
+    "lone surrogate in messages": (['{"messages": [{"role": "user", "content": "\\udfff"}]}'], {}, VOCAB, "train.jsonl:1: messages[0] content holds an unpaired surrogate"),
     "content not str": (['{"messages": [{"role": "user", "content": ["a"]}]}'], {}, VOCAB, "train.jsonl:1: messages[0] content must be a string, got list"),
     "id beyond embedding": ([GOOD], {}, 50, "train.jsonl:1: tokenizer produces id {fox_max} but the model's embedding has 50 rows"),
     "pad beyond embedding": ([GOOD], {}, 3, "tokenizer: its pad token id 3 is beyond the model's embedding of 3 rows"),
@@ -417,6 +420,53 @@ def test_template_that_rerenders_earlier_turns_is_refused(tmp_path, tiny_tokeniz
     with pytest.raises(DataError, match=r"train\.jsonl:1: the chat template does not render messages\[:1\]"):
         build(tmp_path, tok, rows)
     assert build(tmp_path, tok, rows, completion_only=False).train  # all-token loss needs no boundaries
+
+
+def test_reply_whose_leading_whitespace_merges_with_the_generation_prompt(tmp_path):
+    """Indented code as the reply: BPE merges the generation prompt's newline with the reply's leading
+    spaces into one token, so the prompt's tokens are not a prefix of the conversation's. The reply is
+    still located (by character offsets): its tokens, from the merged one, through the end of turn."""
+    from tiny import CHATML_TEMPLATE, build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok", ["<|im_start|>assistant\n    return x + 1\n    return y\n"] * 8)
+    tok.chat_template = CHATML_TEMPLATE
+    messages = [
+        {"role": "user", "content": "Complete: def f(x):"},
+        {"role": "assistant", "content": "    return x + 1"},
+    ]
+    prompt = tok(tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True))[
+        "input_ids"
+    ]
+    ids, labels = encode_messages(tok, messages, True, "t.jsonl:1")
+    assert ids[: len(prompt)] != prompt  # the merge happened: the old token-prefix check refused this row
+    first = next(j for j, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert first == len(prompt) - 1 and labels[first:] == ids[first:]
+    assert tok.decode(ids[first:]).endswith("return x + 1<|im_end|>\n")
+    assert "user" not in tok.decode(ids[first:])
+
+
+def test_conversation_opening_with_an_assistant_turn(tmp_path, tiny_tokenizer):
+    rows = [
+        {
+            "messages": [
+                {"role": "assistant", "content": "Hello there"},
+                {"role": "user", "content": "Write March 5, 2024"},
+                {"role": "assistant", "content": "2024-03-05"},
+            ]
+        }
+    ]
+    (ex,) = build(tmp_path, tiny_tokenizer, rows).train
+    spans = [tiny_tokenizer.decode(s) for s in target_spans(ex)]
+    assert spans == [f"Hello there{EOS}\n", f"2024-03-05{EOS}\n"]
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, tiny_tokenizer):
+    """json.dumps(ensure_ascii=False) writes U+2028/U+2029/U+0085 raw inside strings: one row each."""
+    path = tmp_path / "train.jsonl"
+    rows = [{"text": f"a{c}b"} for c in ("\u2028", "\u2029", "\u0085")]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data = build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+    assert len(data.train) == 3
 
 
 # ---------------------------------------------------------------------------------------------------

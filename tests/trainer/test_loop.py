@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from fusedtune.trainer.adapt import apply_method
 from fusedtune.trainer.config import load_config
-from fusedtune.trainer.loop import accumulate_gradients, optimizer_step
+from fusedtune.trainer.loop import accumulate_gradients, micro_batches_in_step, optimizer_step, total_steps
 from fusedtune.trainer.optim import build_optimizer, lr_lambda, trainable_parameters
 
 CPU = torch.device("cpu")
@@ -190,3 +190,27 @@ def test_head_probe_follows_a_new_head():
     assert head_at_targets_supported(model)
     model.lm_head = _ScaledHead(model.config.hidden_size, 50, bias=False, dtype=torch.float64)
     assert not head_at_targets_supported(model)
+
+
+@pytest.mark.parametrize(
+    ("examples", "micro", "accum", "epochs"),
+    [(3, 1, 8, 1.0), (10, 4, 4, 1.0), (100, 4, 8, 1.0), (10, 4, 4, 2.5), (7, 2, 3, 2.0)],
+)
+def test_epochs_see_each_example_as_often_as_configured(examples, micro, accum, epochs):
+    """A run by epochs takes exactly epochs x (micro-batches per epoch) micro-batches: the last optimizer
+    step takes only those left, instead of wrapping into one more epoch."""
+    cfg = load_config(
+        None,
+        [
+            f"train.micro_batch_size={micro}",
+            f"train.grad_accum={accum}",
+            f"train.epochs={epochs}",
+            "train.max_steps=null",
+        ],
+    )
+    steps = total_steps(cfg, examples)
+    taken = [micro_batches_in_step(cfg, examples, step) for step in range(1, steps + 1)]
+    assert sum(taken) == math.ceil(epochs * math.ceil(examples / micro))
+    assert all(n == accum for n in taken[:-1]) and 1 <= taken[-1] <= accum
+    fixed = load_config(None, [f"train.grad_accum={accum}", "train.max_steps=5"])
+    assert [micro_batches_in_step(fixed, examples, s) for s in range(1, 6)] == [accum] * 5

@@ -59,6 +59,9 @@ def test_exclude_and_capacity():
         ("2024-03-05.", True),
         ("2024-03-05 is the date", True),
         ("2024-03-051", False),
+        ("2024-03-05-01", False),  # a longer date-like token
+        ("2024-03-05.5", False),
+        ("2024-03-05: done", True),
         ("2024-03-06", False),
         ("2024-3-5", False),
         ("March 5, 2024", False),
