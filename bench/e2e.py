@@ -49,6 +49,11 @@ RANK, ALPHA, LR = 16, 32.0, 1e-4
 # Same math, different kernels and summation orders (and 8-bit optimizer state rounding): the per-step
 # losses agree to well under this; a real divergence (wrong targets, wrong scaling, wrong labels) is far above.
 LOSS_RTOL = 2e-3
+# The loss moves little in a few steps at this lr (a provider that never updated passed the loss check
+# alone), so the gradient norm of every step and the norm of the trained B's are compared as well:
+# the tiny job's providers agree to 1e-7 in both (LoRA and QLoRA); adapting only q_proj gave a step-1
+# gradient norm 90x smaller, and a provider that never steps leaves B at zero.
+GRAD_RTOL = 1e-2
 COLUMNS = [
     "model",
     "method",
@@ -86,7 +91,7 @@ def model_path(name: str) -> str:
     if name == "tiny":
         target = Path(tempfile.gettempdir()) / "fusedtune-bench-tiny-llama"
         if not (target / "config.json").is_file():
-            sys.path.insert(0, str(ROOT / "tests"))
+            sys.path.insert(0, str(ROOT / "tests" / "helpers"))
             from tiny import build_tiny_model
 
             build_tiny_model(target)
@@ -201,7 +206,13 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(r.loss)
         norms.append(r.grad_norm)
-    out = {"times": times, "losses": losses, "grad_norms": norms, "cuda_load_max_allocated": load_peak}
+    out = {
+        "times": times,
+        "losses": losses,
+        "grad_norms": norms,
+        "lora_b_norm": lora_b_norm(model),
+        "cuda_load_max_allocated": load_peak,
+    }
     if device.type == "cuda":  # `trainer estimate` at the shapes that ran, beside the measured peak
         from fusedtune.trainer import padding_free
         from fusedtune.trainer.estimate import estimate_for_batches, micro_batch_shape
@@ -211,6 +222,12 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
         est = estimate_for_batches(cfg, shapes, on_gpu=True)
         out.update(estimate_tensor_bytes=est.tensor_bytes, estimate_total_bytes=est.total_bytes)
     return out
+
+
+def lora_b_norm(model) -> float:
+    """The L2 norm of every LoRA B after training: B starts at zero, so it is what the steps did."""
+    sq = sum(float(p.detach().float().square().sum()) for n, p in model.named_parameters() if "lora_B" in n)
+    return sq**0.5
 
 
 def _sync(device: torch.device) -> None:
@@ -306,7 +323,13 @@ def run_hf_peft(job: dict, batches: list[dict], liger: bool = False, model=None)
     )
     trainer = Trainer(model=model, args=args, train_dataset=InOrder(), callbacks=[Timer()])
     trainer.train()
-    return {"times": times, "losses": losses, "grad_norms": norms, "cuda_load_max_allocated": load_peak}
+    return {
+        "times": times,
+        "losses": losses,
+        "grad_norms": norms,
+        "lora_b_norm": lora_b_norm(model),
+        "cuda_load_max_allocated": load_peak,
+    }
 
 
 def run_unsloth(job: dict, batches: list[dict]) -> dict:
@@ -406,13 +429,15 @@ def summarize(model: str, method: str, provider: str, res: dict) -> dict:
         "losses": res["losses"],
         "grad_norms": res["grad_norms"],
         "min_grad_norm": min(res["grad_norms"]),
+        "lora_b_norm": res.get("lora_b_norm"),
         "threads": res["threads"],
         "load_avg_1m": res.get("load_avg_1m"),
     }
 
 
-def check(rows: list[dict], rtol: float = LOSS_RTOL) -> None:
-    """Fail loudly: every gradient norm non-zero and finite, and the providers' per-step losses equal within LOSS_RTOL.
+def check(rows: list[dict], rtol: float = LOSS_RTOL, grad_rtol: float = GRAD_RTOL) -> None:
+    """Fail loudly: every gradient norm non-zero and finite; the providers' per-step losses equal within
+    ``rtol``, their per-step gradient norms and the norms of their trained LoRA B's within ``grad_rtol``.
 
     Raises:
         BenchmarkFailed: naming the provider, method and step.
@@ -441,6 +466,17 @@ def check(rows: list[dict], rtol: float = LOSS_RTOL) -> None:
                         f"{method} step {step}: {name} loss {a:.6f} vs hf_peft {b:.6f} "
                         f"(relative difference {abs(a - b) / abs(b):.2e} > {rtol})"
                     )
+            for step, (a, b) in enumerate(zip(r["grad_norms"], base["grad_norms"]), 1):
+                if abs(a - b) > grad_rtol * abs(b):
+                    raise BenchmarkFailed(
+                        f"{method} step {step}: {name} gradient norm {a:.6g} vs hf_peft {b:.6g} "
+                        f"(relative difference {abs(a - b) / abs(b):.2e} > {grad_rtol})"
+                    )
+            a, b = r.get("lora_b_norm"), base.get("lora_b_norm")
+            if a is not None and b is not None and not (a > 0 and abs(a - b) <= grad_rtol * b):
+                raise BenchmarkFailed(
+                    f"{method}: {name} trained LoRA B to norm {a:.6g}, hf_peft to {b:.6g} (not within {grad_rtol})"
+                )
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -47,6 +47,7 @@ LLAMA3_8B = {
 # Dense bf16 tensor-core peak (FLOP/s) by card, from the vendors' data sheets (SXM parts, no sparsity).
 PEAK_BF16 = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l40s": 362e12, "l4": 121e12}
 GPU_LOSS_RTOL = 2e-2  # bf16 compute with different kernels and summation orders
+GPU_GRAD_RTOL = 5e-2  # bf16 gradient norms and 8-bit Adam updates of them: unmeasured, a loose bound
 COLUMNS = [
     "method",
     "provider",
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Llama-3-8B shapes, {args.layers} layers, {args.batch}x{args.seq}, bf16 — {env['device']}",
     )
     print(f"wrote {out}", flush=True)
-    e2e.check(measured, rtol=GPU_LOSS_RTOL)  # raises BenchmarkFailed: loud
+    e2e.check(measured, rtol=GPU_LOSS_RTOL, grad_rtol=GPU_GRAD_RTOL)  # raises BenchmarkFailed: loud
     return 1 if failures else 0
 
 

@@ -78,6 +78,36 @@ def test_check_fails_loudly_on_disagreeing_losses():
         e2e.check(bad)
 
 
+def test_check_fails_loudly_on_disagreeing_grad_norms_or_untrained_adapters():
+    base = {**_row("hf_peft", [2.0, 1.9], [0.5, 0.4]), "lora_b_norm": 0.03}
+    ok = {**_row("fusedtune", [2.0, 1.9], [0.5, 0.4 * (1 + e2e.GRAD_RTOL / 2)]), "lora_b_norm": 0.0301}
+    e2e.check([base, ok])
+    other_layers = {**ok, "grad_norms": [0.05, 0.04]}  # adapting fewer Linears: far smaller gradients
+    with pytest.raises(e2e.BenchmarkFailed, match="step 1: fusedtune gradient norm"):
+        e2e.check([base, other_layers])
+    never_stepped = {**ok, "lora_b_norm": 0.0}
+    with pytest.raises(e2e.BenchmarkFailed, match="trained LoRA B to norm 0"):
+        e2e.check([base, never_stepped])
+
+
+def test_check_catches_a_run_whose_optimizer_never_steps(monkeypatch):
+    """Two real runs of the tiny job, one with a no-op optimizer step: the loss check alone passes them
+    (the loss barely moves at this lr), the full check does not."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig
+
+    path = e2e.model_path("tiny")
+    job = {"model_path": path, "method": "lora", "seq": 32, "batch": 2, "grad_accum": 1, "steps": 3}
+    batches = e2e.make_batches(AutoConfig.from_pretrained(path).vocab_size, 3, 2, 32)
+    good = {**e2e.run_fusedtune(job, batches), "provider": "hf_peft", "method": "lora", "steps": 3}
+    monkeypatch.setattr(bnb.optim.AdamW8bit, "step", lambda self, closure=None: None)
+    idle = {**e2e.run_fusedtune(job, batches), "provider": "fusedtune", "method": "lora", "steps": 3}
+    losses_only = {k: v for k, v in idle.items() if k != "lora_b_norm"}
+    e2e.check([good, losses_only], grad_rtol=float("inf"))  # the losses alone: indistinguishable
+    with pytest.raises(e2e.BenchmarkFailed, match="trained LoRA B to norm 0"):
+        e2e.check([good, idle])
+
+
 def test_check_fails_loudly_on_zero_grad_norm():
     with pytest.raises(e2e.BenchmarkFailed, match="gradient norms"):
         e2e.check([_row("fusedtune", [2.0, 1.9], [0.5, 0.0])])

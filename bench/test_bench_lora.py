@@ -26,7 +26,7 @@ def _peft_layer(k: int, n: int):
     peft_lora = pytest.importorskip("peft.tuners.lora")
     from peft import LoraConfig
 
-    base = nn.Linear(k, n, bias=False)
+    base = nn.Linear(k, n, bias=False).requires_grad_(False)  # frozen, as get_peft_model leaves it
     cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0)
     layer = peft_lora.Linear(base, "default", config=cfg, r=RANK, lora_alpha=ALPHA)
     with torch.no_grad():

@@ -204,6 +204,28 @@ def select_targets(model: nn.Module, target_modules: list[str] | None) -> dict[s
     return targets
 
 
+def lora_targets(
+    model: nn.Module, target_modules: list[str] | None, rank: int
+) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """The Linears LoRA (and QLoRA's quantization) takes, and the default targets left out as narrower
+    than ``rank`` (name -> ``"in->out"``: a scalar gate).
+
+    Raises:
+        ConfigError: targets that match nothing; a named target narrower than the rank.
+    """
+    targets = select_targets(model, target_modules)
+    too_narrow = {}
+    if target_modules is None:  # every block Linear but those narrower than the rank
+        for name in [n for n, m in targets.items() if rank > min(m.in_features, m.out_features)]:
+            m = targets.pop(name)
+            too_narrow[name] = f"{m.in_features}->{m.out_features}"
+        if not targets and not experts.expert_weights(model):
+            raise ConfigError(f"lora.rank: {rank} is larger than every Linear in the blocks")
+    for name, linear in targets.items():
+        _check_rank(name, linear, rank)
+    return targets, too_narrow
+
+
 def select_expert_targets(
     model: nn.Module, target_modules: list[str] | None
 ) -> dict[str, tuple[nn.Module, str]]:
@@ -261,15 +283,7 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
 
     if cfg.method in ("lora", "qlora"):
         lc = cfg.lora
-        targets = select_targets(model, lc.target_modules)
-        if lc.target_modules is None:  # every block Linear but those narrower than the rank (a scalar gate)
-            for name in [n for n, m in targets.items() if lc.rank > min(m.in_features, m.out_features)]:
-                m = targets.pop(name)
-                report.too_narrow[name] = f"{m.in_features}->{m.out_features}"
-            if not targets:
-                raise ConfigError(f"lora.rank: {lc.rank} is larger than every Linear in the blocks")
-        for name, linear in targets.items():
-            _check_rank(name, linear, lc.rank)
+        targets, report.too_narrow = lora_targets(model, lc.target_modules, lc.rank)
         expert_targets = _expert_targets(model, cfg, report)
         method_backend, method_reason = lora_layer_backend(
             cfg.kernels, cfg.method, lc.dropout, backend, reason

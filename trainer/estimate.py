@@ -203,6 +203,7 @@ class Training:
     final_norm: bool = False
     head: bool = False
     head_bias: bool = False
+    head_lora: bool = False
     rank: int = 0
     dropout: float = 0.0
     qk_norm: bool = False  # Qwen3-style RMSNorms over each head of q and k
@@ -272,7 +273,9 @@ class Training:
             }
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         t.embedding = emb.weight.requires_grad
-        t.head = head is not None and head.weight.requires_grad
+        head_lora = getattr(head, "lora_A", None)
+        t.head_lora = isinstance(head_lora, nn.Parameter) and head_lora.requires_grad  # LoRA on lm_head
+        t.head = head is not None and (head.weight.requires_grad or t.head_lora)
         t.head_bias = head is not None and head.bias is not None and head.bias.requires_grad
         norm = getattr(model.get_decoder(), "norm", None)
         t.final_norm = norm is not None and any(p.requires_grad for p in norm.parameters())
@@ -462,6 +465,8 @@ def activation_bytes(
             shared += b * shape.vocab * tokens  # the soft-capping's tanh output
         if training.head:
             shared += b * shape.hidden * tokens  # the head's input
+        if training.head_lora:
+            shared += b * training.rank * tokens  # its LoRA's X Aᵀ
     elif hidden:  # the boolean mask that picks the target positions' hidden states
         shared += batch * (seq - 1) if padded else tokens
     if training.embedding:
@@ -499,6 +504,7 @@ def peak_of_phases(
     accumulating: bool,
     loss_backward: int = 0,
     tied_head_grad: int = 0,
+    optimizer_scratch: int = 0,
 ) -> tuple[int, str]:
     """The largest of what a step holds at once beyond weights and optimizer state, and when.
 
@@ -509,7 +515,8 @@ def peak_of_phases(
     - backward, walking the blocks top down (the loss's saved tensors are gone): at block ``l`` the blocks
       up to ``l`` still hold their saved tensors, the gradients of those above (and of the LM head and
       final norm) exist, and one block's widest gradients sit beside them;
-    - the optimizer step: every gradient.
+    - a tied, trained embedding's backward: its two gradients and their sum;
+    - the optimizer step: every gradient, and the optimizer's temporaries (``optimizer_scratch``).
 
     With gradient accumulation the gradients of earlier micro-batches are there throughout, and a tied
     LM head's new gradient (``tied_head_grad``) waits through the walk for the embedding's, to be added to
@@ -531,7 +538,13 @@ def peak_of_phases(
         grads = prior + tied_head_grad if accumulating else sum(block_grads[block + 1 :]) + top_grads
         backward = max(backward, held + sum(act.blocks[: block + 1]) + grads)
     phases["in backward"] = backward
-    phases["at the optimizer step"] = all_grads
+    if tied_head_grad:
+        # a tied, trained embedding's backward: autograd adds the head's and the embedding's gradients out of
+        # place, so both addends and their sum are there at once (the sum becomes .grad, or is added to it)
+        phases["in the tied embedding's backward"] = (
+            prior + 3 * tied_head_grad if accumulating else all_grads + 2 * tied_head_grad
+        )
+    phases["at the optimizer step"] = all_grads + optimizer_scratch
     phase = max(phases, key=phases.__getitem__)
     return phases[phase], phase
 
@@ -730,7 +743,7 @@ def estimate(
     Raises:
         UserError: a model that cannot be found or adapted.
     """
-    from .adapt import apply_method, select_targets
+    from .adapt import apply_method, lora_targets
     from .model import DTYPES, resolve_dtype
     from .patches import fuse_rmsnorm, fuse_swiglu
 
@@ -747,7 +760,7 @@ def estimate(
 
     quantized: dict[str, tuple[int, int]] = {}
     if cfg.method == "qlora":
-        targets = select_targets(model, cfg.lora.target_modules)
+        targets, _ = lora_targets(model, cfg.lora.target_modules, cfg.lora.rank)
         quantized = {name: (lin.out_features, lin.in_features) for name, lin in targets.items()}
         shared_codes = 0  # an expert stack keeps one double-quant code table for all its experts
         for name, (module, weight) in experts.expert_weights(model).items():  # adapt packs every expert
@@ -840,6 +853,10 @@ def estimate(
         accumulating=cfg.train.grad_accum > 1,
         loss_backward=loss_backward,
         tied_head_grad=_tied_head_grad_bytes(model),
+        # torch's AdamW one tensor at a time (optim.build_optimizer): sqrt(v) and its denominator
+        optimizer_scratch=2 * max((p.nbytes for p in params), default=0)
+        if cfg.optim.name == "adamw_torch"
+        else 0,
     )
     if not training.head_at_targets:
         est.notes.append(
@@ -915,13 +932,12 @@ def suggestions(cfg: Config, est: Estimate, budget: int) -> list[str]:
     tried: list[tuple[str, Config]] = []
     if not cfg.model.gradient_checkpointing:
         tried.append(("model.gradient_checkpointing=true", _with(cfg, model__gradient_checkpointing=True)))
-    mb = cfg.train.micro_batch_size
-    while mb > 1:
-        mb //= 2
-        accum = cfg.train.grad_accum * (cfg.train.micro_batch_size // mb)
+    full = cfg.train.micro_batch_size
+    for mb in sorted((d for d in range(1, full) if full % d == 0), reverse=True):  # divisors: same examples
+        accum = cfg.train.grad_accum * (full // mb)
         tried.append(
             (
-                f"train.micro_batch_size={mb} train.grad_accum={accum} (same tokens per step)",
+                f"train.micro_batch_size={mb} train.grad_accum={accum} (same examples per step)",
                 _with(cfg, train__micro_batch_size=mb, train__grad_accum=accum),
             )
         )

@@ -40,7 +40,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         raise ValueError("optim.lr is unresolved: build the optimizer from a validated Config's optim")
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
     if cfg.name == "adamw_torch":
-        return torch.optim.AdamW(groups, **kwargs)
+        # never the foreach path (torch's CUDA default): its _foreach_sqrt copies every exp_avg_sq at once.
+        # CUDA: the fused kernel; elsewhere one tensor at a time (two temporaries of the largest parameter,
+        # which trainer estimate counts at the optimizer step)
+        on_cuda = all(p.is_cuda for _, p in params)
+        return torch.optim.AdamW(groups, **kwargs, foreach=False, fused=on_cuda or None)
     import bitsandbytes as bnb
 
     cls = {
