@@ -2,6 +2,7 @@
 
     python -P bench/e2e.py --model smollm2 --seq 256 --batch 4 --steps 8        (by hand; minutes)
     python -P bench/e2e.py --model tiny --steps 6                              (seconds; what CI runs)
+    python -P bench/e2e.py --model mixtral --steps 6    (an MoE: LoRA on attention + every expert weight)
 
 Providers (each runs in its own subprocess, so its peak RSS is its own):
     fusedtune  the trainer's own pieces: ``load_model`` -> ``apply_method`` -> ``build_optimizer`` ->
@@ -45,6 +46,21 @@ PROVIDERS = ["fusedtune", "hf_peft"]
 GPU_ONLY_PROVIDERS = ["fusedtune_triton", "hf_peft_liger", "unsloth"]  # bench/gpu_e2e.py (where installable)
 METHODS = ["lora", "qlora"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# An MoE model (--model mixtral): LoRA on the attention Linears and on every expert's stacked weights
+# (PEFT: target_parameters; fusedtune: the same names in lora.target_modules)
+MOE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_WEIGHTS = ["gate_up_proj", "down_proj"]
+# The MoE job's model: Mixtral's layout at a size a CPU trains in a fraction of a second a step (4 layers
+# of 8 experts: 15.7M expert parameters)
+MIXTRAL_SHAPE = {
+    "hidden_size": 256,
+    "intermediate_size": 640,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+}
 RANK, ALPHA, LR = 16, 32.0, 1e-4
 # Same math, different kernels and summation orders (and 8-bit optimizer state rounding): the per-step
 # losses agree to well under this; a real divergence (wrong targets, wrong scaling, wrong labels) is far above.
@@ -96,9 +112,32 @@ def model_path(name: str) -> str:
 
             build_tiny_model(target)
         return str(target)
+    if name == "mixtral":
+        target = Path(tempfile.gettempdir()) / "fusedtune-bench-mixtral"
+        if not (target / "config.json").is_file():
+            sys.path.insert(0, str(ROOT / "tests" / "helpers"))
+            from tiny import build_tiny_model
+
+            build_tiny_model(target, arch="mixtral", **MIXTRAL_SHAPE)
+        return str(target)
     if Path(name).is_dir():
         return name
-    raise SystemExit(f"error: --model: expected smollm2, tiny or a model directory, got {name!r}")
+    raise SystemExit(f"error: --model: expected smollm2, tiny, mixtral or a model directory, got {name!r}")
+
+
+def is_moe(path: str) -> bool:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return bool(cfg.get("num_local_experts") or cfg.get("num_experts"))
+
+
+def targets(path: str) -> tuple[list[str], list[str]]:
+    """(Linear targets, expert weight targets) of the job's model."""
+    return (MOE_TARGETS, EXPERT_WEIGHTS) if is_moe(path) else (TARGETS, [])
+
+
+def all_targets(path: str) -> list[str]:
+    linears, expert_weights = targets(path)
+    return [*linears, *expert_weights]
 
 
 def make_batches(vocab: int, n: int, batch: int, seq: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -126,17 +165,28 @@ def _init_lora_a(layer_name: str, shape: torch.Size) -> torch.Tensor:
 
 
 def _layer_key(param_name: str) -> str:
-    """``...model.layers.3.self_attn.q_proj.lora_A(.default).weight`` -> ``layers.3.self_attn.q_proj``."""
+    """``...model.layers.3.self_attn.q_proj.lora_A(.default).weight`` -> ``layers.3.self_attn.q_proj``;
+    an expert weight's adapter -> ``layers.3.mlp.experts.gate_up_proj`` (fusedtune:
+    ``experts.fusedtune_lora.gate_up_proj.lora_A``; PEFT nests one wrapper per weight, the first innermost:
+    ``experts.base_layer.lora_A`` is gate_up_proj's, ``experts.lora_A`` down_proj's)."""
     head = param_name.split(".lora_A")[0]
-    return head[head.index("layers.") :]
+    head = head[head.index("layers.") :]
+    if ".experts.fusedtune_lora." in head:
+        return head.replace(".fusedtune_lora.", ".")
+    if head.endswith(".experts.base_layer"):
+        return head.removesuffix(".base_layer") + "." + EXPERT_WEIGHTS[0]
+    if head.endswith(".experts"):
+        return head + "." + EXPERT_WEIGHTS[1]
+    return head
 
 
 def _set_lora_a(model: torch.nn.Module) -> int:
     n = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_A" in name:
-                p.copy_(_init_lora_a(_layer_key(name), p.shape).to(p.dtype))
+            if "lora_A" in name:  # experts: PEFT's [E·r, K], fusedtune's [E, r, K] (same rows)
+                shape = (p.shape[0] * p.shape[1], p.shape[2]) if p.dim() == 3 else p.shape
+                p.copy_(_init_lora_a(_layer_key(name), shape).reshape(p.shape).to(p.dtype))
                 n += 1
     return n
 
@@ -167,7 +217,12 @@ def fusedtune_setup(job: dict):
             "method": job["method"],
             "kernels": job.get("kernels", "auto" if on_gpu else "torch"),
             "model": {"name_or_path": job["model_path"], "dtype": job.get("dtype", "fp32")},
-            "lora": {"rank": RANK, "alpha": ALPHA, "dropout": 0.0, "target_modules": TARGETS},
+            "lora": {
+                "rank": RANK,
+                "alpha": ALPHA,
+                "dropout": 0.0,
+                "target_modules": all_targets(job["model_path"]),
+            },
             "quant": {"quant_type": "nf4", "double_quant": True, "blocksize": 64},
             "data": {"task": "dates", "max_seq_len": job["seq"]},
             "optim": {"name": "adamw8bit", "lr": LR, "weight_decay": 0.0, "schedule": "constant"},
@@ -265,8 +320,14 @@ def run_hf_peft(job: dict, batches: list[dict], liger: bool = False, model=None)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(job["model_path"], **kwargs)
         model.config.use_cache = False
+        linears, expert_weights = targets(job["model_path"])
         lora = LoraConfig(
-            r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+            r=RANK,
+            lora_alpha=ALPHA,
+            lora_dropout=0.0,
+            target_modules=linears,
+            target_parameters=[f"mlp.experts.{w}" for w in expert_weights] or None,
+            task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
     load_peak = torch.cuda.max_memory_allocated() if on_gpu else None  # loading (and quantizing) alone
@@ -548,6 +609,14 @@ def run_benchmark(
     from report import device_slug, environment, write_results
 
     path = model_path(model)
+    if is_moe(path) and "qlora" in methods:
+        # transformers' BitsAndBytesConfig packs the Linears only: the experts' 3-D weights stay dense (checked
+        # on this Mixtral: 15.7M fp32 expert parameters after load_in_4bit), where fusedtune packs them, so
+        # the two QLoRA jobs are different models (the gradient-norm check fails them at step 2)
+        raise SystemExit(
+            f"error: --methods qlora: on an MoE model HF + bitsandbytes leaves the expert weights unquantized "
+            f"and fusedtune packs them: not the same job; run --methods lora for {model}"
+        )
     rows = []
     for method in methods:
         job = {
@@ -592,12 +661,12 @@ def run_benchmark(
         md = json_path.with_suffix(".md")
         md.write_text(
             md.read_text()
-            + f"\nJob: {model}, LoRA r={RANK} alpha={ALPHA:g} on {', '.join(TARGETS)}; micro-batch {batch} x seq {seq} "
+            + f"\nJob: {model}, LoRA r={RANK} alpha={ALPHA:g} on {', '.join(all_targets(path))}; micro-batch {batch} x seq {seq} "
             f"(rows 3/4..1 of seq, loss on each row's second half), grad_accum {grad_accum}, {steps} optimizer steps, "
             f"fp32, 8-bit AdamW lr {LR:g}. Median over steps 2..{steps} (with {rounds} interleaved round(s) per provider, the "
             f"round with the lowest median; all round medians are in the JSON); tokens/s counts non-pad tokens; "
-            f"peak RSS of each provider's own process. Per-step losses agree within {LOSS_RTOL:g} relative; "
-            f"grad norms non-zero. Ratios: fusedtune / hf_peft (target <= 0.8): step_time_ratio of the best rounds, "
+            f"peak RSS of each provider's own process. Per-step losses agree within {LOSS_RTOL:g} relative, per-step "
+            f"gradient norms and the trained LoRA B's norm within {GRAD_RTOL:g}; grad norms non-zero. Ratios: fusedtune / hf_peft (target <= 0.8): step_time_ratio of the best rounds, "
             f"paired_ratio_median the median over rounds of the two providers' ratio within a round. "
             f"Device slug: {device_slug()}.\n"
         )
@@ -607,7 +676,9 @@ def run_benchmark(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="smollm2, tiny, or a model directory")
+    parser.add_argument(
+        "--model", default="tiny", help="smollm2, tiny, mixtral (a small MoE), or a model directory"
+    )
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--seq", type=int, default=None, help="default: 256 for smollm2, 64 for tiny")
     parser.add_argument("--batch", type=int, default=4)

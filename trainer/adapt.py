@@ -163,12 +163,17 @@ def lora_layer_backend(
     return backend, reason
 
 
+def is_plain_linear(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` whose forward is ``nn.Linear``'s (or bitsandbytes' quantized one): what LoRA can
+    wrap. A subclass with its own forward is something else in a Linear's clothes, e.g. an MoE router
+    returning (logits, weights, indices) (Phi-3.5-MoE's, Llama 4's)."""
+    return isinstance(mod, nn.Linear) and (type(mod).forward is nn.Linear.forward or _is_bnb_quantized(mod))
+
+
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside the transformer blocks (names with an integer layer index)."""
+    """Every plain ``nn.Linear`` inside the transformer blocks (names with an integer layer index)."""
     return {
-        name: mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and _BLOCK_INDEX.search(name)
+        name: mod for name, mod in model.named_modules() if is_plain_linear(mod) and _BLOCK_INDEX.search(name)
     }
 
 
@@ -190,9 +195,20 @@ def select_targets(model: nn.Module, target_modules: list[str] | None) -> dict[s
         if not targets and not experts.expert_weights(model):
             raise ConfigError("lora.target_modules: the model has no Linear layers inside indexed blocks")
         return targets
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if is_plain_linear(m)}
     expert_names = list(experts.expert_weights(model))
     targets = {n: m for n, m in linears.items() if _matches(n, target_modules)}
+    special = {
+        n: type(m).__name__
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not is_plain_linear(m) and _matches(n, target_modules)
+    }
+    if special:
+        name, cls = next(iter(special.items()))
+        raise ConfigError(
+            f"lora.target_modules: {name} is a {cls}, an nn.Linear subclass with its own forward "
+            f"({len(special)} such layer(s)); LoRA wraps plain Linears only"
+        )
     unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in (*linears, *expert_names))]
     if unmatched:
         leafs = sorted({n.rsplit(".", 1)[-1] for n in linears})

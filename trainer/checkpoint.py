@@ -55,6 +55,27 @@ def _peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str] | st
     return "^(" + "|".join(n.replace(".", r"\.") for n in sorted(adapted)) + ")$"
 
 
+def _peft_renames(model: nn.Module) -> set[str]:
+    """Leaf names PEFT would take for transformers 4's expert Linears in this model and re-target.
+
+    Loading an adapter under transformers 5, PEFT rewrites the config of MoE model types whose experts were
+    fused (``transformers_weight_conversion``): ``gate_proj``/``up_proj``/``down_proj`` in
+    ``target_modules`` become the fused expert weights (at twice the rank), wherever they are, so a shared
+    expert's Linears (DeepSeek-V3, GLM-4-MoE, Qwen3-Next...) would load wrong. Those Linears are exported
+    as ``target_parameters`` (``<linear>.weight``: the same tensors), which the rewrite leaves alone.
+    """
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+        )
+    except ImportError:  # a PEFT without the rewrite
+        return set()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    return set(_MOE_TARGET_MODULE_MAPPING.get(pattern, {})) if pattern else set()
+
+
 def save_peft_adapter(model: nn.Module, cfg: Config, base_model_path: str, out_dir: Path) -> list[str]:
     """Write the LoRA weights and config in PEFT's format under ``out_dir``.
 
@@ -70,14 +91,21 @@ def save_peft_adapter(model: nn.Module, cfg: Config, base_model_path: str, out_d
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach().contiguous().cpu()
     expert_tensors, expert_targets = experts.peft_tensors(model, PEFT_PREFIX)
     tensors.update(expert_tensors)
+    renamed = _peft_renames(model)
+    as_params = [n for n in modules if n.rsplit(".", 1)[-1] in renamed]
+    linears = [n for n in modules if n not in as_params]
+    dropout = cfg.lora.dropout
+    if as_params and dropout > 0:
+        # PEFT's parameter LoRA takes no dropout; it changes nothing at inference
+        dropout = 0.0
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     peft_cfg = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=_peft_target_modules(model, list(modules)) if modules else None,
-        target_parameters=expert_targets or None,
+        lora_dropout=dropout,
+        target_modules=_peft_target_modules(model, linears) if linears else None,
+        target_parameters=[*expert_targets, *(f"{n}.weight" for n in as_params)] or None,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,

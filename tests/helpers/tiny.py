@@ -91,9 +91,10 @@ _ARCHS = {
 
 
 def build_tiny_model(
-    path: Path, seed: int = 0, with_bias: bool = False, arch: str = "llama", tie: bool = False
+    path: Path, seed: int = 0, with_bias: bool = False, arch: str = "llama", tie: bool = False, **overrides
 ) -> Path:
-    """Save a 2-layer, hidden-64 decoder (Llama unless ``arch``) with the tiny tokenizer under ``path``."""
+    """Save a 2-layer, hidden-64 decoder (Llama unless ``arch``; ``overrides`` change config fields) with
+    the tiny tokenizer under ``path``."""
     import transformers
 
     config_cls, model_cls, extra = (
@@ -103,21 +104,20 @@ def build_tiny_model(
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path)
     bias = {"attention_bias": with_bias, "mlp_bias": with_bias} if arch == "llama" else {}
-    cfg = config_cls(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tie,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        **bias,
-        **extra,
-    )
+    fields = {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": tie,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": None,
+    }
+    cfg = config_cls(**{**fields, **bias, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_cls(cfg)
     model.save_pretrained(path)

@@ -38,6 +38,23 @@ ARCHS = {
         "GptOssConfig",
         {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "intermediate_size": 32},
     ),
+    # a shared expert's Linears named gate_proj/up_proj/down_proj, which PEFT's transformers-5 config rewrite
+    # for this model type would re-target to the fused expert weights (so they export as target_parameters)
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        {
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 0,
+            "n_group": 1,
+            "topk_group": 1,
+            "head_dim": 16,
+        },
+    ),
+    # its router is an nn.Linear subclass returning (logits, weights, indices): never a LoRA target
+    "phimoe": ("PhimoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
@@ -53,6 +70,8 @@ def _model(arch: str) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("_bias"):
                 p.normal_(std=0.02)
+            if "router" in name or name.endswith(".gate.weight"):  # zero-init routers route by index order
+                p.normal_(std=0.3)
     return model.eval()
 
 
@@ -113,7 +132,8 @@ def test_expert_lora_exports_to_peft_and_matches_it(arch, tmp_path):
     _randomize_b(ours)
     save_peft_adapter(ours, _cfg(), "tiny", tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert sorted(saved["target_parameters"]) == sorted(report.experts_adapted)
+    expert_targets = [t for t in saved["target_parameters"] if not t.endswith(".weight")]  # not Linears
+    assert sorted(expert_targets) == sorted(report.experts_adapted)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     ids = _ids()
     lo, lp = ours(ids).logits, peft_model(ids).logits
@@ -273,3 +293,28 @@ def test_moe_saved_activations_follow_the_formula(tmp_path, arch, overrides):
         assert 0 <= m.saved.activations - e.activation_bytes <= 2 * 4 * 4  # 2 layers x 4 experts x int32
     else:
         assert e.activation_bytes == m.saved.activations
+
+
+def test_routers_that_subclass_linear_are_not_lora_targets():
+    """Phi-3.5-MoE's router is an nn.Linear subclass with its own forward (it returns the routing): the
+    default targets leave it alone at any rank, and naming it is a one-line error."""
+    model = _model("phimoe")
+    report = apply_method(model, _cfg(), CPU)
+    assert not any("router" in n for n in report.adapted)
+    model(_ids())  # the model still runs
+    with pytest.raises(
+        ConfigError, match=r"model\.layers\.0\.mlp\.router is a PhimoeTopKRouter, an nn\.Linear subclass"
+    ):
+        apply_method(_model("phimoe"), _cfg("lora.target_modules=[router]"), CPU)
+
+
+def test_shared_expert_linears_export_as_target_parameters(tmp_path):
+    """GLM-4-MoE: PEFT rewrites target_modules gate_proj/up_proj/down_proj for this model type, so the
+    shared expert's adapted Linears go to target_parameters (``<linear>.weight``), the same tensors."""
+    model = _model("glm4_moe")
+    apply_method(model, _cfg("lora.dropout=0.1"), CPU)  # dropout: experts left out, the shared expert adapted
+    save_peft_adapter(model, _cfg("lora.dropout=0.1"), "tiny", tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    shared = [t for t in saved["target_parameters"] if "shared_experts" in t]
+    assert len(shared) == 6 and all(t.endswith(".weight") for t in shared)
+    assert saved["lora_dropout"] == 0.0  # PEFT's parameter LoRA takes none; nothing changes at inference
