@@ -240,6 +240,16 @@ def _json_object_file(path: str, text: str) -> None:
     )
 
 
+def _parquet_rows(file: Path) -> int | None:
+    """The row count in a parquet file's footer, or None when it cannot be read (datasets then says why)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(file).num_rows
+    except Exception:  # not parquet, or no pyarrow: the reader below reports it
+        return None
+
+
 def _read_with_datasets(file: Path, path: str, suffix: str) -> list[Row]:
     builder, kwargs = DATASETS_FORMATS[suffix]
     if builder == "csv":
@@ -250,6 +260,8 @@ def _read_with_datasets(file: Path, path: str, suffix: str) -> list[Row]:
         raise DataError(
             f"{path}: reading {suffix} files needs the datasets package (pip install datasets)"
         ) from None
+    if builder == "parquet" and _parquet_rows(file) == 0:  # datasets fails on it ("BatchSize must be > 0")
+        return []
     try:
         table = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
     except Exception as e:  # the builders raise many types (pyarrow, ValueError...)
@@ -281,7 +293,7 @@ def read_rows(path: str, field_name: str) -> list[Row]:
         rows = _read_with_datasets(file, path, suffix)
     elif suffix in (".jsonl", ".json"):
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not data
         except UnicodeDecodeError as e:
             line = file.read_bytes()[: e.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not UTF-8 text") from None
@@ -338,7 +350,8 @@ def _string_field(row: Row, key: str, fmt: str, required: bool = True) -> str:
     value = row.data.get(key)
     if value is None:
         if required:
-            raise DataError(f"{row.source}: {fmt} row has no {key!r} field")
+            what = "is empty" if key in row.data else "is missing"  # null, or an empty CSV/parquet cell
+            raise DataError(f"{row.source}: {fmt} row's {key!r} field {what}")
         return ""
     if not isinstance(value, str):
         raise DataError(f"{row.source}: {fmt} field {key!r} must be a string, got {type(value).__name__}")

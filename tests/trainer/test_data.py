@@ -276,9 +276,10 @@ BAD_INPUTS = {
     # id: (lines of train.jsonl, config overrides, vocab size, expected message (with {dir} for tmp_path))
     "invalid json": ([GOOD] * 6 + ['{"text": "a" "b"}'], {}, VOCAB, "train.jsonl:7: invalid JSON (Expecting ',' delimiter)"),
     "not an object": ([GOOD, "[1, 2]"], {}, VOCAB, "train.jsonl:2: expected a JSON object per line, got list"),
-    "alpaca no output": ([ALPACA, ALPACA, '{"instruction": "x"}'], {}, VOCAB, "train.jsonl:3: alpaca row has no 'output' field"),
+    "alpaca no output": ([ALPACA, ALPACA, '{"instruction": "x"}'], {}, VOCAB, "train.jsonl:3: alpaca row's 'output' field is missing"),
     "alpaca output not str": ([ALPACA, '{"instruction": "x", "output": 5}'], {}, VOCAB, "train.jsonl:2: alpaca field 'output' must be a string, got int"),
-    "text missing": (['{"txt": "a"}'], {"format": "text"}, VOCAB, "train.jsonl:1: text row has no 'text' field"),
+    "text null": (['{"text": null}'], {}, VOCAB, "train.jsonl:1: text row's 'text' field is empty"),
+    "text missing": (['{"txt": "a"}'], {"format": "text"}, VOCAB, "train.jsonl:1: text row's 'text' field is missing"),
     "unknown keys": (['{"prompt": "a", "completion": "b"}'], {}, VOCAB, "train.jsonl:1: cannot tell the data format from the keys ['completion', 'prompt']"),
     "empty file": ([], {}, VOCAB, "{dir}/train.jsonl: no examples"),
     "blank file": (["", "  "], {}, VOCAB, "{dir}/train.jsonl: no examples"),
@@ -372,10 +373,20 @@ def test_parquet_error_names_the_readers_reason(tmp_path, tiny_tokenizer):
         build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
 
 
+def test_empty_parquet_has_no_examples(tmp_path, tiny_tokenizer):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), path)
+    with pytest.raises(DataError, match=rf"^{path}: no examples"):
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+
+
 def test_csv_reads_quoted_newlines_blank_lines_and_empty_cells(tmp_path, tiny_tokenizer):
     path = tmp_path / "train.csv"
     path.write_text('instruction,input,output\n"Two\nlines",,"a, b"\n\nWhat?,x,\n')
-    with pytest.raises(DataError, match=r"train\.csv:row 2: alpaca row has no 'output' field"):
+    with pytest.raises(DataError, match=r"train\.csv:row 2: alpaca row's 'output' field is empty"):
         build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)  # an empty cell is missing
     path.write_text('instruction,input,output\n"Two\nlines",,"a, b"\n\nWhat?,x,y\n')
     data = build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
@@ -458,6 +469,14 @@ def test_conversation_opening_with_an_assistant_turn(tmp_path, tiny_tokenizer):
     (ex,) = build(tmp_path, tiny_tokenizer, rows).train
     spans = [tiny_tokenizer.decode(s) for s in target_spans(ex)]
     assert spans == [f"Hello there{EOS}\n", f"2024-03-05{EOS}\n"]
+
+
+@pytest.mark.parametrize("name", ["train.jsonl", "train.json"])
+def test_a_byte_order_mark_is_not_data(tmp_path, tiny_tokenizer, name):
+    path = tmp_path / name
+    body = '{"text": "a b"}\n' if name.endswith("l") else '[{"text": "a b"}]'
+    path.write_text(body, encoding="utf-8-sig")
+    assert len(build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB).train) == 1
 
 
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, tiny_tokenizer):
