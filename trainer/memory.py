@@ -185,7 +185,12 @@ def measured_breakdown_lines(accounting: dict) -> list[str]:
         + f"; trainable {fmt_bytes(a['trainable_bytes'])}; gradients {fmt_bytes(a['gradient_bytes'])}; "
         f"optimizer state {fmt_bytes(a['optimizer_state_bytes'])}"
     ]
-    if saved is not None:
+    if saved is not None and not saved["tokens"]:  # resumed at the last step: nothing ran here
+        lines.append(
+            "memory (measured): saved activations not measured (no training step ran in this process)"
+        )
+        saved = None
+    elif saved is not None:
         lines.append(
             f"memory (measured): saved for backward by the largest micro-batch ({saved['tokens']:,} tokens): "
             f"activations {fmt_bytes(saved['activations'])}, loss {fmt_bytes(saved['loss'])}"

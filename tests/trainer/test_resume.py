@@ -577,6 +577,20 @@ def test_resume_from_another_directorys_checkpoint_over_an_unrelated_run(tiny_mo
     assert _tree(src) == source
 
 
+def test_resuming_a_final_checkpoint_elsewhere_runs_no_step_and_says_so(tiny_model_dir, tmp_path, capsys):
+    """The last checkpoint resumed into a new directory: no step runs there, and the summary says the
+    saved activations were not measured (it printed a micro-batch of 0 tokens)."""
+    cfg = _config(tmp_path / "src", tiny_model_dir, "lora", "adamw_torch", max_steps=2, save_every=2)
+    assert main(["run", str(cfg)]) == 0
+    capsys.readouterr()
+    final = tmp_path / "src" / "run" / "checkpoints" / "step-2"
+    assert main(["run", str(cfg), f"output_dir={tmp_path / 'new'}", f"resume={final}"]) == 0
+    out = capsys.readouterr().out
+    assert "(0 tokens)" not in out
+    assert "saved activations not measured (no training step ran in this process)" in out
+    assert (tmp_path / "new" / "summary.json").is_file()
+
+
 def test_read_metrics_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):
     from fusedtune.trainer.metrics import MetricsError, read_metrics
 
