@@ -496,7 +496,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"resume: no such checkpoint: {path}")
+        raise CheckpointError(
+            f"resume: no such checkpoint: {path} (resume takes auto, or a run's checkpoints/step-N directory)"
+        )
     if not path.is_dir():
         raise CheckpointError(f"resume: {path} is a file, not a checkpoint directory")
     if not (path / MANIFEST).exists() and not _STEP_DIR.match(path.name):

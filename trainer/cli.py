@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument(
         "--gpu-memory",
         metavar="SIZE",
-        help="the card's memory with a unit, e.g. 24GB or 80GiB (binary units): does it fit?",
+        help="the card's memory with a unit, e.g. 24GB or 80GiB (binary units): does it fit? "
+        "(exit code 3 when it does not)",
     )
     est.add_argument("--measure", action="store_true", help="also run 3 real steps, print the measured peak")
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -119,7 +120,7 @@ class DataConfig(_Strict):
     task: Literal["dates"] | None = Field(
         None, description="a built-in generated task (train and eval sets, with an accuracy metric)"
     )
-    train: str | None = Field(None, description="training file: .jsonl/.json (or any local datasets format)")
+    train: str | None = Field(None, description="training file: .jsonl, .json, .csv, .tsv or .parquet")
     eval: str | None = Field(None, description="held-out file, same format")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="split this share of train off as eval")
     num_train: int = Field(1024, ge=1, description="built-in task: training examples")
@@ -171,7 +172,12 @@ class OptimConfig(_Strict):
     eps: float = Field(1e-8, gt=0.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="the schedule decays to lr * min_lr_ratio")
+    min_lr_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="the schedule decays toward lr * min_lr_ratio, reached one step after the last",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="null disables clipping")
 
     @model_validator(mode="after")
@@ -251,12 +257,16 @@ class Config(_Strict):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
     partial: PartialConfig = Field(default_factory=PartialConfig)
-    data: DataConfig = Field(default_factory=lambda: DataConfig(task="dates"))
+    data: DataConfig | None = Field(
+        None, description="required: the training data (a file, or a built-in task)"
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _method_needs(self) -> Config:
+        if self.data is None:  # no silent default: a config that forgets its data must not train on a task
+            raise ValueError("data: set data.train (a file) or data.task (a built-in task)")
         if self.method == "partial" and not (self.partial.patterns or self.partial.last_n_layers):
             raise ValueError("method 'partial' needs partial.patterns or partial.last_n_layers")
         if self.optim.lr is None:  # adapters take a ~10x larger step than whole weight matrices
@@ -383,14 +393,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds: ``DataConfig`` for ``DataConfig`` and ``DataConfig | None``."""
+    for ann in (annotation, *get_args(annotation)):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+    return None
+
+
 def _fields_at(loc: tuple) -> list[str]:
     model: type[BaseModel] = Config
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if _section_model(ann) is None:
             return []
-        model = ann
+        model = _section_model(ann)
     return list(model.model_fields)
 
 
@@ -416,10 +434,20 @@ COMMON_NAMES = {
 def _sections() -> list[tuple[str, type[BaseModel]]]:
     out = []
     for name, field in Config.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.append((name, ann))
+        if (section := _section_model(field.annotation)) is not None:
+            out.append((name, section))
     return out
+
+
+def _error_key(first: dict) -> str:
+    """The dotted key of a validation error: its location, or the key a section's own check names at
+    the start of its message (``optim.betas must lie in...`` at location ``optim``)."""
+    dotted = ".".join(str(p) for p in first["loc"])
+    text = first["msg"].removeprefix("Value error, ")
+    m = re.match(r"([a-z_]+(?:\.[a-z_]+)+)\b", text)
+    if m and (not dotted or m.group(1).startswith(dotted + ".")):
+        return m.group(1)
+    return dotted
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -429,22 +457,24 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         key = str(loc[-1])
         msg = f"unknown key '{dotted}'"
-        hint = difflib.get_close_matches(key, _fields_at(loc), n=1)
-        if not hint and COMMON_NAMES.get(key) in _fields_at(loc):
-            hint = [COMMON_NAMES[key]]
-        if hint:
-            prefix = ".".join(str(p) for p in loc[:-1])
-            msg += f" (did you mean '{prefix + '.' if prefix else ''}{hint[0]}'?)"
-        else:
-            elsewhere = [f"{name}.{key}" for name, sub in _sections() if key in sub.model_fields]
-            if elsewhere:
-                msg += f" (did you mean '{elsewhere[0]}'?)"
+        prefix = ".".join(str(p) for p in loc[:-1])
+        here = [f"{prefix + '.' if prefix else ''}{n}" for n in _fields_at(loc)]
+        names = {key, COMMON_NAMES.get(key, key)}
+        # the same name (or its usual alias) here, then in a section, then something spelled alike here
+        hints = [h for h in here if h.rsplit(".", 1)[-1] in names and h.rsplit(".", 1)[-1] != key]
+        hints = hints or [f"{name}.{n}" for name, sub in _sections() for n in sub.model_fields if n in names]
+        hints = hints or [
+            f"{prefix + '.' if prefix else ''}{h}"
+            for h in difflib.get_close_matches(key, _fields_at(loc), n=1)
+        ]
+        if hints:
+            msg += " (did you mean " + " or ".join(f"'{h}'" for h in sorted(hints, key=_hint_order)) + "?)"
     else:
         got = first.get("input")
         text = first["msg"]
         if text.startswith("Value error, "):
             text = text[len("Value error, ") :]
-        msg = f"{dotted}: {text}" if dotted else text
+        msg = text if dotted and text.startswith(dotted + ".") else f"{dotted}: {text}" if dotted else text
         if dotted and not isinstance(got, dict) and got is not None:
             msg += f" (got {got!r})"
     more = len(err.errors()) - 1
@@ -485,9 +515,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_format_validation_error(e, _source_of(e, source, applied))) from None
 
 
+def _hint_order(hint: str) -> tuple[int, str]:
+    """The loop's section first where a name is in two (train.seed before data.seed)."""
+    return (0 if hint.startswith("train.") else 1, hint)
+
+
 def _source_of(err: ValidationError, source: str, applied: list[tuple[str, str]]) -> str:
     """Label the error with the override that set the failing key (or a section above it), else the file."""
-    dotted = ".".join(str(p) for p in err.errors()[0]["loc"])
+    dotted = _error_key(err.errors()[0])
     for key, text in reversed(applied):  # the last override of a key is the one in effect
         if dotted and (dotted == key or dotted.startswith(key + ".")):
             return f"override {text!r}"
@@ -512,8 +547,10 @@ def reference_markdown() -> str:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
+            if (section := _section_model(ann)) is not None:
+                if field.description:  # a section with a note of its own (data: required)
+                    rows.append(f"| `{prefix}{name}` | section | | {field.description} |")
+                walk(section, f"{prefix}{name}.")
                 continue
             default = field.get_default(call_default_factory=True)
             shown = (

@@ -170,8 +170,8 @@ def _read_csv(file: Path, path: str, delimiter: str) -> list[Row]:
     """CSV/TSV with the csv module, every cell as text: a malformed row names its ``file:line``.
 
     CSV has no types ("0123" stays a string); an empty cell is a missing value (``None``), as
-    pandas/datasets read it; blank lines are skipped. Rows are named ``file.csv:row N`` (N counts the data
-    rows, the header not included), errors by the line a record starts on.
+    pandas/datasets read it; blank lines are skipped. Rows and errors are named by the line a record
+    starts on (``file.csv:LINE``; a quoted cell may hold line breaks).
     """
     csv.field_size_limit(2**31 - 1)  # the default 128 KiB would refuse a long example
     rows: list[Row] = []
@@ -200,7 +200,7 @@ def _read_csv(file: Path, path: str, delimiter: str) -> list[Row]:
                         f"{len(header)}"
                     )
                 cells = {name: (value if value != "" else None) for name, value in zip(header, record)}
-                rows.append(Row(cells, f"{path}:row {len(rows) + 1}"))
+                rows.append(Row(cells, f"{path}:{line}"))
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
     except csv.Error as e:

@@ -77,7 +77,7 @@ def lr_warning(cfg: Config) -> str | None:
 
     if cfg.method in ("full", "partial") and cfg.optim.lr >= 1e-4:
         return (
-            f"optim.lr {cfg.optim.lr:g} is large for method {cfg.method} (whole weight matrices train; "
+            f"optim.lr {cfg.optim.lr:g} is large for method {cfg.method} (the model's own weights train, not adapters; "
             f"1e-5 to 5e-5 is usual, the default for full/partial is {DEFAULT_LR['full']:g})"
         )
     return None
@@ -628,7 +628,9 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         if start_step == steps and inside and (done := _finished_run(out, ckpt, steps)) is not None:
             log(
                 f"resume: {ckpt.path} is this run's last step ({steps} of {steps}): the run is already "
-                f"finished, its outputs in {out} are left as they are (raise train.max_steps to train on)"
+                f"finished, its outputs in {out} are left as they are (to train on: raise train.max_steps with "
+                "resume_allow_config_changes=true; the lr schedule then spans the new length, so the added steps "
+                "continue its decay)"
             )
             for line in summary_lines(done):
                 log(line)
@@ -840,7 +842,7 @@ def summary_lines(result: RunResult) -> list[str]:
     fb = memory.fmt_bytes
     total = a["trainable_params"] + a["frozen_params"]
     return [
-        f"done: {result.steps} steps in {a['train_seconds']:.1f} s on {a['device']} ({a['dtype']}); "
+        f"done: {result.steps} step{'' if result.steps == 1 else 's'} in {a['train_seconds']:.1f} s on {a['device']} ({a['dtype']}); "
         f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
         + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps else "")
         + (f"; resumed from {result.resumed_from}" if result.resumed_from else ""),

@@ -63,9 +63,10 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        if cfg.schedule == "constant" or total_steps <= warmup + 1:
+        if cfg.schedule == "constant" or total_steps <= warmup:
             return 1.0
-        progress = min(1.0, (step - warmup) / (total_steps - warmup - 1))
+        # the floor is reached one step after the last (as transformers' schedules): every step updates
+        progress = min(1.0, (step - warmup) / (total_steps - warmup))
         if cfg.schedule == "linear":
             return floor + (1.0 - floor) * (1.0 - progress)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

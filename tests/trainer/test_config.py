@@ -99,6 +99,7 @@ def test_yaml_merge_keys_work_and_duplicates_are_still_refused(tmp_path):
         "lora: &b\n  rank: 8\n  alpha: 16\n"
         "train:\n  <<: {max_steps: 2, seed: 5}\n  seed: 7\n"  # an explicit key wins over a merged one
         "optim:\n  <<: [{lr: 0.5}]\n"
+        "data: {task: dates}\n"
     )
     cfg = load_config(path)
     assert (cfg.lora.rank, cfg.lora.alpha) == (8, 16.0)
@@ -151,6 +152,41 @@ def test_resolved_yaml_round_trips(tmp_path):
     assert again == cfg and again.digest() == cfg.digest()
 
 
+def test_a_config_without_data_is_refused_not_defaulted(tmp_path):
+    """Forgetting the data section must not train on the built-in task (it used to, silently)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("method: lora\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: data: set data\.train \(a file\) or data\.task"):
+        load_config(path)
+    assert load_config(path, ["data.task=dates"]).data.task == "dates"
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("rank=8", "'lora.rank'"),
+        ("lr=1e-4", "'optim.lr'"),
+        ("seed=1", "'train.seed' or 'data.seed'"),
+        ("learning_rate=1e-4", "'optim.lr'"),
+        ("batch_size=2", "'train.micro_batch_size'"),
+        ("optim.learning_rate=1e-4", "'optim.lr'"),
+        ("lora.rnk=4", "'lora.rank'"),
+    ],
+)
+def test_unknown_keys_suggest_the_key_meant(override, hint):
+    """A section's own name or a usual alias beats a name spelled alike (rank=8 suggested 'train')."""
+    with pytest.raises(ConfigError, match=f"did you mean {hint}\\?"):
+        load_config(None, [override])
+
+
+def test_a_sections_own_check_names_the_override():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.betas=[0.9, 1.0]"])
+    assert (
+        str(err.value) == "override 'optim.betas=[0.9, 1.0]': optim.betas must lie in [0, 1), got [0.9, 1.0]"
+    )
+
+
 def test_readme_config_reference_matches_schema():
     """The README's config table is the schema's: regenerate it with reference_markdown() when this fails."""
     from pathlib import Path
@@ -180,7 +216,7 @@ def test_large_lr_for_whole_matrices_is_called_out():
     assert lr_warning(load_config()) is None  # the embedded default: lora at 1e-3
     line = lr_warning(load_config(None, ["method=full"]))  # the same lr on whole matrices
     assert line == (
-        "optim.lr 0.001 is large for method full (whole weight matrices train; 1e-5 to 5e-5 is usual, "
+        "optim.lr 0.001 is large for method full (the model's own weights train, not adapters; 1e-5 to 5e-5 is usual, "
         "the default for full/partial is 2e-05)"
     )
     assert lr_warning(load_config(None, ["method=full", "optim.lr=2e-5"])) is None

@@ -181,7 +181,9 @@ def test_cli_does_not_fit_names_the_changes(tmp_path, tiny_model_dir, capsys):
     )
     budget = (need + ckpt.total_bytes) // 2  # between the two: checkpointing alone fits
     assert (
-        main(["estimate", str(config), "model.dtype=bf16", "--gpu-memory", f"{budget / 1024**2:.3f}MiB"]) == 0
+        main(["estimate", str(config), "model.dtype=bf16", "--gpu-memory", f"{budget / 1024**2:.3f}MiB"])
+        == est_mod.NO_FIT_EXIT
+        == 3
     )
     out = capsys.readouterr().out
     assert "does NOT fit" in out
