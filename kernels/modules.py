@@ -63,6 +63,11 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **factory), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        if self.weight.device.type != "meta":  # nn.Linear's own init (torch.empty is whatever memory held)
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
+                nn.init.uniform_(self.bias, -bound, bound)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:

@@ -629,3 +629,14 @@ def test_bias_in_another_dtype_than_x():
     for name, y in outs.items():
         assert y.dtype == torch.float16
         assert_close(y, expected, torch.float16, name=name)
+
+
+def test_a_constructed_layer_starts_as_nn_linear_does():
+    """LoRALinear(in, out, ...) initialises its frozen weight and bias as nn.Linear would; they were
+    torch.empty, whatever memory held (NaN at times: a test comparing two outputs failed on a fresh run)."""
+    torch.manual_seed(0)
+    m = LoRALinear(96, 40, 4, 8.0, bias=True)
+    bound = 1.0 / 96**0.5
+    for t in (m.weight, m.bias):
+        assert torch.isfinite(t).all() and t.abs().max() <= bound and t.abs().max() > bound / 2
+    assert torch.equal(m(torch.zeros(2, 96)), m.bias.expand(2, -1))  # B = 0: the base layer alone
