@@ -19,7 +19,8 @@ from a seeded generator; B = 0), 8-bit AdamW (lr 1e-4, no weight decay, constant
 Reported per provider: median step time (the first step is warm-up and excluded), tokens/s over
 non-pad tokens, process peak RSS (``ru_maxrss``), the loss at every step and the gradient norms.
 Checks (a benchmark that fails them raises): gradient norms non-zero and finite; per-step losses of the
-providers agree within ``LOSS_RTOL`` (relative). Results go to ``bench/results/e2e-<model>-cpu.{json,md}``
+providers agree within ``LOSS_RTOL`` (relative), per-step gradient norms and the trained LoRA B's norm
+within ``GRAD_RTOL``. Results go to ``bench/results/e2e-<model>-cpu.{json,md}``
 and ``e2e-<model>-cpu.png``.
 """
 

@@ -2,8 +2,8 @@
 
 ``make test`` runs it (``testpaths``), as does ``make bench ARGS="-k e2e"``. The fuller run is by hand:
 ``python -P bench/e2e.py --model smollm2 --batch 2 --rounds 4 --threads 1``.
-The benchmark itself fails loudly (``BenchmarkFailed``) when the providers' losses disagree or a gradient
-norm vanishes; no timing is asserted.
+The benchmark itself fails loudly (``BenchmarkFailed``) when the providers' losses, gradient norms or
+trained adapters disagree, or a gradient norm vanishes; no timing is asserted.
 """
 
 from __future__ import annotations
