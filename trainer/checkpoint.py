@@ -141,6 +141,9 @@ def save_trainable(model: nn.Module, path: Path) -> int:
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 CHECKPOINT_FORMAT = 1
+# 2: a decaying schedule reaches its floor one step after the last (1, before 4941d0d: at the last step,
+# which then ran at lr * min_lr_ratio); a checkpoint without it was written under 1
+LR_SCHEDULE_VERSION = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Test-only fault injection: "STEP:STAGE:ACTION" (action kill | enospc | sleep | sigterm) at a named point of the
 # write of the checkpoint at STEP. Stages: each file name after it is written, "renamed" (after the
@@ -360,6 +363,7 @@ def save_checkpoint(
             "rng": rng_plain,
             "trainable": {n: list(t.shape) for n, t in trainable.items()},
             "versions": library_versions(),
+            "lr_schedule": LR_SCHEDULE_VERSION,
         }
         writers = {
             "trainable.safetensors": lambda p: save_file(trainable, str(p), metadata={"format": "pt"}),

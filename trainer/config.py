@@ -373,9 +373,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or `data:` with every key commented out
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {part!r} is not a section")
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -444,7 +446,7 @@ def _error_key(first: dict) -> str:
     the start of its message (``optim.betas must lie in...`` at location ``optim``)."""
     dotted = ".".join(str(p) for p in first["loc"])
     text = first["msg"].removeprefix("Value error, ")
-    m = re.match(r"([a-z_]+(?:\.[a-z_]+)+)\b", text)
+    m = re.match(r"([a-z_]+(?:\.[a-z_]+)*)(?::|\b)", text)
     if m and (not dotted or m.group(1).startswith(dotted + ".")):
         return m.group(1)
     return dotted
@@ -525,6 +527,10 @@ def _source_of(err: ValidationError, source: str, applied: list[tuple[str, str]]
     dotted = _error_key(err.errors()[0])
     for key, text in reversed(applied):  # the last override of a key is the one in effect
         if dotted and (dotted == key or dotted.startswith(key + ".")):
+            return f"override {text!r}"
+    # a section's check that failed on a value set below it (data.train=... against the file's data.task)
+    for key, text in reversed(applied):
+        if dotted and key.startswith(dotted + "."):
             return f"override {text!r}"
     return source
 

@@ -19,12 +19,14 @@ is reported instead of silently mislabelled.
 
 Sources: ``.jsonl`` (and a ``.json`` array) are read here so that every error names its exact
 ``file:line``; so are ``.csv`` and ``.tsv`` (the csv module, every cell as text; a malformed record names
-its line). ``.parquet`` goes through the ``datasets`` library. Tabular rows are named by row
-(``file.csv:row 7``). Every mistake in the data raises :class:`DataError` with one line.
+its line). ``.parquet`` goes through the ``datasets`` library. CSV/TSV rows are named by the line their
+record starts on, parquet rows by row (``file.parquet:row 7``). Every mistake in the data raises
+:class:`DataError` with one line.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -196,8 +198,7 @@ def _read_csv(file: Path, path: str, delimiter: str) -> list[Row]:
                     continue
                 if len(record) != len(header):
                     raise DataError(
-                        f"{path}:{line}: row {len(rows) + 1} has {len(record)} fields, the header has "
-                        f"{len(header)}"
+                        f"{path}:{line}: the record has {len(record)} fields, the header has {len(header)}"
                     )
                 cells = {name: (value if value != "" else None) for name, value in zip(header, record)}
                 rows.append(Row(cells, f"{path}:{line}"))
@@ -277,7 +278,7 @@ def read_rows(path: str, field_name: str) -> list[Row]:
         field_name: the config field that named it (``data.train``), for errors.
 
     Returns:
-        The rows in file order, each with its ``file:line`` (``file:row N`` for tabular files).
+        The rows in file order, each with its ``file:line`` (``file:row N`` for parquet).
 
     Raises:
         DataError: missing or unreadable file, unsupported type, invalid JSON, a row that is not an
@@ -295,7 +296,9 @@ def read_rows(path: str, field_name: str) -> list[Row]:
         try:
             text = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not data
         except UnicodeDecodeError as e:
-            line = file.read_bytes()[: e.start].count(b"\n") + 1
+            raw = file.read_bytes()
+            bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # e.start is after it
+            line = raw[: e.start + bom].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not UTF-8 text") from None
         except OSError as e:
             raise DataError(f"{field_name}: cannot read {path} ({e.strerror})") from None
@@ -370,7 +373,8 @@ def _check_unicode(text: str, source: str, what: str) -> None:
 def _messages_of(row: Row) -> list[dict]:
     messages = row.data.get("messages")
     if messages is None:
-        raise DataError(f"{row.source}: messages row has no 'messages' field")
+        what = "is empty" if "messages" in row.data else "is missing"
+        raise DataError(f"{row.source}: messages row's 'messages' field {what}")
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{row.source}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, message in enumerate(messages):

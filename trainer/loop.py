@@ -35,6 +35,7 @@ from . import memory
 from .adapt import AdaptReport, apply_method
 from .checkpoint import (
     CHECKPOINTS,
+    LR_SCHEDULE_VERSION,
     Checkpoint,
     CheckpointError,
     checkpoint_root,
@@ -375,6 +376,12 @@ def find_resume_checkpoint(cfg: Config, log=print) -> Checkpoint | None:
         )
     for d in diffs:
         log(f"resume: config differs from the checkpoint's (allowed): {d}")
+    if ckpt.state.get("lr_schedule", 1) != LR_SCHEDULE_VERSION and cfg.optim.schedule != "constant":
+        log(
+            f"resume: {ckpt.path} was written by an earlier fusedtune, whose {cfg.optim.schedule} schedule "
+            "reached its floor at the last step; the remaining steps follow today's, which reaches it one "
+            "step after the last (the lr of the resumed steps is a little higher than that run's would be)"
+        )
     return ckpt
 
 
@@ -629,8 +636,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
             log(
                 f"resume: {ckpt.path} is this run's last step ({steps} of {steps}): the run is already "
                 f"finished, its outputs in {out} are left as they are (to train on: raise train.max_steps with "
-                "resume_allow_config_changes=true; the lr schedule then spans the new length, so the added steps "
-                "continue its decay)"
+                "resume_allow_config_changes=true; the lr schedule is recomputed over the new length, so the lr first "
+                "rises to where that longer schedule is, then decays)"
             )
             for line in summary_lines(done):
                 log(line)
@@ -844,7 +851,11 @@ def summary_lines(result: RunResult) -> list[str]:
     return [
         f"done: {result.steps} step{'' if result.steps == 1 else 's'} in {a['train_seconds']:.1f} s on {a['device']} ({a['dtype']}); "
         f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
-        + (f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps else "")
+        + (
+            f"; {result.skipped_steps} step{'' if result.skipped_steps == 1 else 's'} skipped (non-finite)"
+            if result.skipped_steps
+            else ""
+        )
         + (f"; resumed from {result.resumed_from}" if result.resumed_from else ""),
         f"parameters: {a['trainable_params']:,} trainable ({fb(a['trainable_bytes'])}), "
         f"{a['frozen_params']:,} frozen ({fb(a['frozen_bytes'])}); "

@@ -271,7 +271,7 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, checkpoint: Path) -> dict[str, 
         "yaml unhashable key": ([], "invalid YAML: found unhashable key", "? [a, b]\n: 1\n"),
         "ragged csv": (
             [f"data.train={tmp_path}/ragged.csv"],
-            "ragged.csv:3: row 2 has 3 fields, the header has 2",
+            "ragged.csv:3: the record has 3 fields, the header has 2",
         ),
         "header-only csv": ([f"data.train={tmp_path}/header-only.csv"], "header-only.csv: no examples"),
         "json object file": (

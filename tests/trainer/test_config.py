@@ -179,6 +179,30 @@ def test_unknown_keys_suggest_the_key_meant(override, hint):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data=null"], "override 'data=null': data: set data.train (a file) or data.task"),
+        (
+            ["data.train=x.jsonl"],
+            "override 'data.train=x.jsonl': data: set only one of data.train and data.task",
+        ),
+        (["data.task=null"], "override 'data.task=null': data: set data.train (a file) or data.task"),
+    ],
+)
+def test_a_sections_check_failing_on_an_override_below_it_names_it(overrides, expected):
+    """The embedded default sets data.task: an override that clashes with it, or removes it, is named."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(expected)
+
+
+def test_an_override_fills_a_section_left_empty(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  # task: dates\n")  # every key commented out: data is null
+    assert load_config(path, ["data.task=dates"]).data.task == "dates"
+
+
 def test_a_sections_own_check_names_the_override():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["optim.betas=[0.9, 1.0]"])

@@ -280,6 +280,7 @@ BAD_INPUTS = {
     "not an object": ([GOOD, "[1, 2]"], {}, VOCAB, "train.jsonl:2: expected a JSON object per line, got list"),
     "alpaca no output": ([ALPACA, ALPACA, '{"instruction": "x"}'], {}, VOCAB, "train.jsonl:3: alpaca row's 'output' field is missing"),
     "alpaca output not str": ([ALPACA, '{"instruction": "x", "output": 5}'], {}, VOCAB, "train.jsonl:2: alpaca field 'output' must be a string, got int"),
+    "messages null": (['{"messages": null}'], {}, VOCAB, "train.jsonl:1: messages row's 'messages' field is empty"),
     "text null": (['{"text": null}'], {}, VOCAB, "train.jsonl:1: text row's 'text' field is empty"),
     "text missing": (['{"txt": "a"}'], {"format": "text"}, VOCAB, "train.jsonl:1: text row's 'text' field is missing"),
     "unknown keys": (['{"prompt": "a", "completion": "b"}'], {}, VOCAB, "train.jsonl:1: cannot tell the data format from the keys ['completion', 'prompt']"),
@@ -324,10 +325,10 @@ def test_bad_input_is_one_line_naming_the_place(tmp_path, tiny_tokenizer, case):
 
 FILE_SHAPES = {
     # id: (file name, content, expected message ({path}: the file))
-    "csv extra field": ("t.csv", "instruction,output\na,b\nc,d,e\n", "{path}:3: row 2 has 3 fields, the header has 2"),
-    "csv missing field": ("t.csv", "instruction,output\na,b\n\nc\n", "{path}:4: row 2 has 1 fields, the header has 2"),
-    "csv ragged after a quoted newline": ("t.csv", 'text,x\n"a\nb",1\nc,1,2\n', "{path}:4: row 2 has 3 fields"),
-    "tsv extra field": ("t.tsv", "text\thello\nmore\tx\ty\n", "{path}:2: row 1 has 3 fields, the header has 2"),
+    "csv extra field": ("t.csv", "instruction,output\na,b\nc,d,e\n", "{path}:3: the record has 3 fields, the header has 2"),
+    "csv missing field": ("t.csv", "instruction,output\na,b\n\nc\n", "{path}:4: the record has 1 fields, the header has 2"),
+    "csv ragged after a quoted newline": ("t.csv", 'text,x\n"a\nb",1\nc,1,2\n', "{path}:4: the record has 3 fields"),
+    "tsv extra field": ("t.tsv", "text\thello\nmore\tx\ty\n", "{path}:2: the record has 3 fields, the header has 2"),
     "csv bad quoting": ("t.csv", 'text,x\na,b\n"c"d,e\n', "{path}:3: malformed .csv ("),
     "csv duplicate column": ("t.csv", "text,text\na,b\n", "{path}:1: duplicate column 'text' in the header"),
     "csv header only": ("t.csv", "instruction,output\n", "{path}: no examples"),
@@ -471,6 +472,13 @@ def test_conversation_opening_with_an_assistant_turn(tmp_path, tiny_tokenizer):
     (ex,) = build(tmp_path, tiny_tokenizer, rows).train
     spans = [tiny_tokenizer.decode(s) for s in target_spans(ex)]
     assert spans == [f"Hello there{EOS}\n", f"2024-03-05{EOS}\n"]
+
+
+def test_invalid_utf8_after_a_byte_order_mark_names_its_line(tmp_path, tiny_tokenizer):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n' + b'\xff{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:2: not UTF-8 text"):
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
 
 
 @pytest.mark.parametrize("name", ["train.jsonl", "train.json"])

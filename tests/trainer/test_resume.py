@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import write_alpaca, write_config
 
-from fusedtune.trainer import loop
+from fusedtune.trainer import checkpoint, loop
 from fusedtune.trainer.checkpoint import (
     FAULT_ENV,
     CheckpointError,
@@ -589,6 +589,19 @@ def test_resuming_a_final_checkpoint_elsewhere_runs_no_step_and_says_so(tiny_mod
     assert "(0 tokens)" not in out
     assert "saved activations not measured (no training step ran in this process)" in out
     assert (tmp_path / "new" / "summary.json").is_file()
+
+
+def test_resuming_a_checkpoint_from_the_old_schedule_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint written under another lr-schedule version (its floor at the last step) resumes, and
+    the run says the remaining steps follow today's schedule; the same version says nothing."""
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "adamw_torch", max_steps=4, save_every=2)
+    _run(cfg, monkeypatch, stop_at=2)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["lr_schedule"] == checkpoint.LR_SCHEDULE_VERSION
+    lines: list[str] = []
+    monkeypatch.setattr(loop, "LR_SCHEDULE_VERSION", checkpoint.LR_SCHEDULE_VERSION + 1)
+    loop.run(load_config(cfg, ["resume=auto"]), log=lines.append)
+    assert any("was written by an earlier fusedtune, whose cosine schedule" in x for x in lines), lines
 
 
 def test_read_metrics_skips_a_torn_last_line_and_names_a_bad_one(tmp_path):
