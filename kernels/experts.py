@@ -36,6 +36,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import quant
+from .modules import PackedBuffers
 from .qmatmul import QLoRAConfig, _dense, _fused, qmatmul_backward_dx, qmatmul_forward
 
 __all__ = [
@@ -73,7 +74,7 @@ class DenseExperts:
         return dx if ds is None else dx.addmm_(ds, lora_a)
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(PackedBuffers):
     """E experts' frozen ``[N, K]`` weights, each quantized on its own, stacked along a leading axis.
 
     Buffers are :class:`~fusedtune.kernels.QuantLoRALinear`'s with a leading ``[E]``: 4-bit ``qweight``
@@ -82,27 +83,11 @@ class QuantExperts(nn.Module):
     ``weight_scale [E, N]``. ``packed(e)`` is expert e as a ``PackedWeight`` view.
     """
 
-    _QUANT_STATE = ("absmax", "quant_offset", "nested_absmax", "nested_code", "weight_scale")
-
     def __init__(self, experts: list[quant.PackedWeight]) -> None:
         super().__init__()
-        first = experts[0]
         self.num_experts = len(experts)
-        self.shape = tuple(first.shape)
-        self.weight_dtype = first.dtype
-        if isinstance(first, quant.PackedWeightInt8):
-            self.quant_type, self.blocksize = "int8", None
-            self.register_buffer("qweight", torch.stack([p.qweight for p in experts]))
-            self.register_buffer("weight_scale", torch.stack([p.scale for p in experts]))
-            return
-        self.quant_type, self.blocksize = first.quant_type, first.blocksize
-        self.nested_blocksize = first.nested_blocksize
-        self.register_buffer("qweight", torch.stack([p.packed.reshape(-1) for p in experts]))
-        self.register_buffer("absmax", torch.stack([p.absmax for p in experts]))
-        if first.nested:
-            self.register_buffer("quant_offset", torch.stack([p.offset.reshape(1).float() for p in experts]))
-            self.register_buffer("nested_absmax", torch.stack([p.nested_absmax for p in experts]))
-            self.register_buffer("nested_code", first.nested_code)
+        self.shape = tuple(experts[0].shape)
+        self._register_packed(experts, stacked=True)
 
     @classmethod
     @torch.no_grad()
@@ -125,35 +110,8 @@ class QuantExperts(nn.Module):
             )
         return cls(packed)
 
-    def _apply(self, fn, recurse=True):
-        """Casts leave the quantization state's dtype alone (as ``QuantLoRALinear._apply``)."""
-        kept = {n: b for n in self._QUANT_STATE if (b := self._buffers.get(n)) is not None}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
-
     def packed(self, e: int) -> quant.PackedWeight:
-        if self.quant_type == "int8":
-            return quant.PackedWeightInt8(self.qweight[e], self.weight_scale[e], self.weight_dtype)
-        pw = quant.PackedWeight4bit(
-            packed=self.qweight[e],
-            absmax=self.absmax[e],
-            shape=self.shape,
-            blocksize=self.blocksize,
-            quant_type=self.quant_type,
-            dtype=self.weight_dtype,
-        )
-        if getattr(self, "nested_absmax", None) is not None:
-            pw.offset, pw.nested_absmax, pw.nested_code = (
-                self.quant_offset[e],
-                self.nested_absmax[e],
-                self.nested_code,
-            )
-            pw.nested_blocksize = self.nested_blocksize
-        return pw
+        return self._packed_view(self.shape, e)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -236,7 +236,78 @@ class LoRASiblings:
 # ---------------------------------------------------------------------------------------------------
 
 
-class QuantLoRALinear(nn.Module):
+class PackedBuffers(nn.Module):
+    """Packed weights kept as buffers: one (``QuantLoRALinear``) or a stack of same-shape ones along a
+    leading axis (``experts.QuantExperts``), with views back to ``PackedWeight`` and casts that leave the
+    quantization state alone."""
+
+    _QUANT_STATE = ("absmax", "quant_offset", "nested_absmax", "nested_code", "weight_scale")
+
+    def _register_packed(self, packed: list[quant.PackedWeight], stacked: bool) -> None:
+        """Buffers of ``packed`` (all one format and shape): stacked along a new leading axis, or the one."""
+        first = packed[0]
+
+        def join(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(tensors) if stacked else tensors[0]
+
+        self.weight_dtype = first.dtype  # dtype of the weight that was quantized
+        if isinstance(first, quant.PackedWeightInt8):
+            self.quant_type, self.blocksize = "int8", None
+            self.register_buffer("qweight", join([p.qweight for p in packed]))
+            self.register_buffer("weight_scale", join([p.scale for p in packed]))
+            return
+        self.quant_type, self.blocksize = first.quant_type, first.blocksize
+        self.nested_blocksize = first.nested_blocksize
+        self.register_buffer("qweight", join([p.packed.reshape(-1) for p in packed]))
+        self.register_buffer("absmax", join([p.absmax for p in packed]))
+        if first.nested:
+            self.register_buffer("quant_offset", join([p.offset.reshape(1).float() for p in packed]))
+            self.register_buffer("nested_absmax", join([p.nested_absmax for p in packed]))
+            self.register_buffer("nested_code", first.nested_code)  # one table for all
+
+    def _packed_view(self, shape: tuple[int, int], index: int | None = None) -> quant.PackedWeight:
+        """The packed weight (``index``: of the stack) as a view over the buffers (follows ``.to``)."""
+
+        def at(t: torch.Tensor) -> torch.Tensor:
+            return t if index is None else t[index]
+
+        if self.quant_type == "int8":
+            return quant.PackedWeightInt8(at(self.qweight), at(self.weight_scale), self.weight_dtype)
+        pw = quant.PackedWeight4bit(
+            packed=at(self.qweight),
+            absmax=at(self.absmax),
+            shape=shape,
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=self.weight_dtype,
+        )
+        if self.double_quant:
+            pw.offset, pw.nested_absmax, pw.nested_code = (
+                at(self.quant_offset),
+                at(self.nested_absmax),
+                self.nested_code,
+            )
+            pw.nested_blocksize = self.nested_blocksize
+        return pw
+
+    @property
+    def double_quant(self) -> bool:
+        return getattr(self, "nested_absmax", None) is not None
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` cast every floating buffer; the quantization state
+        is part of the frozen weight, so it keeps its dtype (as bnb's QuantState) and follows device moves
+        only. Otherwise ``model.bfloat16()`` would round the fp32 absmax and change deq(W)."""
+        kept = {n: b for n in self._QUANT_STATE if (b := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class QuantLoRALinear(PackedBuffers):
     """A frozen quantized weight (NF4/FP4 in bnb's layout, or int8 row-wise) plus a trainable LoRA update.
 
     The packed weight and its quantization state are buffers; ``lora_A [r, K]``, ``lora_B [N, r]`` and
@@ -272,22 +343,7 @@ class QuantLoRALinear(nn.Module):
         self.dropout = dropout
         self.backend: Backend = backend
         self.compute_dtype = compute_dtype
-        self.weight_dtype = packed.dtype  # dtype of the weight that was quantized
-        if isinstance(packed, quant.PackedWeightInt8):
-            self.quant_type = "int8"
-            self.blocksize = None
-            self.register_buffer("qweight", packed.qweight)
-            self.register_buffer("weight_scale", packed.scale)
-        else:
-            self.quant_type = packed.quant_type
-            self.blocksize = packed.blocksize
-            self.nested_blocksize = packed.nested_blocksize
-            self.register_buffer("qweight", packed.packed.reshape(-1))
-            self.register_buffer("absmax", packed.absmax)
-            if packed.nested:
-                self.register_buffer("quant_offset", packed.offset.reshape(1).float())
-                self.register_buffer("nested_absmax", packed.nested_absmax)
-                self.register_buffer("nested_code", packed.nested_code)
+        self._register_packed([packed], stacked=False)
         device = self.qweight.device
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         a_dtype = lora_dtype or compute_dtype or packed.dtype
@@ -300,45 +356,10 @@ class QuantLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    _QUANT_STATE = ("absmax", "quant_offset", "nested_absmax", "nested_code", "weight_scale")
-
-    def _apply(self, fn, recurse=True):
-        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` cast every floating buffer; the quantization state
-        is part of the frozen weight, so it keeps its dtype (as bnb's QuantState) and follows device moves
-        only. Otherwise ``model.bfloat16()`` would round the fp32 absmax and change deq(W)."""
-        kept = {n: b for n in self._QUANT_STATE if (b := self._buffers.get(n)) is not None}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
-
-    @property
-    def double_quant(self) -> bool:
-        return getattr(self, "nested_absmax", None) is not None
-
     @property
     def packed_weight(self) -> quant.PackedWeight:
         """The packed weight as a view over this module's buffers (follows ``.to(device)``)."""
-        if self.quant_type == "int8":
-            return quant.PackedWeightInt8(self.qweight, self.weight_scale, self.weight_dtype)
-        pw = quant.PackedWeight4bit(
-            packed=self.qweight,
-            absmax=self.absmax,
-            shape=(self.out_features, self.in_features),
-            blocksize=self.blocksize,
-            quant_type=self.quant_type,
-            dtype=self.weight_dtype,
-        )
-        if self.double_quant:
-            pw.offset, pw.nested_absmax, pw.nested_code = (
-                self.quant_offset,
-                self.nested_absmax,
-                self.nested_code,
-            )
-            pw.nested_blocksize = self.nested_blocksize
-        return pw
+        return self._packed_view((self.out_features, self.in_features))
 
     @classmethod
     def from_linear(
