@@ -59,6 +59,15 @@ def build_tokenizer(path: Path, corpus: list[str] | None = None):
     return fast
 
 
+# The tiny MoE layers (4 experts, 2 per token): the saved tiny models' and the in-memory MoE tests'
+MIXTRAL_MOE = {"num_local_experts": 4, "num_experts_per_tok": 2}
+QWEN2_MOE = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+}
+
 # Architectures build_tiny_model can save besides Llama: (config class, model class, extra config fields).
 _ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -75,18 +84,9 @@ _ARCHS = {
         {"head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
     ),
     # MoE: experts as stacked 3-D weights (gate_up_proj [E, 2I, H], down_proj [E, H, I])
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", MIXTRAL_MOE),
     # routed experts plus a dense shared expert (nn.Linear) and its scalar gate
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
-        {
-            "num_experts": 4,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32,
-            "shared_expert_intermediate_size": 32,
-        },
-    ),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", QWEN2_MOE),
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from tiny import TINY_SHAPE
+from tiny import MIXTRAL_MOE, QWEN2_MOE, TINY_SHAPE
 
 from fusedtune.trainer.loss import loss_sum
 from fusedtune.trainer.patches import apply_patches
@@ -23,16 +23,8 @@ BASE = {**TINY_SHAPE, "max_position_embeddings": 128}
 ARCHS = {
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        {
-            "num_experts": 4,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32,
-            "shared_expert_intermediate_size": 32,
-        },
-    ),
-    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
+    "mixtral": ("MixtralConfig", {**MIXTRAL_MOE, "sliding_window": None}),
     "mistral_window": ("MistralConfig", {"sliding_window": 8}),
     "gemma2": ("Gemma2Config", {"head_dim": 16, "_attn": "eager"}),  # soft-capped attention: no sdpa
     "gemma3": (

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny import TINY_SHAPE, build_tiny_model, write_config
+from tiny import MIXTRAL_MOE, QWEN2_MOE, TINY_SHAPE, build_tiny_model, write_config
 
 from fusedtune.kernels.experts import ExpertsLoRA, QuantExperts
 from fusedtune.trainer import experts, memory
@@ -19,16 +19,8 @@ from fusedtune.trainer.errors import ConfigError
 
 CPU = torch.device("cpu")
 ARCHS = {
-    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        {
-            "num_experts": 4,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32,
-            "shared_expert_intermediate_size": 32,
-        },
-    ),
+    "mixtral": ("MixtralConfig", MIXTRAL_MOE),
+    "qwen2_moe": ("Qwen2MoeConfig", QWEN2_MOE),
     "qwen3_moe": (
         "Qwen3MoeConfig",
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
