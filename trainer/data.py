@@ -353,13 +353,18 @@ def _string_field(row: Row, key: str, fmt: str, required: bool = True) -> str:
     value = row.data.get(key)
     if value is None:
         if required:
-            what = "is empty" if key in row.data else "is missing"  # null, or an empty CSV/parquet cell
-            raise DataError(f"{row.source}: {fmt} row's {key!r} field {what}")
+            raise _absent(row, key, fmt)
         return ""
     if not isinstance(value, str):
         raise DataError(f"{row.source}: {fmt} field {key!r} must be a string, got {type(value).__name__}")
     _check_unicode(value, row.source, f"field {key!r}")
     return value
+
+
+def _absent(row: Row, key: str, fmt: str) -> DataError:
+    """A required field that is missing, or null (an empty CSV/parquet cell)."""
+    what = "is empty" if key in row.data else "is missing"
+    return DataError(f"{row.source}: {fmt} row's {key!r} field {what}")
 
 
 def _check_unicode(text: str, source: str, what: str) -> None:
@@ -373,8 +378,7 @@ def _check_unicode(text: str, source: str, what: str) -> None:
 def _messages_of(row: Row) -> list[dict]:
     messages = row.data.get("messages")
     if messages is None:
-        what = "is empty" if "messages" in row.data else "is missing"
-        raise DataError(f"{row.source}: messages row's 'messages' field {what}")
+        raise _absent(row, "messages", "messages")
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{row.source}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, message in enumerate(messages):
@@ -449,6 +453,14 @@ def encode_messages(
     return ids, labels
 
 
+def _not_a_prefix(source: str, n: int, unit: str) -> DataError:
+    return DataError(
+        f"{source}: the chat template does not render messages[:{n}] as a {unit}prefix of the whole "
+        "conversation, so the assistant tokens cannot be located (set data.completion_only=false to train "
+        "on every token)"
+    )
+
+
 def _assistant_spans(tokenizer, messages: list[dict], text: str, source: str) -> list[tuple[int, int]]:
     """Character spans ``[start, end)`` of the assistant turns in the rendered ``text``: from the end of
     the conversation before the turn with its generation prompt, to the end of the conversation through
@@ -461,11 +473,7 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str, source: str) ->
         before = _render(tokenizer, messages[:i], True, source) if i else None
         for prefix in (before, through):
             if prefix is not None and not text.startswith(prefix):
-                raise DataError(
-                    f"{source}: the chat template does not render messages[:{i + (prefix is through)}] as a "
-                    "prefix of the whole conversation, so the assistant tokens cannot be located "
-                    "(set data.completion_only=false to train on every token)"
-                )
+                raise _not_a_prefix(source, i + (prefix is through), "")
         start = len(before) if before is not None else max(through.rfind(message["content"]), 0)
         spans.append((start, len(through)))
     return spans
@@ -489,11 +497,7 @@ def _encode_messages_by_token_prefix(tokenizer, messages, text, source) -> tuple
                 tokenizer, _render(tokenizer, prefix, generation_prompt, source), add_special_tokens=False
             )
             if ids[: len(prefix_ids)] != prefix_ids:
-                raise DataError(
-                    f"{source}: the chat template does not render messages[:{len(prefix)}] as a token "
-                    "prefix of the whole conversation, so the assistant tokens cannot be located "
-                    "(set data.completion_only=false to train on every token)"
-                )
+                raise _not_a_prefix(source, len(prefix), "token ")
             bounds.append(len(prefix_ids))
         start, end = bounds
         labels[start:end] = ids[start:end]
