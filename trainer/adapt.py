@@ -230,16 +230,29 @@ def lora_targets(
         ConfigError: targets that match nothing; a named target narrower than the rank.
     """
     targets = select_targets(model, target_modules)
-    too_narrow = {}
-    if target_modules is None:  # every block Linear but those narrower than the rank
-        for name in [n for n, m in targets.items() if rank > min(m.in_features, m.out_features)]:
-            m = targets.pop(name)
-            too_narrow[name] = f"{m.in_features}->{m.out_features}"
-        if not targets and not experts.expert_weights(model):
-            raise ConfigError(f"lora.rank: {rank} is larger than every Linear in the blocks")
-    for name, linear in targets.items():
-        _check_rank(name, linear, rank)
+    too_narrow: dict[str, str] = {}
+    shapes = {n: (m.in_features, m.out_features) for n, m in targets.items()}
+    for name in _narrower_than_rank(shapes, rank, target_modules is not None, "layer", too_narrow):
+        del targets[name]
+    if too_narrow and not targets and not experts.expert_weights(model):
+        raise ConfigError(f"lora.rank: {rank} is larger than every Linear in the blocks")
     return targets, too_narrow
+
+
+def _narrower_than_rank(
+    shapes: dict[str, tuple[int, int]], rank: int, named: bool, what: str, too_narrow: dict[str, str]
+) -> list[str]:
+    """The targets (name -> (in, out)) narrower than ``rank``, for the caller to leave out: recorded in
+    ``too_narrow`` when they are default targets (a scalar gate), a ConfigError when the user named them.
+    """
+    narrow = [n for n, (k, m) in shapes.items() if rank > min(k, m)]
+    if narrow and named:
+        k, m = shapes[narrow[0]]
+        raise ConfigError(
+            f"lora.rank: {rank} is larger than {what} {narrow[0]} ({k}->{m}); use at most {min(k, m)}"
+        )
+    too_narrow.update({n: "{}->{}".format(*shapes[n]) for n in narrow})
+    return narrow
 
 
 def select_expert_targets(
@@ -267,14 +280,6 @@ def _why_not_fused(linear: nn.Linear, rank: int, backend: str, reason: str) -> s
     if rank > FUSED_MAX_RANK:
         return f"rank {rank} > {FUSED_MAX_RANK}, the fused kernel's limit"
     return None
-
-
-def _check_rank(name: str, linear: nn.Linear, rank: int) -> None:
-    if rank > min(linear.in_features, linear.out_features):
-        raise ConfigError(
-            f"lora.rank: {rank} is larger than layer {name} "
-            f"({linear.in_features}->{linear.out_features}); use at most {min(linear.in_features, linear.out_features)}"
-        )
 
 
 def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptReport:
@@ -380,16 +385,10 @@ def _expert_targets(model: nn.Module, cfg: Config, report: AdaptReport) -> dict[
             f"lora.dropout: expert weights ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in chosen}))}) "
             "take no LoRA dropout (as in PEFT); set lora.dropout: 0 or leave them out of lora.target_modules"
         )
-    for name, (module, weight) in list(chosen.items()):
-        _, k, n = experts.shape(module, weight)
-        if lc.rank > min(k, n):
-            if lc.target_modules is None:
-                report.too_narrow[name] = f"{k}->{n}"
-                del chosen[name]
-                continue
-            raise ConfigError(
-                f"lora.rank: {lc.rank} is larger than expert weight {name} ({k}->{n}); use at most {min(k, n)}"
-            )
+    shapes = {name: experts.shape(module, weight)[1:] for name, (module, weight) in chosen.items()}
+    named = lc.target_modules is not None
+    for name in _narrower_than_rank(shapes, lc.rank, named, "expert weight", report.too_narrow):
+        del chosen[name]
     return chosen
 
 
