@@ -459,16 +459,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         key = str(loc[-1])
         msg = f"unknown key '{dotted}'"
-        prefix = ".".join(str(p) for p in loc[:-1])
-        here = [f"{prefix + '.' if prefix else ''}{n}" for n in _fields_at(loc)]
+        prefix = "".join(f"{p}." for p in loc[:-1])
+        fields = _fields_at(loc)
         names = {key, COMMON_NAMES.get(key, key)}
         # the same name (or its usual alias) here, then in a section, then something spelled alike here
-        hints = [h for h in here if h.rsplit(".", 1)[-1] in names and h.rsplit(".", 1)[-1] != key]
+        hints = [f"{prefix}{n}" for n in fields if n in names and n != key]
         hints = hints or [f"{name}.{n}" for name, sub in _sections() for n in sub.model_fields if n in names]
-        hints = hints or [
-            f"{prefix + '.' if prefix else ''}{h}"
-            for h in difflib.get_close_matches(key, _fields_at(loc), n=1)
-        ]
+        hints = hints or [f"{prefix}{h}" for h in difflib.get_close_matches(key, fields, n=1)]
         if hints:
             msg += " (did you mean " + " or ".join(f"'{h}'" for h in sorted(hints, key=_hint_order)) + "?)"
     else:

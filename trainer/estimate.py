@@ -252,7 +252,9 @@ class Training:
             if lora_a is not None:
                 t.adapted[block][leaf] = mod.in_features
         t.moe = [None] * layers
-        top_k = int(getattr(model.config.get_text_config(), "num_experts_per_tok", 0) or 1)
+        text_cfg = model.config.get_text_config()
+        top_k = int(getattr(text_cfg, "num_experts_per_tok", 0) or 1)
+        normalized = bool(getattr(text_cfg, "norm_topk_prob", True))  # the router renormalizes the top k
         for name, mod in experts.expert_modules(model).items():
             m = _BLOCK_INDEX.search(name)
             if m is None or int(m.group(1)) >= layers:
@@ -269,7 +271,7 @@ class Training:
                 "first": first,
                 "shared_inter": getattr(getattr(shared, "down_proj", None), "in_features", 0),
                 "transformers_forward": mod.config._experts_implementation != experts.EXPERTS_IMPLEMENTATION,
-                "normalized": bool(getattr(model.config.get_text_config(), "norm_topk_prob", True)),
+                "normalized": normalized,
             }
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         t.embedding = emb.weight.requires_grad
