@@ -461,9 +461,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = f"unknown key '{dotted}'"
         prefix = "".join(f"{p}." for p in loc[:-1])
         fields = _fields_at(loc)
-        names = {key, COMMON_NAMES.get(key, key)}
-        # the same name (or its usual alias) here, then in a section, then something spelled alike here
+        low = key.lower()  # every field is lower case: `LR` is `lr`
+        names = {low, COMMON_NAMES.get(low, low)}
+        # the same name (or its usual alias) here, then a field here it begins (model.name is
+        # model.name_or_path, not optim.name), then the name in a section, then one spelled alike here
         hints = [f"{prefix}{n}" for n in fields if n in names and n != key]
+        hints = hints or [f"{prefix}{n}" for n in fields if n.startswith(low + "_")]
         hints = hints or [f"{name}.{n}" for name, sub in _sections() for n in sub.model_fields if n in names]
         hints = hints or [f"{prefix}{h}" for h in difflib.get_close_matches(key, fields, n=1)]
         if hints:

@@ -34,7 +34,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -129,6 +129,23 @@ def _json_error(path: str, e: json.JSONDecodeError, line: int | None = None) -> 
     return DataError(f"{path}:{line or e.lineno}: invalid JSON ({e.msg})")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook``: json keeps the last of two equal keys without a word; refuse them."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def _duplicate_error(where: str, e: _DuplicateKey) -> DataError:
+    return DataError(f"{where}: duplicate key {e.args[0]!r} in one JSON object (which one is meant?)")
+
+
 def _read_jsonl(path: str, text: str) -> list[Row]:
     rows = []
     # split on "\n" only: str.splitlines also breaks at U+2028/U+2029/U+0085, which JSON strings may hold
@@ -136,9 +153,11 @@ def _read_jsonl(path: str, text: str) -> list[Row]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=_unique_object)
         except json.JSONDecodeError as e:
             raise _json_error(path, e, number) from None
+        except _DuplicateKey as e:
+            raise _duplicate_error(f"{path}:{number}", e) from None
         if not isinstance(value, dict):
             raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}")
         rows.append(Row(value, f"{path}:{number}"))
@@ -153,15 +172,20 @@ def _read_json_array(path: str, text: str) -> list[Row]:
         raise _json_error(path, e) from None
     if not isinstance(values, list):
         raise DataError(f"{path}:1: expected a JSON array of objects, got {type(values).__name__}")
-    # Walk the array again with raw_decode only to learn where each element starts.
-    decoder = json.JSONDecoder()
+    # Walk the array again with raw_decode to learn where each element starts, refusing duplicate keys.
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_object)
     position = text.index("[") + 1
     rows = []
-    for value in values:
+    line, counted = 1, 0  # the line number counted incrementally: a large array is not rescanned per row
+    for _ in range(len(values)):
         while text[position] in " \t\r\n,":
             position += 1
-        line = text.count("\n", 0, position) + 1
-        _, position = decoder.raw_decode(text, position)
+        line += text.count("\n", counted, position)
+        counted = position
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except _DuplicateKey as e:
+            raise _duplicate_error(f"{path}:{line}", e) from None
         if not isinstance(value, dict):
             raise DataError(f"{path}:{line}: expected a JSON object, got {type(value).__name__}")
         rows.append(Row(value, f"{path}:{line}"))

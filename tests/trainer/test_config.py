@@ -171,10 +171,17 @@ def test_a_config_without_data_is_refused_not_defaulted(tmp_path):
         ("batch_size=2", "'train.micro_batch_size'"),
         ("optim.learning_rate=1e-4", "'optim.lr'"),
         ("lora.rnk=4", "'lora.rank'"),
+        ("optim.LR=1e-4", "'optim.lr'"),
+        ("LoRA.rank=4", "'lora'"),
+        ("lora.Lora_Alpha=8", "'lora.alpha'"),
+        ("model.name=x", "'model.name_or_path'"),
+        ("train.name=adamw", "'optim.name'"),
     ],
 )
 def test_unknown_keys_suggest_the_key_meant(override, hint):
-    """A section's own name or a usual alias beats a name spelled alike (rank=8 suggested 'train')."""
+    """A section's own name or a usual alias beats a name spelled alike (rank=8 suggested 'train');
+    keys are matched without case, and a field of the same section that the key begins comes before
+    the same name in another section (model.name suggested 'optim.name')."""
     with pytest.raises(ConfigError, match=f"did you mean {hint}\\?"):
         load_config(None, [override])
 

@@ -292,6 +292,8 @@ BAD_INPUTS = {
     "unknown role": ([CHAT, '{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}'], {}, VOCAB, "train.jsonl:2: messages[1] has unknown role 'bot' (known: system, user, assistant, tool)"),
     "message not object": (['{"messages": ["hi"]}'], {}, VOCAB, "train.jsonl:1: messages[0] must be an object with 'role' and 'content'"),
     "messages empty": (['{"messages": []}'], {}, VOCAB, "train.jsonl:1: 'messages' must be a non-empty list"),
+    "duplicate key": ([GOOD, '{"text": "a", "text": "b"}'], {}, VOCAB, "train.jsonl:2: duplicate key 'text' in one JSON object (which one is meant?)"),
+    "duplicate key in a message": ([GOOD, '{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}'], {}, VOCAB, "train.jsonl:2: duplicate key 'role' in one JSON object"),
     "lone surrogate": (['{"text": "bad \\ud800 row"}'], {}, VOCAB, "train.jsonl:1: field 'text' holds an unpaired surrogate (invalid Unicode)"),
     "lone surrogate in messages": (['{"messages": [{"role": "user", "content": "\\udfff"}]}'], {}, VOCAB, "train.jsonl:1: messages[0] content holds an unpaired surrogate"),
     "content not str": (['{"messages": [{"role": "user", "content": ["a"]}]}'], {}, VOCAB, "train.jsonl:1: messages[0] content must be a string, got list"),
@@ -412,6 +414,9 @@ def test_json_array_errors_name_the_line(tmp_path, tiny_tokenizer):
         build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
     path.write_text('[\n  {"text": "a"},\n  {"text": }\n]\n')
     with pytest.raises(DataError, match=r"train\.json:3: invalid JSON \(Expecting value\)$"):
+        build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
+    path.write_text('[\n  {"text": "a"},\n\n  {"text": "b",\n   "text": "c"}\n]\n')
+    with pytest.raises(DataError, match=r"train\.json:4: duplicate key 'text' in one JSON object"):
         build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
 
 
