@@ -60,13 +60,9 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-# Tabular files: extension -> (builder, extra load_dataset kwargs). "csv" is read by _read_csv (the csv
-# module, with its delimiter `sep`); the others through the `datasets` library.
-DATASETS_FORMATS = {
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"sep": "\t"}),
-    ".parquet": ("parquet", {}),
-}
+# Tabular files: extension -> field delimiter (CSV/TSV, read by _read_csv with the csv module) or None
+# (parquet, read through the `datasets` library).
+TABULAR_FORMATS: dict[str, str | None] = {".csv": ",", ".tsv": "\t", ".parquet": None}
 
 
 @dataclass
@@ -275,21 +271,21 @@ def _parquet_rows(file: Path) -> int | None:
         return None
 
 
-def _read_with_datasets(file: Path, path: str, suffix: str) -> list[Row]:
-    builder, kwargs = DATASETS_FORMATS[suffix]
-    if builder == "csv":
-        return _read_csv(file, path, kwargs.get("sep", ","))
+def _read_tabular(file: Path, path: str, suffix: str) -> list[Row]:
+    delimiter = TABULAR_FORMATS[suffix]
+    if delimiter is not None:
+        return _read_csv(file, path, delimiter)
     try:
         import datasets
     except ImportError:
         raise DataError(
             f"{path}: reading {suffix} files needs the datasets package (pip install datasets)"
         ) from None
-    if builder == "parquet" and _parquet_rows(file) == 0:  # datasets fails on it ("BatchSize must be > 0")
+    if _parquet_rows(file) == 0:  # datasets fails on it ("BatchSize must be > 0")
         return []
     try:
-        table = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
-    except Exception as e:  # the builders raise many types (pyarrow, ValueError...)
+        table = datasets.load_dataset("parquet", data_files=str(file), split="train")
+    except Exception as e:  # the parquet builder raises many types (pyarrow, ValueError...)
         raise DataError(f"{path}: cannot read as {suffix} ({_innermost_message(e)})") from None
     return [Row(dict(row), f"{path}:row {i + 1}") for i, row in enumerate(table)]
 
@@ -314,8 +310,8 @@ def read_rows(path: str, field_name: str) -> list[Row]:
     if file.is_dir():
         raise DataError(f"{field_name}: {path} is a directory, expected a data file")
     suffix = file.suffix.lower()
-    if suffix in DATASETS_FORMATS:
-        rows = _read_with_datasets(file, path, suffix)
+    if suffix in TABULAR_FORMATS:
+        rows = _read_tabular(file, path, suffix)
     elif suffix in (".jsonl", ".json"):
         try:
             text = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not data
@@ -334,7 +330,7 @@ def read_rows(path: str, field_name: str) -> list[Row]:
         else:
             rows = _read_jsonl(path, text)
     else:
-        known = ", ".join([".jsonl", ".json", *DATASETS_FORMATS])
+        known = ", ".join([".jsonl", ".json", *TABULAR_FORMATS])
         raise DataError(
             f"{field_name}: unsupported file type {suffix or '(none)'!r} for {path} (use {known})"
         )
