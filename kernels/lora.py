@@ -791,13 +791,11 @@ class LoRALinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         config: LoRAConfig,
     ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        y, s = lora_forward(x2, weight, lora_a, lora_b, bias, config)
+        y, s = lora_forward(x, weight, lora_a, lora_b, bias, config)  # x [M, K] (see lora_linear)
         ctx.config = config
-        ctx.x_shape = x.shape
         need_da, need_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        ctx.save_for_backward(x2 if need_da else None, weight, lora_a, lora_b, s if need_db else None)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        ctx.save_for_backward(x if need_da else None, weight, lora_a, lora_b, s if need_db else None)
+        return y
 
     @staticmethod
     @once_differentiable  # kernels autograd cannot see: a second derivative raises, never silently 0
@@ -806,12 +804,18 @@ class LoRALinearFunction(torch.autograd.Function):
         need_dx, need_dw, need_da, need_db, need_dbias, _ = ctx.needs_input_grad
         if need_dw or need_dbias:
             raise RuntimeError("fused LoRA never computes a gradient for the frozen weight or bias")
-        dy = grad_y.reshape(-1, weight.shape[0])
         dx, da, db = lora_backward(
-            dy, x2, weight, lora_a, lora_b, s, ctx.config, need_dx=need_dx, need_da=need_da, need_db=need_db
+            grad_y,
+            x2,
+            weight,
+            lora_a,
+            lora_b,
+            s,
+            ctx.config,
+            need_dx=need_dx,
+            need_da=need_da,
+            need_db=need_db,
         )
-        if dx is not None:
-            dx = dx.reshape(ctx.x_shape)
         return dx, None, da, db, None, None
 
 
@@ -825,21 +829,18 @@ class LoRALinearTorchFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scale: float, keep, dropout_p: float):
-        K = x.shape[-1]
-        x2 = x.reshape(-1, K)
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        keep2 = None if keep is None else keep.reshape(-1, K)
+    def forward(ctx, x2, weight, lora_a, lora_b, bias, scale: float, keep2, dropout_p: float):
+        a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)  # x2 [M, K] (see lora_linear_torch)
         xd = x2 if keep2 is None else apply_keep(x2, keep2, dropout_p)
         s = xd @ a.t()  # [M, r]
         del xd
-        y = F.linear(x2, weight, None if bias is None else bias.to(x.dtype))  # as the kernel, any bias dtype
+        y = F.linear(x2, weight, None if bias is None else bias.to(x2.dtype))  # as the kernel, any bias dtype
         y.addmm_(s, b.t(), alpha=scale)
-        ctx.scale, ctx.dropout_p, ctx.x_shape = scale, dropout_p, x.shape
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         need_da, need_db = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         bits = None if keep2 is None else pack_keep(keep2)
         ctx.save_for_backward(x2 if need_da else None, weight, lora_a, lora_b, s if need_db else None, bits)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -847,7 +848,7 @@ class LoRALinearTorchFunction(torch.autograd.Function):
         need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
         if need_dw or need_dbias:
             raise RuntimeError("LoRA never computes a gradient for the frozen weight or bias")
-        dy = grad_y.reshape(-1, weight.shape[0])
+        dy = grad_y
         a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
         ds = (dy @ b).mul_(ctx.scale)  # [M, r]
         keep2 = None if bits is None else unpack_keep(bits, weight.shape[1])
@@ -858,13 +859,19 @@ class LoRALinearTorchFunction(torch.autograd.Function):
                 dx.addmm_(ds, a)
             else:
                 dx.add_(apply_keep_(ds @ a, keep2, ctx.dropout_p))
-            dx = dx.reshape(ctx.x_shape)
         if need_da:
             xd = x2 if keep2 is None else apply_keep(x2, keep2, ctx.dropout_p)
             da = (ds.t() @ xd).to(lora_a.dtype)
         if need_db:  # (Sᵀ dY)ᵀ: on the CPU 1.4-1.6x faster than dYᵀ S (oneDNN, [485, 1536] fp32, r = 16)
             db = (s.t() @ dy).mul_(ctx.scale).t().contiguous().to(lora_b.dtype)
         return dx, None, da, db, None, None, None, None
+
+
+def unflatten_rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y [M, N]`` as ``[*x.shape[:-1], N]``. The autograd nodes take and return 2-D tensors, and this
+    reshape happens outside them: a view made inside a custom Function cannot be modified in place (the
+    models that add into a projection's output, ``out.add_(...)``, as Llama 4's MoE does, would fail)."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def lora_linear_torch(
@@ -883,9 +890,18 @@ def lora_linear_torch(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     keep = draw_keep(x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
-    return LoRALinearTorchFunction.apply(
-        x, weight, lora_a, lora_b, bias, float(scale), keep, float(dropout_p)
+    K = x.shape[-1]
+    y = LoRALinearTorchFunction.apply(
+        x.reshape(-1, K),
+        weight,
+        lora_a,
+        lora_b,
+        bias,
+        float(scale),
+        None if keep is None else keep.reshape(-1, K),
+        float(dropout_p),
     )
+    return unflatten_rows(y, x)
 
 
 class LoRASiblingsTorchFunction(torch.autograd.Function):
@@ -900,8 +916,7 @@ class LoRASiblingsTorchFunction(torch.autograd.Function):
     def forward(ctx, x, scales: tuple[float, ...], *tensors):
         n = len(scales)
         weights, lora_as, lora_bs, biases = (tensors[i * n : (i + 1) * n] for i in range(4))
-        K = x.shape[-1]
-        x2 = x.reshape(-1, K)
+        x2 = x  # [M, K]: lora_siblings_torch flattens and unflattens around the node
         ranks = [a.shape[0] for a in lora_as]
         a_cat = torch.cat([a.to(x.dtype) for a in lora_as])  # [Σr, K]
         s_cat = x2 @ a_cat.t()  # [M, Σr]
@@ -911,11 +926,11 @@ class LoRASiblingsTorchFunction(torch.autograd.Function):
         ):
             y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
             y.addmm_(s_i, b_.to(x.dtype).t(), alpha=scale)
-            ys.append(y.reshape(*x.shape[:-1], w.shape[0]))
+            ys.append(y)
         need = ctx.needs_input_grad
         need_da = any(need[2 + n : 2 + 2 * n])
         need_db = any(need[2 + 2 * n : 2 + 3 * n])
-        ctx.scales, ctx.ranks, ctx.x_shape = scales, ranks, x.shape
+        ctx.scales, ctx.ranks = scales, ranks
         ctx.save_for_backward(
             x2 if need_da else None, s_cat if need_db else None, *weights, *lora_as, *lora_bs
         )
@@ -930,7 +945,7 @@ class LoRASiblingsTorchFunction(torch.autograd.Function):
         if any(need[2 : 2 + n]) or any(need[2 + 3 * n :]):
             raise RuntimeError("LoRA never computes a gradient for the frozen weight or bias")
         # (an output nothing used arrives as zeros: autograd materializes it)
-        dys = [g.reshape(-1, w.shape[0]) for g, w in zip(grads, weights, strict=True)]
+        dys = grads
         dtype = dys[0].dtype
         ds_cat = torch.cat(
             [
@@ -945,7 +960,6 @@ class LoRASiblingsTorchFunction(torch.autograd.Function):
             for dy, w in zip(dys[1:], weights[1:], strict=True):
                 dx.addmm_(dy, w.to(dtype))
             dx.addmm_(ds_cat, torch.cat([a.to(dtype) for a in lora_as]))
-            dx = dx.reshape(ctx.x_shape)
         das: list[torch.Tensor | None] = [None] * n
         if x2 is not None:
             da_cat = ds_cat.t() @ x2  # [Σr, K]
@@ -991,9 +1005,10 @@ def lora_siblings_torch(
             raise ValueError(
                 f"shapes disagree: x [..., {K}], W {tuple(w.shape)}, A {tuple(a.shape)}, B {tuple(b_.shape)}"
             )
-    return LoRASiblingsTorchFunction.apply(
-        x, tuple(float(s) for s in scales), *weights, *lora_as, *lora_bs, *biases
+    ys = LoRASiblingsTorchFunction.apply(
+        x.reshape(-1, K), tuple(float(s) for s in scales), *weights, *lora_as, *lora_bs, *biases
     )
+    return tuple(unflatten_rows(y, x) for y in ys)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1040,4 +1055,6 @@ def lora_linear(
     if dropout_p > 0.0:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_seed is None else int(dropout_seed)
     config = LoRAConfig(scale=float(scale), dropout_p=float(dropout_p), seed=seed)
-    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, bias, config)
+    return unflatten_rows(
+        LoRALinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, lora_a, lora_b, bias, config), x
+    )

@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 from . import quant
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
 from .dropout import apply_keep, apply_keep_, draw_keep, pack_keep, unpack_keep
+from .lora import unflatten_rows
 from .quant import PackedWeight, PackedWeightInt8, _cast_rne, _decode_4bit, _decode_absmax
 
 __all__ = [
@@ -653,22 +654,20 @@ class QLoRALinearFunction(torch.autograd.Function):
         pw: PackedWeight,
         cfg: QLoRAConfig,
     ) -> torch.Tensor:
-        lead, K = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, K)
+        # x [M, K] and keep its [M, K] mask or None: qlora_linear flattens and unflattens around the node
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        keep2 = None if keep is None else keep.reshape(-1, K)
-        xd = x2 if keep2 is None else apply_keep(x2, keep2, cfg.dropout_p)
+        xd = x if keep is None else apply_keep(x, keep, cfg.dropout_p)
         s = xd @ a.t()  # [M, r]
         del xd
-        if _fused(cfg, x2.shape[0], pw):
-            y = qmatmul_forward(x2, pw, s * cfg.scale, b, bias)
+        if _fused(cfg, x.shape[0], pw):
+            y = qmatmul_forward(x, pw, s * cfg.scale, b, bias)
         else:
             bias_ = None if bias is None else bias.to(x.dtype)  # as the fused kernel: any bias dtype
-            y = F.linear(x2, _dense(pw, x.dtype, cfg), bias_).addmm_(s, b.t(), alpha=cfg.scale)
+            y = F.linear(x, _dense(pw, x.dtype, cfg), bias_).addmm_(s, b.t(), alpha=cfg.scale)
         ctx.pw, ctx.cfg = pw, cfg
-        bits = None if keep2 is None else pack_keep(keep2)
+        bits = None if keep is None else pack_keep(keep)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, s, lora_a, lora_b, bits)
-        return y.reshape(*lead, pw.shape[0])
+        return y
 
     @staticmethod
     @once_differentiable  # kernels autograd cannot see: a second derivative raises, never silently 0
@@ -677,30 +676,26 @@ class QLoRALinearFunction(torch.autograd.Function):
         pw, cfg = ctx.pw, ctx.cfg
         if ctx.needs_input_grad[3]:  # qlora_linear refuses this up front; a direct apply ends here
             raise RuntimeError(_BIAS_GRAD_ERROR)
-        lead, N = dy.shape[:-1], dy.shape[-1]
         K = pw.shape[1]
-        dy2 = dy.reshape(-1, N)
         a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
-        ds = cfg.scale * (dy2 @ b)  # [M, r]
+        ds = cfg.scale * (dy @ b)  # [M, r]
         keep2 = None if bits is None else unpack_keep(bits, K)
         dx = da = db = None
         if ctx.needs_input_grad[0]:
             fold = keep2 is None
-            if _fused(cfg, dy2.shape[0], pw):
-                dx = qmatmul_backward_dx(dy2, pw, ds if fold else None, a if fold else None)
+            if _fused(cfg, dy.shape[0], pw):
+                dx = qmatmul_backward_dx(dy, pw, ds if fold else None, a if fold else None)
             else:
-                dx = dy2 @ _dense(pw, dy.dtype, cfg)
+                dx = dy @ _dense(pw, dy.dtype, cfg)
                 if fold:
                     dx.addmm_(ds, a)
             if not fold:
                 dx.add_(apply_keep_(ds @ a, keep2, cfg.dropout_p))
-            dx = dx.reshape(*lead, K)
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, K)
-            xd = x2 if keep2 is None else apply_keep(x2, keep2, cfg.dropout_p)
+            xd = x if keep2 is None else apply_keep(x, keep2, cfg.dropout_p)
             da = (ds.t() @ xd).to(lora_a.dtype)
         if ctx.needs_input_grad[2]:
-            db = (s.t() @ dy2).mul_(cfg.scale).t().contiguous().to(lora_b.dtype)  # (Sᵀ dY)ᵀ: see lora.py
+            db = (s.t() @ dy).mul_(cfg.scale).t().contiguous().to(lora_b.dtype)  # (Sᵀ dY)ᵀ: see lora.py
         return dx, da, db, None, None, None, None
 
 
@@ -739,4 +734,7 @@ def qlora_linear(
         raise RuntimeError(_BIAS_GRAD_ERROR)  # before any work: the backward has no gradient for it
     keep = draw_keep(x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     cfg = QLoRAConfig(scale=float(scale), dropout_p=float(dropout_p), backend=backend, path=path)
-    return QLoRALinearFunction.apply(x, lora_a, lora_b, bias, keep, pw, cfg)
+    K = x.shape[-1]
+    keep2 = None if keep is None else keep.reshape(-1, K)
+    y = QLoRALinearFunction.apply(x.reshape(-1, K), lora_a, lora_b, bias, keep2, pw, cfg)
+    return unflatten_rows(y, x)

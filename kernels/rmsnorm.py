@@ -191,37 +191,28 @@ def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm of the last dimension as one autograd node that saves ``x`` and the per-row ``r``.
+    """RMSNorm of rows ``x2 [M, h]`` as one autograd node that saves ``x2`` and the per-row ``r``.
 
-    The rows are taken in ``x``'s memory order, so a transposed view is normalized in place of reading
-    a copy, and ``y`` comes back in the input's layout, as elementwise ops (HF's norm) would give it:
-    attention downstream then sees the layout it would have seen.
+    :func:`rms_norm` flattens the input to rows in its memory order and brings ``y`` back to the input's
+    layout outside the node, so a transposed view is normalized in place of reading a copy, ``y`` has the
+    layout elementwise ops (HF's norm) would give it, and a model may modify ``y`` in place (a view made
+    inside a custom Function may not be).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str, gemma: bool):
-        order = _memory_order(x)
-        xp = x.permute(order) if order else x
-        x2 = xp.reshape(-1, xp.shape[-1])
+    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, eps: float, backend: str, gemma: bool):
         y, r = _forward(x2, weight, eps, backend, gemma)
-        ctx.backend, ctx.gemma, ctx.order = backend, gemma, order
+        ctx.backend, ctx.gemma = backend, gemma
         ctx.save_for_backward(x2, weight, r)
-        y = y.view(xp.shape[:-1] + y.shape[-1:])
-        return y.permute(_inverse(order)) if order else y
+        return y
 
     @staticmethod
     @once_differentiable  # kernels autograd cannot see: a second derivative raises, never silently 0
     def backward(ctx, dy: torch.Tensor):
         x2, weight, r = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        order = ctx.order
-        dyp = dy.permute(order) if order else dy
-        dy2 = dyp.reshape(-1, dyp.shape[-1]).contiguous()
-        dx, dw = _backward(dy2, x2, weight, r, need_dx, need_dw, ctx.backend, ctx.gemma)
-        if need_dx:
-            dx = dx.view(dyp.shape)
-            dx = dx.permute(_inverse(order)) if order else dx
-        return dx, (dw.to(weight.dtype) if need_dw else None), None, None, None
+        dx, dw = _backward(dy.contiguous(), x2, weight, r, need_dx, need_dw, ctx.backend, ctx.gemma)
+        return (dx if need_dx else None), (dw.to(weight.dtype) if need_dw else None), None, None, None
 
 
 def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
@@ -264,4 +255,9 @@ def rms_norm(
     # the kernels index both with unit stride in the last dimension
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = weight if weight.stride(0) == 1 else weight.contiguous()
-    return RMSNormFunction.apply(x, w, eps, backend, gemma)
+    order = _memory_order(x)
+    xp = x.permute(order) if order else x
+    y = RMSNormFunction.apply(xp.reshape(-1, xp.shape[-1]), w, eps, backend, gemma)
+    if order:
+        return y.view(xp.shape).permute(_inverse(order))
+    return y if x.dim() == 2 else y.view(x.shape)

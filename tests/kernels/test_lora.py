@@ -640,3 +640,31 @@ def test_a_constructed_layer_starts_as_nn_linear_does():
     for t in (m.weight, m.bias):
         assert torch.isfinite(t).all() and t.abs().max() <= bound and t.abs().max() > bound / 2
     assert torch.equal(m(torch.zeros(2, 96)), m.bias.expand(2, -1))  # B = 0: the base layer alone
+
+
+@pytest.mark.parametrize("path", ["triton", "torch", "siblings"])
+@pytest.mark.parametrize("shape", [(2, 3), (6,)], ids=["3d", "2d"])
+def test_output_may_be_modified_in_place(path, shape):
+    """Y is not a view made inside the autograd node: a model may add into a projection's output in
+    place (Llama 4's MoE does ``out.add_(routed)``; autograd forbids that on such a view), and the
+    gradients are the out-of-place ones."""
+    torch.manual_seed(0)
+    K, N, r = 16, 8, 4
+    x = torch.randn(*shape, K, device=DEVICE)
+    w = torch.randn(N, K, device=DEVICE)
+    a, b = torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
+
+    def run(in_place):
+        xg, ag, bg = (t.clone().requires_grad_() for t in (x, a, b))
+        if path == "triton":
+            y = lora_linear(xg, w, ag, bg, 2.0)
+        elif path == "torch":
+            y = lora_mod.lora_linear_torch(xg, w, ag, bg, 2.0)
+        else:
+            y = lora_mod.lora_siblings_torch(xg, [w, w], [ag, ag], [bg, bg], [2.0, 2.0])[1]
+        y = y.mul_(3.0) if in_place else y * 3.0
+        y.square().sum().backward()
+        return y.detach(), xg.grad, ag.grad, bg.grad
+
+    for got, expected in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -134,7 +134,9 @@ def test_3d_input_dropout_and_paths_agree():
     for backend, path in (("triton", "fused"), ("triton", "dequant"), ("torch", "auto")):
         cfg = qmatmul.QLoRAConfig(scale=1.5, dropout_p=0.25, backend=backend, path=path)
         results[path] = run_and_grads(
-            lambda x, a, b, cfg=cfg: qmatmul.QLoRALinearFunction.apply(x, a, b, None, keep, pw, cfg),
+            lambda x, a, b, cfg=cfg: qmatmul.QLoRALinearFunction.apply(  # the node takes rows [M, K]
+                x.reshape(-1, K), a, b, None, keep.reshape(-1, K), pw, cfg
+            ).reshape(2, 7, N),
             x,
             a,
             b,
@@ -403,3 +405,23 @@ def test_dtype_cast_keeps_the_quantization_state(quant_type, double_quant):
         assert {n: b.dtype for n, b in layer.named_buffers()} == dtypes
         assert torch.equal(layer.dequantized_weight(torch.float32), before)
     assert layer.lora_A.dtype == torch.float64  # the adapter does follow
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_output_may_be_modified_in_place(backend):
+    """As for LoRA (test_lora.py): Y of a 3-D input is not a view made inside the node, so a model may
+    modify it in place, with the out-of-place gradients."""
+    torch.manual_seed(0)
+    N, K, r = 24, 64, 4
+    pw = quant.quantize(torch.randn(N, K, device=DEVICE) * 0.05, "nf4", 64, True)
+    x, (a, b) = torch.randn(2, 3, K, device=DEVICE), lora_tensors(N, K, r)
+
+    def run(in_place):
+        xg, ag, bg = (t.detach().clone().requires_grad_() for t in (x, a, b))
+        y = qmatmul.qlora_linear(xg, pw, ag, bg, 2.0, backend=backend)
+        y = y.add_(1.0) if in_place else y + 1.0
+        y.square().sum().backward()
+        return y.detach(), xg.grad, ag.grad, bg.grad
+
+    for got, expected in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
