@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from . import quant
 from .modules import PackedBuffers
-from .qmatmul import QLoRAConfig, _dense, _fused, qmatmul_backward_dx, qmatmul_forward
+from .qmatmul import MAX_RANK, QLoRAConfig, _dense, _fused, qmatmul_backward_dx, qmatmul_forward
 
 __all__ = [
     "DenseExperts",
@@ -127,16 +127,22 @@ class QuantExperts(PackedBuffers):
         """Expert e's ``X deq(W_e)ᵀ (+ S' B_eᵀ) (+ b_e)``."""
         pw, cfg = self.packed(e), QLoRAConfig(scale=1.0, backend=backend)
         if _fused(cfg, x.shape[0], pw):
-            return qmatmul_forward(x, pw, s_scaled, lora_b, bias)
-        y = F.linear(x, _dense(pw, x.dtype, cfg), bias)
+            if s_scaled is None or s_scaled.shape[1] <= MAX_RANK:
+                return qmatmul_forward(x, pw, s_scaled, lora_b, bias)
+            y = qmatmul_forward(x, pw, None, None, bias)  # a rank over the kernel's: the low-rank GEMM apart
+        else:
+            y = F.linear(x, _dense(pw, x.dtype, cfg), bias)
         return y if s_scaled is None else y.addmm_(s_scaled, lora_b.t())
 
     def project_dx(self, e, dy, ds, lora_a, backend) -> torch.Tensor:
         """Expert e's ``dY W_e (+ dS A_e)``."""
         pw, cfg = self.packed(e), QLoRAConfig(scale=1.0, backend=backend)
         if _fused(cfg, dy.shape[0], pw):
-            return qmatmul_backward_dx(dy, pw, ds, lora_a)
-        dx = dy @ _dense(pw, dy.dtype, cfg)
+            if ds is None or ds.shape[1] <= MAX_RANK:
+                return qmatmul_backward_dx(dy, pw, ds, lora_a)
+            dx = qmatmul_backward_dx(dy, pw)
+        else:
+            dx = dy @ _dense(pw, dy.dtype, cfg)
         return dx if ds is None else dx.addmm_(ds, lora_a)
 
     def extra_repr(self) -> str:

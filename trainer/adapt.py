@@ -69,6 +69,7 @@ class AdaptReport:
     experts_adapted: list[str] = field(default_factory=list)  # "<experts module>.<3-D weight>"
     experts_quantized: list[str] = field(default_factory=list)
     experts_why_not: str | None = None  # why the expert weights were not adapted
+    experts_unhandled: list[str] = field(default_factory=list)  # 3-D weights outside an experts module
 
     def lines(self) -> list[str]:
         """Human-readable lines: what got adapted, fused, and what did not and why."""
@@ -120,6 +121,13 @@ class AdaptReport:
             )
         if self.experts_why_not:
             out.append(f"MoE experts: not adapted ({self.experts_why_not})")
+        if self.experts_unhandled:
+            left = "not adapted" + (" or quantized" if self.method == "qlora" else "")
+            out.append(
+                f"MoE experts: {len(self.experts_unhandled)} stacked weights left dense and frozen, {left} "
+                f"({kinds(self.experts_unhandled)}): their module does not run through transformers' "
+                "experts interface"
+            )
         if self.experts_quantized:
             out.append(
                 f"MoE experts: {len(self.experts_quantized)} stacked expert weights quantized, each expert on its "
@@ -306,6 +314,7 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
         lc = cfg.lora
         targets, report.too_narrow = lora_targets(model, lc.target_modules, lc.rank)
         expert_targets = _expert_targets(model, cfg, report)
+        report.experts_unhandled = experts.unhandled_stacked_weights(model)
         method_backend, method_reason = lora_layer_backend(
             cfg.kernels, cfg.method, lc.dropout, backend, reason
         )

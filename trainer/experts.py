@@ -59,6 +59,18 @@ def expert_weights(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return {f"{n}.{w}": (m, w) for n, m in expert_modules(model).items() for w in weight_names(m)}
 
 
+def unhandled_stacked_weights(model: nn.Module) -> list[str]:
+    """Parameters of three or more dimensions outside an experts module (:func:`is_experts`) and outside
+    convolutions: the expert weights of an MoE layer that does not run through transformers' experts
+    interface (Llama 4's ``Llama4TextExperts``, DBRX's). LoRA and QLoRA leave them dense and frozen."""
+    out = []
+    for mname, m in model.named_modules():
+        if is_experts(m) or isinstance(m, nn.modules.conv._ConvNd):
+            continue
+        out += [f"{mname}.{n}" if mname else n for n, p in m.named_parameters(recurse=False) if p.dim() >= 3]
+    return out
+
+
 def shape(module: nn.Module, name: str) -> tuple[int, int, int]:
     """``(experts, in_features, out_features)`` of weight ``name``."""
     stored = _stored(module, name)
@@ -148,7 +160,7 @@ def experts_forward(
     h = h * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
     out = torch.empty_like(h)
     out[perm] = h
-    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    return out.view(num_tokens, top_k, h.shape[-1]).sum(dim=1).to(hidden_states.dtype)  # 0 tokens too
 
 
 def _use_fusedtune_forward(module: nn.Module) -> None:

@@ -111,6 +111,20 @@ def test_grouped_forward_is_transformers_experts_forward(arch):
         ours(ids)
 
 
+def test_experts_forward_takes_zero_tokens():
+    """An experts module handed no tokens returns an empty [0, hidden] output, as transformers' does."""
+    model = _model("mixtral").requires_grad_(False)
+    module = next(iter(experts.expert_modules(model).values()))
+    hidden = model.config.hidden_size
+    out = experts.experts_forward(
+        module,
+        torch.empty(0, hidden),
+        torch.empty(0, 2, dtype=torch.long),
+        torch.empty(0, 2),
+    )
+    assert out.shape == (0, hidden)
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_expert_lora_exports_to_peft_and_matches_it(arch, tmp_path):
     """LoRA on every block Linear and every expert weight: the exported adapter loads into PEFT
@@ -310,3 +324,32 @@ def test_shared_expert_linears_export_as_target_parameters(tmp_path):
     shared = [t for t in saved["target_parameters"] if "shared_experts" in t]
     assert len(shared) == 6 and all(t.endswith(".weight") for t in shared)
     assert saved["lora_dropout"] == 0.0  # PEFT's parameter LoRA takes none; nothing changes at inference
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_stacked_weights_outside_an_experts_module_are_named(method):
+    """Llama 4's experts keep 3-D weights without transformers' experts interface: LoRA and QLoRA leave
+    them dense and frozen, and the run names them instead of saying nothing."""
+    if not hasattr(transformers, "Llama4TextConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Llama4TextConfig")
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        **{**TINY_SHAPE, "num_hidden_layers": 2, "head_dim": 16},
+        intermediate_size_mlp=64,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+    )
+    model = transformers.Llama4ForCausalLM(config)
+    stacked = [n for n, p in model.named_parameters() if p.dim() == 3]
+    assert len(stacked) == 4
+    report = apply_method(model, _cfg(f"method={method}"), CPU)
+    assert report.experts_unhandled == stacked
+    assert not report.experts_adapted and not report.experts_quantized
+    left = "not adapted or quantized" if method == "qlora" else "not adapted)"
+    line = next(line for line in report.lines() if "left dense and frozen" in line)
+    assert "MoE experts: 4 stacked weights left dense and frozen, " + left.rstrip(")") in line
+    assert "feed_forward.experts.gate_up_proj" in line and "experts interface" in line
+    params = dict(model.named_parameters())
+    assert all(params[n].dim() == 3 and not params[n].requires_grad for n in stacked)
+    model(_ids())  # the model still runs
