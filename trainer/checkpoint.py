@@ -463,6 +463,18 @@ def check_manifest(path: Path, verify: bool = True) -> str | None:
     return None
 
 
+def remove_checkpoints(root: Path) -> None:
+    """Delete the checkpoints fusedtune writes under ``root`` (``step-N``, interrupted ``.tmp-step-*``)
+    and ``root`` itself if that leaves it empty; anything else there is the user's and stays."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.is_dir() and (_STEP_DIR.match(p.name) or p.name.startswith(".tmp-step-")):
+            shutil.rmtree(p, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty
+
+
 def valid_checkpoints(root: Path, verify: bool = False) -> list[Path]:
     """The complete ``step-N`` checkpoints under ``root``, oldest first."""
     if not root.is_dir():

@@ -20,7 +20,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -43,6 +42,7 @@ from .checkpoint import (
     config_differences,
     latest_checkpoint,
     read_checkpoint,
+    remove_checkpoints,
     restore_trainable,
     save_checkpoint,
     save_peft_adapter,
@@ -51,7 +51,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .data import Datasets, Example, build_datasets, collate, epoch_order, pack
-from .errors import ModelError, UserError
+from .errors import ConfigError, ModelError, UserError
 from .evaluate import heldout_loss, task_accuracy
 from .loss import loss_sum, target_tokens
 from .metrics import MetricsError, MetricsLog, plot_loss
@@ -456,11 +456,39 @@ _WEIGHT_OUTPUTS = ("adapter_model.safetensors", "trainable.safetensors")
 _END_OUTPUTS = (*_WEIGHT_OUTPUTS, "adapter_config.json", "summary.json")
 
 
+def check_context_length(model: torch.nn.Module, longest: int) -> str | None:
+    """Refuse examples longer than a model's learned position embeddings (they index past its table:
+    OPT, GPT-2); for other models (rotary), a note when they are longer than its stated context.
+
+    Raises:
+        ConfigError: naming ``data.max_seq_len``.
+    """
+    config = model.config.get_text_config()
+    n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(n_pos, int) or longest <= n_pos:
+        return None
+    tokens = model.get_input_embeddings()
+    learned = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Embedding) and m is not tokens and n_pos <= m.num_embeddings <= n_pos + 2
+    ]
+    if learned:
+        raise ConfigError(
+            f"data.max_seq_len: examples of up to {longest} tokens, but the model's learned position "
+            f"embeddings ({learned[0]}) cover {n_pos} positions; set data.max_seq_len <= {n_pos}"
+        )
+    return (
+        f"data: examples of up to {longest} tokens are longer than the model's context "
+        f"(max_position_embeddings {n_pos}): positions past it are extrapolated"
+    )
+
+
 def _remove_outputs(out: Path) -> None:
     """An earlier run's outputs and checkpoints in ``out`` (``overwrite=true``); its log is rewritten."""
     for name in _END_OUTPUTS:
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+    remove_checkpoints(checkpoint_root(out))
 
 
 def _finished_run(out: Path, ckpt: Checkpoint, steps: int) -> RunResult | None:
@@ -598,6 +626,9 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     # Model, adapters, optimizer.
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
     model, dtype = load_model(model_path, cfg.model, device, load_device)
+    longest = max(len(e.input_ids) for e in (*train_examples, *data.eval))
+    if (note := check_context_length(model, longest)) is not None:
+        log(note)
     report: AdaptReport = apply_method(model, cfg, device)
     for line in report.lines():
         log(line)

@@ -84,6 +84,8 @@ _ARCHS = {
         {"head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
     ),
     # MoE: experts as stacked 3-D weights (gate_up_proj [E, 2I, H], down_proj [E, H, I])
+    # learned absolute position embeddings (offset by 2), LayerNorm, an ungated ReLU MLP
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", MIXTRAL_MOE),
     # routed experts plus a dense shared expert (nn.Linear) and its scalar gate
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", QWEN2_MOE),

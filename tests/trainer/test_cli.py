@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import broken_model_dir, write_config
+from tiny import broken_model_dir, build_tiny_model, write_config
 
 from fusedtune.trainer.cli import main
 
@@ -481,3 +481,49 @@ def test_estimate_measure_on_truncated_weights_is_one_line(tiny_model_dir, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: model.name_or_path: ") and err.count("\n") == 1, err
     assert "model.safetensors is truncated or damaged" in err
+
+
+def test_examples_past_learned_positions_are_refused_before_any_write(tmp_path, capsys):
+    """OPT's learned position table has max_position_embeddings rows: longer examples would index past
+    it (an IndexError deep in the forward, after the run directory was written). Refused up front."""
+    model_dir = build_tiny_model(tmp_path / "opt", arch="opt", max_position_embeddings=8)
+    cfg = write_config(tmp_path, model_dir, overwrite=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("earlier run\n")
+    capsys.readouterr()  # (saving the model printed progress)
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data.max_seq_len: examples of up to ") and "\n" not in err, err
+    assert "learned position embeddings (model.decoder.embed_positions) cover 8 positions" in err, err
+    assert "set data.max_seq_len <= 8" in err
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_examples_past_a_rotary_context_are_noted(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fusedtune.trainer.loop import check_context_length
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    n_pos = model.config.max_position_embeddings
+    assert check_context_length(model, n_pos) is None
+    note = check_context_length(model, n_pos + 1)
+    assert note == (
+        f"data: examples of up to {n_pos + 1} tokens are longer than the model's context "
+        f"(max_position_embeddings {n_pos}): positions past it are extrapolated"
+    )
+
+
+def test_overwrite_removes_only_the_runs_own_checkpoints(tiny_model_dir, tmp_path):
+    """overwrite=true deletes an earlier run's step-N checkpoints, not other files under checkpoints/."""
+    cfg = write_config(tmp_path, tiny_model_dir, overwrite=True)
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "step-4").mkdir(parents=True)
+    (ckpts / "step-4" / "state.json").write_text("{}")
+    (ckpts / ".tmp-step-5-123").mkdir()
+    (ckpts / "my-other-model").mkdir()
+    (ckpts / "my-other-model" / "weights.bin").write_text("x")
+    assert main(["run", str(cfg), "train.max_steps=1"]) == 0
+    assert not (ckpts / "step-4").exists() and not (ckpts / ".tmp-step-5-123").exists()
+    assert (ckpts / "my-other-model" / "weights.bin").read_text() == "x"
