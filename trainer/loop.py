@@ -84,6 +84,24 @@ def lr_warning(cfg: Config) -> str | None:
     return None
 
 
+# The sections each method reads (lora: targets and rank; quant: the frozen weights' format).
+_METHOD_SECTIONS = {"lora": {"lora"}, "qlora": {"lora", "quant"}, "full": set(), "partial": {"partial"}}
+
+
+def unused_sections_note(cfg: Config) -> str | None:
+    """A line naming the keys set in sections this method never reads (``quant.*`` under ``method: lora``
+    is usually a forgotten ``method: qlora``), which the run would otherwise ignore without a word."""
+    keys = [
+        f"{section}.{key}"
+        for section in ("lora", "quant", "partial")
+        if section not in _METHOD_SECTIONS[cfg.method]
+        for key in sorted(getattr(cfg, section).model_fields_set)
+    ]
+    if not keys:
+        return None
+    return f"config: {', '.join(keys)} set, but method {cfg.method} does not use them (ignored)"
+
+
 def training_device() -> torch.device:
     """The first CUDA device when there is one, else the CPU."""
     return (
@@ -456,6 +474,21 @@ _WEIGHT_OUTPUTS = ("adapter_model.safetensors", "trainable.safetensors")
 _END_OUTPUTS = (*_WEIGHT_OUTPUTS, "adapter_config.json", "summary.json")
 
 
+def half_precision_update_note(model: torch.nn.Module, method: str) -> str | None:
+    """``full``/``partial`` in bf16 or fp16 update the weights themselves in that dtype (there is no fp32
+    master copy): a step smaller than half the spacing between neighbouring values (2^-9 of a bf16
+    weight's size) rounds to nothing. Say so, with the fix."""
+    half = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    if method not in ("full", "partial") or not half:
+        return None
+    name = "bf16" if half[0].dtype == torch.bfloat16 else "fp16"
+    return (
+        f"method {method}: {len(half)} trainable tensors are {name} and are updated in {name}, with no fp32 "
+        f"master copy: an update smaller than half a {name} step of a weight rounds away (Adam's first "
+        "steps move a weight by about lr); model.dtype: fp32 keeps every update, at twice the memory"
+    )
+
+
 def check_context_length(model: torch.nn.Module, longest: int) -> str | None:
     """Refuse examples longer than a model's learned position embeddings (they index past its table:
     OPT, GPT-2); for other models (rotary), a note when they are longer than its stated context.
@@ -634,11 +667,16 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         log(line)
     if (warning := lr_warning(cfg)) is not None:
         log(warning)
+    if (note := unused_sections_note(cfg)) is not None:
+        log(note)
     if dtype == torch.float16:
+        adapters = " (adapters are fp32)" if cfg.method in ("lora", "qlora") else ""
         log(
-            "model.dtype fp16: activations and their gradients run in fp16 without loss scaling "
-            "(adapters are fp32); use bf16 where the GPU supports it"
+            "model.dtype fp16: activations and their gradients run in fp16 without loss scaling"
+            f"{adapters}; use bf16 where the GPU supports it"
         )
+    if (note := half_precision_update_note(model, cfg.method)) is not None:
+        log(note)
     for line in apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend):
         log(line)
     model.train()

@@ -527,3 +527,46 @@ def test_overwrite_removes_only_the_runs_own_checkpoints(tiny_model_dir, tmp_pat
     assert main(["run", str(cfg), "train.max_steps=1"]) == 0
     assert not (ckpts / "step-4").exists() and not (ckpts / ".tmp-step-5-123").exists()
     assert (ckpts / "my-other-model" / "weights.bin").read_text() == "x"
+
+
+@pytest.mark.parametrize(("method", "noted"), [("full", True), ("partial", True), ("lora", False)])
+def test_half_precision_updates_of_the_weights_are_noted(tiny_model_dir, method, noted):
+    """full/partial in bf16 update bf16 weights with no fp32 master copy: the run says so; LoRA (fp32
+    adapters) does not."""
+    from transformers import AutoModelForCausalLM
+
+    from fusedtune.trainer.adapt import apply_method
+    from fusedtune.trainer.config import load_config
+    from fusedtune.trainer.loop import half_precision_update_note
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    cfg = load_config(None, [f"method={method}", "partial.patterns=[norm]", "kernels=torch"])
+    apply_method(model, cfg, torch.device("cpu"))
+    note = half_precision_update_note(model, method)
+    assert (note is not None) == noted
+    if noted:
+        n = sum(p.requires_grad for p in model.parameters())
+        assert note.startswith(f"method {method}: {n} trainable tensors are bf16 and are updated in bf16")
+    model.float()
+    assert half_precision_update_note(model, method) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["method=lora", "quant.quant_type=int8", "partial.patterns=[norm]"],
+            "config: quant.quant_type, partial.patterns set, but method lora does not use them (ignored)",
+        ),
+        (["method=qlora", "quant.quant_type=int8"], None),
+        (  # the embedded default sets lora.*
+            ["method=partial", "partial.patterns=[norm]"],
+            "config: lora.alpha, lora.dropout, lora.rank set, but method partial does not use them (ignored)",
+        ),
+    ],
+)
+def test_keys_of_sections_the_method_never_reads_are_named(overrides, expected):
+    from fusedtune.trainer.config import load_config
+    from fusedtune.trainer.loop import unused_sections_note
+
+    assert unused_sections_note(load_config(None, overrides)) == expected
