@@ -388,11 +388,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.lr=1e-4")
+    if not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: the key has an empty part (expected e.g. lora.rank=8)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if _is_text_field(key) and value is not None and not isinstance(value, (str, dict, list)):
+        value = raw.strip()  # output_dir=0755 is the text as typed, not the YAML number 493
     return key, value
+
+
+def _is_text_field(dotted: str) -> bool:
+    """Whether ``dotted`` names a string field (``output_dir``, ``data.train``), optional or not."""
+    model: type[BaseModel] | None = Config
+    *sections, name = dotted.split(".")
+    for part in sections:
+        field = model.model_fields.get(part)
+        model = _section_model(field.annotation) if field is not None else None
+        if model is None:
+            return False
+    field = model.model_fields.get(name)
+    return field is not None and str in (field.annotation, *get_args(field.annotation))
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
@@ -428,8 +445,29 @@ COMMON_NAMES = {
     "lora_dropout": "dropout",
     "lr_scheduler_type": "schedule",
     "optimizer": "name",
+    "optim": "name",
     "model_name": "name_or_path",
+    "model_name_or_path": "name_or_path",
+    "model": "name_or_path",
     "torch_dtype": "dtype",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "logging_steps": "log_every",
+    "log_steps": "log_every",
+    "dataset": "train",
+    "path": "train",
+    "train_file": "train",
+    "eval_file": "eval",
+    "max_length": "max_seq_len",
+    "seq_len": "max_seq_len",
+}
+# Section names users bring (a key whose value is a mapping is matched against the sections).
+SECTION_NAMES = {
+    "optimizer": "optim",
+    "training": "train",
+    "dataset": "data",
+    "peft": "lora",
+    "quantization": "quant",
 }
 
 
@@ -463,12 +501,23 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         fields = _fields_at(loc)
         low = key.lower()  # every field is lower case: `LR` is `lr`
         names = {low, COMMON_NAMES.get(low, low)}
-        # the same name (or its usual alias) here, then a field here it begins (model.name is
-        # model.name_or_path, not optim.name), then the name in a section, then one spelled alike here
-        hints = [f"{prefix}{n}" for n in fields if n in names and n != key]
-        hints = hints or [f"{prefix}{n}" for n in fields if n.startswith(low + "_")]
-        hints = hints or [f"{name}.{n}" for name, sub in _sections() for n in sub.model_fields if n in names]
-        hints = hints or [f"{prefix}{h}" for h in difflib.get_close_matches(key, fields, n=1)]
+        sections = dict(_sections())
+        if isinstance(first.get("input"), dict):  # a mapping: a section misnamed (`optimizer: {lr: ...}`)
+            name = SECTION_NAMES.get(low, low)
+            hints = (
+                [name] if name in sections and name != key else difflib.get_close_matches(low, sections, n=1)
+            )
+        else:
+            # the same name (or its usual alias) here, then a field here it begins (model.name is
+            # model.name_or_path, not optim.name), then a top-level field of that name (train.output_dir),
+            # then the name in a section, then one spelled alike here
+            hints = [f"{prefix}{n}" for n in fields if n in names and n != key]
+            hints = hints or [f"{prefix}{n}" for n in fields if n.startswith(low + "_")]
+            hints = hints or [n for n in Config.model_fields if prefix and n in names and n not in sections]
+            hints = hints or [
+                f"{s}.{n}" for s, sub in sections.items() for n in sub.model_fields if n in names
+            ]
+            hints = hints or [f"{prefix}{h}" for h in difflib.get_close_matches(key, fields, n=1)]
         if hints:
             msg += " (did you mean " + " or ".join(f"'{h}'" for h in sorted(hints, key=_hint_order)) + "?)"
     else:
@@ -479,6 +528,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = text if dotted and text.startswith(dotted + ".") else f"{dotted}: {text}" if dotted else text
         if dotted and not isinstance(got, dict) and got is not None:
             msg += f" (got {got!r})"
+            if first["type"] == "string_type" and not isinstance(got, list):  # 0755, 2024-06-01, yes
+                msg += "; YAML read the value as a number, date or boolean: quote it to keep it as text"
     more = len(err.errors()) - 1
     if more:
         msg += f" [+{more} more]"

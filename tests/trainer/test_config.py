@@ -43,6 +43,8 @@ def test_overrides_parse_yaml_values():
         (["data.format=text"], "data.format: a built-in task's rows are messages, not 'text'"),
         (["lora.dropout=1.0"], "lora.dropout: Input should be less than 1"),
         (["novalue"], "expected key=value"),
+        ([".rank=3"], "override '.rank=3': the key has an empty part"),
+        (["lora..rank=3"], "override 'lora..rank=3': the key has an empty part"),
         # numpy seeds are 0 .. 2**32 - 1: anything else crashed in the loop
         (["train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),
         (["train.seed=4294967296"], "train.seed: Input should be less than 4294967296"),
@@ -176,6 +178,16 @@ def test_a_config_without_data_is_refused_not_defaulted(tmp_path):
         ("lora.Lora_Alpha=8", "'lora.alpha'"),
         ("model.name=x", "'model.name_or_path'"),
         ("train.name=adamw", "'optim.name'"),
+        ("train.save_steps=10", "'train.save_every'"),  # not max_steps: that would change the run's length
+        ("train.eval_steps=10", "'train.eval_every'"),
+        ("train.logging_steps=1", "'train.log_every'"),
+        ("optimizer={lr: 1e-4}", "'optim'"),  # a mapping: the section
+        ("optimizer=adamw", "'optim.name'"),
+        ("train.output_dir=x", "'output_dir'"),  # a top-level field
+        ("model.method=lora", "'method'"),
+        ("model_name_or_path=x", "'model.name_or_path'"),
+        ("data.path=x.jsonl", "'data.train'"),
+        ("data.max_length=64", "'data.max_seq_len'"),
     ],
 )
 def test_unknown_keys_suggest_the_key_meant(override, hint):
@@ -263,3 +275,17 @@ def test_chained_yaml_merges_load_as_safe_load_does(tmp_path):
     text = "a: &a {x: 1, y: 2}\nb: &b {<<: *a, x: 3}\nc: {<<: *b, z: 4}\n"
     (tmp_path / "m.yaml").write_text(text)
     assert _read_yaml(tmp_path / "m.yaml") == yaml.safe_load(text)
+
+
+def test_text_fields_keep_an_override_as_typed(tmp_path):
+    """A string field takes an override's text as typed, not as the YAML scalar it would parse to; in a
+    file (where the text is gone) the error says to quote it."""
+    cfg = load_config(None, ["output_dir=0755", "data.task=null", "data.train=2024-06-01"])
+    assert cfg.output_dir == "0755" and cfg.data.train == "2024-06-01"
+    assert load_config(None, ["train.max_steps=0755"]).train.max_steps == 493  # elsewhere YAML's scalars
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: 0755\n")
+    with pytest.raises(
+        ConfigError, match=r"\(got 493\); YAML read the value as a number, date or boolean: quote it"
+    ):
+        load_config(path)
