@@ -57,20 +57,32 @@ def _convert_builtin(name: str, target: Path) -> None:
         raise ModelError(f"model.name_or_path: {src / gguf_file} is missing from the {package} package")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf_file} to a safetensors model in {target} (once)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
-    # The GGUF weights are dequantized to fp32 on load; drop the GGUF quantizer so the model saves.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    def unwritable(e: OSError) -> ModelError:
+        return ModelError(
+            f"model.name_or_path: cannot write the converted '{name}' under {target.parent} "
+            f"({e.strerror or e}); set FUSEDTUNE_CACHE to a writable directory"
+        )
+
+    try:  # before the conversion's minute of work: a cache that cannot be written fails now
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    except OSError as e:
+        raise unwritable(e) from None
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
+        print(f"converting {gguf_file} to a safetensors model in {target} (once)", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+        # The GGUF weights are dequantized to fp32 on load; drop the GGUF quantizer so the model saves.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, target)
+        except OSError as e:  # a full disk
+            raise unwritable(e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

