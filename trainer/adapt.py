@@ -70,10 +70,16 @@ class AdaptReport:
     experts_quantized: list[str] = field(default_factory=list)
     experts_why_not: str | None = None  # why the expert weights were not adapted
     experts_unhandled: list[str] = field(default_factory=list)  # 3-D weights outside an experts module
+    tied_trainable: tuple[str, str] | None = None  # (trainable name, the name it is tied to)
 
     def lines(self) -> list[str]:
         """Human-readable lines: what got adapted, fused, and what did not and why."""
         out = [f"method {self.method}: {len(self.trainable_names)} trainable tensors"]
+        if self.tied_trainable:
+            out.append(
+                f"{self.tied_trainable[0]} is tied to {self.tied_trainable[1]} (one tensor, named once): "
+                "it trains as both the output head and the input embedding"
+            )
         if self.too_narrow:
             kinds = Counter(
                 f"{_BLOCK_INDEX.sub(lambda m: m.group(0).replace(m.group(1), '*'), n)} ({shape})"
@@ -369,9 +375,21 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
     elif cfg.method == "partial":
         _select_partial(model, cfg)
     report.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    report.tied_trainable = _tied_trainable(model)
     if not report.trainable_names:
         raise ConfigError(f"method {cfg.method}: no parameter is left trainable")
     return report
+
+
+def _tied_trainable(model: nn.Module) -> tuple[str, str] | None:
+    """``(name, other)`` when a trainable tensor is the input embedding and the output head at once."""
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w_in, w_out = getattr(inp, "weight", None), getattr(out, "weight", None)
+    if w_in is None or w_in is not w_out or not w_in.requires_grad:
+        return None
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is w_in]
+    return (names[0], names[-1]) if len(names) > 1 else None
 
 
 def _expert_targets(model: nn.Module, cfg: Config, report: AdaptReport) -> dict[str, tuple[nn.Module, str]]:

@@ -92,6 +92,13 @@ class LoRAConfig(_Strict):
         ),
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("an empty list adapts nothing (null: every block Linear)")
+        return v
+
 
 class QuantConfig(_Strict):
     """How the frozen base Linear weights are stored for method qlora."""

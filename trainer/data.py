@@ -26,7 +26,6 @@ record starts on, parquet rows by row (``file.parquet:row 7``). Every mistake in
 
 from __future__ import annotations
 
-import codecs
 import csv
 import json
 import logging
@@ -188,6 +187,16 @@ def _read_json_array(path: str, text: str) -> list[Row]:
     return rows
 
 
+def _undecodable_line(file: Path) -> int:
+    """The line of the first byte of ``file`` that is not UTF-8."""
+    raw = file.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return raw[: e.start].count(b"\n") + 1
+    return 1
+
+
 def _read_csv(file: Path, path: str, delimiter: str) -> list[Row]:
     """CSV/TSV with the csv module, every cell as text: a malformed row names its ``file:line``.
 
@@ -223,7 +232,7 @@ def _read_csv(file: Path, path: str, delimiter: str) -> list[Row]:
                 cells = {name: (value if value != "" else None) for name, value in zip(header, record)}
                 rows.append(Row(cells, f"{path}:{line}"))
     except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
+        raise DataError(f"{path}:{_undecodable_line(file)}: not UTF-8 text") from None
     except csv.Error as e:
         raise DataError(f"{path}:{line}: malformed {file.suffix.lower()} ({e})") from None
     except OSError as e:
@@ -315,11 +324,8 @@ def read_rows(path: str, field_name: str) -> list[Row]:
     elif suffix in (".jsonl", ".json"):
         try:
             text = file.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not data
-        except UnicodeDecodeError as e:
-            raw = file.read_bytes()
-            bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # e.start is after it
-            line = raw[: e.start + bom].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 text") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{_undecodable_line(file)}: not UTF-8 text") from None
         except OSError as e:
             raise DataError(f"{field_name}: cannot read {path} ({e.strerror})") from None
         if suffix == ".json" and text.lstrip().startswith("["):
@@ -711,9 +717,8 @@ def build_datasets(cfg: DataConfig, tokenizer, vocab_size: int) -> Datasets:
     if eval_rows:
         evaluation, eval_stats = encode_rows(eval_rows, fmt, tokenizer, cfg, vocab_size, eval_name)
     for split, stats in (("train", train_stats), ("eval", eval_stats)):
-        if stats.rows:  # a warning (shown without logging set-up) when rows were cut or dropped
-            lossy = stats.truncated or stats.dropped_overlength or stats.dropped_no_targets
-            log.log(logging.WARNING if lossy else logging.INFO, "data: %s: %s", split, stats.describe())
+        if stats.rows:  # info only: the caller reports rows cut or dropped (trainer run does, once)
+            log.info("data: %s: %s", split, stats.describe())
     return Datasets(
         train=train,
         eval=evaluation,

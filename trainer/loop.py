@@ -643,9 +643,9 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         train_examples = pack(train_examples, cfg.data.max_seq_len, tokenizer.eos_token_id)
     pad_id = tokenizer.pad_token_id
     log(f"data: {len(train_examples)} training examples, {len(data.eval)} held-out ({data.format})")
-    for stats in (data.train_stats, data.eval_stats):
+    for split, stats in (("train", data.train_stats), ("eval", data.eval_stats)):
         if stats.truncated or stats.dropped_overlength or stats.dropped_no_targets:
-            log(f"data: {stats.describe()}")
+            log(f"data: {split}: {stats.describe()}")
     fingerprint = data_fingerprint(train_examples)
     if ckpt is not None and ckpt.state["data_fingerprint"] != fingerprint:
         if not cfg.resume_allow_config_changes:

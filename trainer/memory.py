@@ -181,7 +181,7 @@ def measured_breakdown_lines(accounting: dict) -> list[str]:
     saved = a.get("saved_for_backward")
     lines = [
         "memory (measured): frozen weights "
-        + ", ".join(f"{fmt_bytes(n)} {label}" for label, n in by_format.items())
+        + (", ".join(f"{fmt_bytes(n)} {label}" for label, n in by_format.items() if n) or "none (all train)")
         + f"; trainable {fmt_bytes(a['trainable_bytes'])}; gradients {fmt_bytes(a['gradient_bytes'])}; "
         f"optimizer state {fmt_bytes(a['optimizer_state_bytes'])}"
     ]

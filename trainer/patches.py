@@ -56,7 +56,8 @@ _SWIGLU_BODY = re.compile(rf"(return{_SWIGLU_EXPR}|(?P<v>\w+)={_SWIGLU_EXPR}retu
 @dataclass
 class PatchReport:
     swiglu: list[str] = field(default_factory=list)
-    not_swiglu: dict[str, str] = field(default_factory=dict)  # module name -> why not
+    not_swiglu: dict[str, str] = field(default_factory=dict)  # gated MLP name -> why not
+    other_mlps: dict[str, str] = field(default_factory=dict)  # MLPs of another shape (Phi-3's, GPT-2's)
     rmsnorm: list[str] = field(default_factory=list)
     not_rmsnorm: dict[str, str] = field(default_factory=dict)
     rope: list[str] = field(default_factory=list)
@@ -65,7 +66,7 @@ class PatchReport:
     def lines(self) -> list[str]:
         out = []
         for what, unit, done, why_not in (
-            ("SwiGLU", "gated MLPs", self.swiglu, self.not_swiglu),
+            ("SwiGLU", "MLPs", self.swiglu, {**self.not_swiglu, **self.other_mlps}),
             ("RMSNorm", "norms", self.rmsnorm, self.not_rmsnorm),
             ("RoPE", "attention layers", self.rope, self.not_rope),
         ):
@@ -124,7 +125,13 @@ def fuse_swiglu(model: nn.Module, backend: str, report: PatchReport | None = Non
     """Give every plain SiLU-gated MLP of ``model`` the fused gate (``backend``: triton or torch)."""
     report = report or PatchReport()
     for name, module in list(model.named_modules()):
-        if not _is_gated_mlp(module) or isinstance(module, SwiGLUMLP):
+        if isinstance(module, SwiGLUMLP):
+            continue
+        if not _is_gated_mlp(module):
+            if name and type(module).__name__.endswith("MLP"):  # Phi-3's gate_up_proj, GPT-2's c_fc: named
+                report.other_mlps[name] = (
+                    f"{type(module).__name__} has no gate_proj/up_proj/down_proj Linears"
+                )
             continue
         why = _why_not_swiglu(module) if name else "the model itself is the MLP"
         if why is not None:
@@ -222,6 +229,9 @@ def fuse_rmsnorm(model: nn.Module, backend: str, report: PatchReport | None = No
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     model_dtype = emb.weight.dtype if emb is not None else None
     for name, module in list(model.named_modules()):
+        if name and (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")):
+            report.not_rmsnorm[name] = f"{type(module).__name__} subtracts the mean: not an RMSNorm"
+            continue
         if not type(module).__name__.endswith("RMSNorm") or isinstance(module, FusedRMSNorm) or not name:
             continue
         style, why = _rmsnorm_style(module, model_dtype)

@@ -55,10 +55,13 @@ class Task:
             "answer": answer,
         }
 
-    def generate(self, n: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
+    def generate(
+        self, n: int, seed: int, exclude: frozenset[str] | set[str] = frozenset(), field: str = "data.task"
+    ) -> list[dict]:
         """``n`` distinct rows, the same for the same ``(n, seed, exclude)``.
 
         Args:
+            field: the config field that asked for ``n`` rows, for the error.
             n: how many rows.
             seed: the random seed.
             exclude: questions that must not appear (another split's questions).
@@ -71,8 +74,9 @@ class Task:
         """
         available = self.capacity - len(exclude)
         if n > available:
+            left = f" after the {len(exclude)} held out" if exclude else ""
             raise DataError(
-                f"data.task: the {self.name} task has only {available} distinct questions left, asked for {n}"
+                f"{field}: the {self.name} task has only {available} distinct questions{left}, asked for {n}"
             )
         rng = random.Random(f"{self.name}:{seed}")
         seen = set(exclude)
@@ -102,9 +106,9 @@ class Task:
         Raises:
             DataError: more rows asked for than the task has distinct questions.
         """
-        eval_rows = self.generate(num_eval, seed=2 * seed + 1)
+        eval_rows = self.generate(num_eval, seed=2 * seed + 1, field="data.num_eval")
         held_out = {question_of(r) for r in eval_rows}
-        train_rows = self.generate(num_train, seed=2 * seed, exclude=held_out)
+        train_rows = self.generate(num_train, seed=2 * seed, exclude=held_out, field="data.num_train")
         return train_rows, eval_rows
 
     def score(self, row: dict, completion: str) -> bool:

@@ -250,3 +250,18 @@ def test_default_targets_leave_out_layers_narrower_than_the_rank(tiny_model_dir)
     assert "2 x model.layers.*.self_attn.k_proj (64->32)" in line
     with pytest.raises(ConfigError, match="larger than every Linear"):
         apply_method(_model(tiny_model_dir), _cfg("lora.rank=1000"), CPU)
+
+
+def test_a_trainable_tied_embedding_is_named_as_both():
+    """Training a tied lm_head trains the input embedding too (one tensor): the report says so."""
+    from tiny import tiny_llama
+
+    cfg = load_config(None, ["method=partial", "partial.patterns=[lm_head]", "kernels=torch"])
+    tied = tiny_llama(0, tie_word_embeddings=True)
+    lines = apply_method(tied, cfg, torch.device("cpu")).lines()
+    assert lines[1] == (
+        "model.embed_tokens.weight is tied to lm_head.weight (one tensor, named once): it trains as both "
+        "the output head and the input embedding"
+    )
+    untied = tiny_llama(0, tie_word_embeddings=False)
+    assert not any("is tied to" in line for line in apply_method(untied, cfg, torch.device("cpu")).lines())

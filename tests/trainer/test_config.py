@@ -44,6 +44,10 @@ def test_overrides_parse_yaml_values():
         (["lora.dropout=1.0"], "lora.dropout: Input should be less than 1"),
         (["novalue"], "expected key=value"),
         ([".rank=3"], "override '.rank=3': the key has an empty part"),
+        (
+            ["lora.target_modules=[]"],
+            "lora.target_modules: an empty list adapts nothing (null: every block Linear)",
+        ),
         (["lora..rank=3"], "override 'lora..rank=3': the key has an empty part"),
         # numpy seeds are 0 .. 2**32 - 1: anything else crashed in the loop
         (["train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),

@@ -176,7 +176,7 @@ def test_truncate_cuts_to_max_seq_len(tmp_path, tiny_tokenizer):
 
 
 def test_drop_removes_counts_and_reports_overlength_examples(tmp_path, tiny_tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="fusedtune.trainer.data"):
+    with caplog.at_level(logging.INFO, logger="fusedtune.trainer.data"):
         data = build(tmp_path, tiny_tokenizer, [LONG, SHORT, LONG], max_seq_len=8, overlength="drop")
     assert [e.source.rsplit(":", 1)[-1] for e in data.train] == ["2"]
     assert data.train_stats.dropped_overlength == 2
@@ -335,7 +335,7 @@ FILE_SHAPES = {
     "csv duplicate column": ("t.csv", "text,text\na,b\n", "{path}:1: duplicate column 'text' in the header"),
     "csv header only": ("t.csv", "instruction,output\n", "{path}: no examples"),
     "csv empty": ("t.csv", "", "{path}: no examples"),
-    "csv not utf-8": ("t.csv", b"text\n\xff\n", "{path}: not UTF-8 text"),
+    "csv not utf-8": ("t.csv", b"text\nok\n\xff\n", "{path}:3: not UTF-8 text"),
     "json object": ("t.json", '{\n  "data": [\n    {"text": "a"}\n  ]\n}\n', "{path}:1: expected a JSON array of objects (or JSON Lines, one object per line), got an object with keys 'data'; are the rows the list under 'data'?"),
     "json object on one line": ("t.json", '{"data": [{"text": "a"}]}', "{path}:1: expected a JSON array of objects"),
     "json empty object": ("t.json", "{}", "{path}:1: expected a JSON array of objects (or JSON Lines, one object per line), got an empty object"),

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from tiny import tiny_llama
+from tiny import TINY_SHAPE, tiny_llama
 from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM
 
@@ -37,7 +37,7 @@ def test_fused_mlp_gives_the_same_loss_and_gradients(backend):
         model = _llama()
         if fuse:
             report = fuse_swiglu(model, backend)
-            assert report.lines() == ["fused SwiGLU: 2/2 gated MLPs"]
+            assert report.lines() == ["fused SwiGLU: 2/2 MLPs"]
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -89,7 +89,7 @@ def test_fused_mlp_keeps_names_and_pickles():
 def test_apply_patches_says_what_took_effect():
     lines = apply_patches(_llama(), True, 64, "torch")
     assert lines == [
-        "fused SwiGLU: 2/2 gated MLPs",
+        "fused SwiGLU: 2/2 MLPs",
         "fused RMSNorm: 5/5 norms",
         "fused RoPE: 2/2 attention layers",
         "padding-free micro-batches: on (no pad tokens; attention within each example)",
@@ -344,3 +344,23 @@ def test_set_up_probes_leave_the_random_stream_and_the_adapters_backend_alone():
     apply_patches(model, True, 64, "torch")
     assert torch.equal(torch.rand(3), expected)
     assert model.model.layers[0].self_attn.q_proj.backend == "triton"
+
+
+def test_mlps_and_norms_of_other_shapes_are_named():
+    """Phi-3's fused gate_up_proj MLP and GPT-2's ungated one keep their forward and are named, as are
+    LayerNorms (which subtract the mean): no model's MLPs or norms go unmentioned."""
+    import transformers
+
+    for config, mlp in (
+        (transformers.Phi3Config(**TINY_SHAPE, pad_token_id=0, eos_token_id=1), "Phi3MLP"),
+        (transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97), "GPT2MLP"),
+    ):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        lines = apply_patches(model, False, 64, "torch")
+        assert "fused SwiGLU: 0/2 MLPs" in lines
+        assert f"  not fused ({mlp} has no gate_proj/up_proj/down_proj Linears): all" in lines
+        if mlp == "GPT2MLP":
+            assert "fused RMSNorm: 0/5 norms" in lines
+            assert "  not fused (LayerNorm subtracts the mean: not an RMSNorm): all" in lines
+        else:
+            assert "fused RMSNorm: 5/5 norms" in lines

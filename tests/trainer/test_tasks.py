@@ -47,8 +47,17 @@ def test_exclude_and_capacity():
     assert task.capacity == days
     exclude = {question_of(r) for r in task.generate(5, seed=1)}
     assert exclude.isdisjoint(question_of(r) for r in task.generate(100, seed=1, exclude=exclude))
-    with pytest.raises(DataError, match=r"^data\.task: the dates task has only \d+ distinct questions left"):
+    with pytest.raises(DataError, match=rf"^data\.task: the dates task has only {days} distinct questions, "):
         task.generate(days + 1, seed=0)
+    # split names the field that asked for too many (not data.task)
+    with pytest.raises(
+        DataError,
+        match=rf"^data\.num_train: the dates task has only {days - 3} distinct questions after the 3 held out, "
+        rf"asked for {days}$",
+    ):
+        task.split(num_train=days, num_eval=3, seed=0)
+    with pytest.raises(DataError, match=r"^data\.num_eval: "):
+        task.split(num_train=1, num_eval=days + 1, seed=0)
 
 
 @pytest.mark.parametrize(
