@@ -320,6 +320,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         self._check_unique_keys(sub, deep)
                 continue
             key = self.construct_object(key_node, deep=deep)
+            if isinstance(key_node, yaml.ScalarNode) and not isinstance(key, str):  # `on:`, `yes:`, `1:`
+                raise ConfigError(
+                    f"{key_node.start_mark.name}:{key_node.start_mark.line + 1}: key {key_node.value!r} is "
+                    f"read by YAML as {type(key).__name__} {key!r}; every key is a name (quote it if meant)"
+                )
             try:
                 hash(key)
             except TypeError:
