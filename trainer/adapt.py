@@ -207,7 +207,22 @@ def select_targets(model: nn.Module, target_modules: list[str] | None) -> dict[s
     if target_modules is None:
         targets = block_linears(model)
         if not targets and not experts.expert_weights(model):
-            raise ConfigError("lora.target_modules: the model has no Linear layers inside indexed blocks")
+            # the projections LoRA cannot wrap: Linear subclasses with their own forward (Falcon's), or
+            # other layer types doing a Linear's job (GPT-2's Conv1D)
+            others = Counter(
+                type(m).__name__
+                for n, m in model.named_modules()
+                if _BLOCK_INDEX.search(n) and hasattr(m, "weight") and getattr(m.weight, "dim", lambda: 0)() == 2
+                and not isinstance(m, nn.Embedding | nn.LayerNorm) and not is_plain_linear(m)
+            )  # fmt: skip
+            why = (
+                f": its block projections are {', '.join(others)}, not plain nn.Linear (LoRA wraps those only)"
+                if others
+                else ""
+            )
+            raise ConfigError(
+                f"lora.target_modules: the model has no Linear layers inside indexed blocks{why}"
+            )
         return targets
     linears = {n: m for n, m in model.named_modules() if is_plain_linear(m)}
     expert_names = list(experts.expert_weights(model))

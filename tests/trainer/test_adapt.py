@@ -265,3 +265,18 @@ def test_a_trainable_tied_embedding_is_named_as_both():
     )
     untied = tiny_llama(0, tie_word_embeddings=False)
     assert not any("is tied to" in line for line in apply_method(untied, cfg, torch.device("cpu")).lines())
+
+
+def test_no_plain_linears_names_the_layer_types_found():
+    """GPT-2's projections are Conv1D: the error says what the blocks hold instead."""
+    import transformers
+
+    model = AutoModelForCausalLM.from_config(
+        transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97)
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^lora\.target_modules: the model has no Linear layers inside indexed blocks: its block "
+        r"projections are Conv1D, not plain nn\.Linear \(LoRA wraps those only\)$",
+    ):
+        apply_method(model, load_config(None, ["kernels=torch"]), torch.device("cpu"))
