@@ -99,7 +99,7 @@ def save_peft_adapter(model: nn.Module, cfg: Config, base_model_path: str, out_d
         # PEFT's parameter LoRA takes no dropout; it changes nothing at inference
         dropout = 0.0
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _save_file(tensors, out_dir / "adapter_model.safetensors")
     peft_cfg = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
@@ -117,7 +117,7 @@ def save_peft_adapter(model: nn.Module, cfg: Config, base_model_path: str, out_d
 def save_trainable(model: nn.Module, path: Path) -> int:
     """Save every trainable tensor (full / partial runs) to one safetensors file; returns the count."""
     tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    _save_file(tensors, path)
     return len(tensors)
 
 
@@ -149,6 +149,19 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # write of the checkpoint at STEP. Stages: each file name after it is written, "renamed" (after the
 # rename, before the manifest).
 FAULT_ENV = "FUSEDTUNE_TEST_CHECKPOINT_FAULT"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.save_file`` with the file mode any other output gets (its writer makes 0600 files,
+    whatever the umask: an adapter another user could not read)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
 
 
 class CheckpointError(UserError):
@@ -366,10 +379,10 @@ def save_checkpoint(
             "lr_schedule": LR_SCHEDULE_VERSION,
         }
         writers = {
-            "trainable.safetensors": lambda p: save_file(trainable, str(p), metadata={"format": "pt"}),
-            "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p), metadata={"format": "pt"}),
+            "trainable.safetensors": lambda p: _save_file(trainable, p),
+            "optimizer.safetensors": lambda p: _save_file(opt_tensors, p),
             "optimizer.json": lambda p: p.write_text(json.dumps(opt_plain)),
-            "rng.safetensors": lambda p: save_file(rng_tensors, str(p), metadata={"format": "pt"}),
+            "rng.safetensors": lambda p: _save_file(rng_tensors, p),
             "state.json": lambda p: p.write_text(json.dumps(full_state, indent=1)),
         }
         for name, write in writers.items():

@@ -81,6 +81,15 @@ def test_save_trainable_partial(tiny_model_dir, tmp_path):
     assert n == len(saved) == 5
     for name, tensor in saved.items():
         torch.testing.assert_close(model.get_parameter(name), tensor, rtol=0, atol=0)
+    # the umask's mode, as every other output (safetensors' writer alone makes 0600 files)
+    import os
+
+    mask = os.umask(0o027)
+    try:
+        save_trainable(model, tmp_path / "t2.safetensors")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "t2.safetensors").stat().st_mode & 0o777 == 0o640
 
 
 def test_checkpoints_from_before_padding_free_still_resume():
