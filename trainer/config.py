@@ -244,8 +244,9 @@ class Config(_Strict):
         description="auto: on CUDA the path measured faster per op (plain LoRA layers: cuBLAS GEMMs + "
         "in-place LoRA add, fused kernels with lora.dropout; QLoRA, SwiGLU, loss: Triton; RMSNorm and RoPE: "
         "Triton, speed not yet measured on a GPU), torch elsewhere; "
-        "triton: the fused kernels "
-        "everywhere (Triton's interpreter without CUDA); torch: torch ops only",
+        "triton: the fused kernels for every layer that can take them (Triton's interpreter without "
+        "CUDA; QLoRA layers still dequantize for one GEMM from 512 tokens a micro-batch, where that "
+        "measured faster, and the run says so); torch: torch ops only",
     )
     output_dir: str = Field(
         "runs/default", description="the run directory (adapter, metrics, plot, checkpoints)"

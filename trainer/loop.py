@@ -682,6 +682,10 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     model.train()
     params = [p for _, p in trainable_parameters(model)]
     optimizer = build_optimizer(model, cfg.optim)
+    if cfg.optim.name == "paged_adamw8bit" and device.type != "cuda":  # bnb's own warning is filtered
+        log(
+            "optim.name paged_adamw8bit: paging needs CUDA; here its state is ordinary memory, as adamw8bit's"
+        )
     steps = total_steps(cfg, len(train_examples))
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     start_step = 0
