@@ -251,7 +251,11 @@ class Config(_Strict):
     output_dir: str = Field(
         "runs/default", description="the run directory (adapter, metrics, plot, checkpoints)"
     )
-    overwrite: bool = Field(False, description="allow writing into a non-empty output_dir")
+    overwrite: bool = Field(
+        False,
+        description="allow writing into a non-empty output_dir: an earlier run's outputs and step-N "
+        "checkpoints there are replaced, other files are left",
+    )
     resume: str | None = Field(
         None,
         description="'auto': continue from the newest valid checkpoint in output_dir/checkpoints (start "
