@@ -92,6 +92,11 @@ class LoRAConfig(_Strict):
         ),
     )
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # lora.target_modules=q_proj: one target
+
     @field_validator("target_modules")
     @classmethod
     def _some_targets(cls, v: list[str] | None) -> list[str] | None:

@@ -22,6 +22,7 @@ def test_overrides_parse_yaml_values():
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.optim.max_grad_norm is None
+    assert load_config(None, ["lora.target_modules=q_proj"]).lora.target_modules == ["q_proj"]  # one name
 
 
 @pytest.mark.parametrize(
