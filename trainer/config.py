@@ -483,6 +483,8 @@ COMMON_NAMES = {
     "max_length": "max_seq_len",
     "seq_len": "max_seq_len",
 }
+# Names meant for one section's field: (section, name) -> field (model.name is model.name_or_path).
+SECTION_FIELD_NAMES = {("model", "name"): "name_or_path", ("model", "path"): "name_or_path"}
 # Section names users bring (a key whose value is a mapping is matched against the sections).
 SECTION_NAMES = {
     "optimizer": "optim",
@@ -530,11 +532,11 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
                 [name] if name in sections and name != key else difflib.get_close_matches(low, sections, n=1)
             )
         else:
-            # the same name (or its usual alias) here, then a field here it begins (model.name is
-            # model.name_or_path, not optim.name), then a top-level field of that name (train.output_dir),
-            # then the name in a section, then one spelled alike here
-            hints = [f"{prefix}{n}" for n in fields if n in names and n != key]
-            hints = hints or [f"{prefix}{n}" for n in fields if n.startswith(low + "_")]
+            names.add(SECTION_FIELD_NAMES.get((prefix.rstrip("."), low), low))
+            # the same name (or its usual alias) here, never a section for a value (`dataset=x.jsonl` is
+            # data.train, not the train section), then a top-level field of that name (train.output_dir),
+            # then the name in another section (train.eval is data.eval), then one spelled alike here
+            hints = [f"{prefix}{n}" for n in fields if n in names and n != key and n not in sections]
             hints = hints or [n for n in Config.model_fields if prefix and n in names and n not in sections]
             hints = hints or [
                 f"{s}.{n}" for s, sub in sections.items() for n in sub.model_fields if n in names

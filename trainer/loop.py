@@ -89,13 +89,15 @@ _METHOD_SECTIONS = {"lora": {"lora"}, "qlora": {"lora", "quant"}, "full": set(),
 
 
 def unused_sections_note(cfg: Config) -> str | None:
-    """A line naming the keys set in sections this method never reads (``quant.*`` under ``method: lora``
-    is usually a forgotten ``method: qlora``), which the run would otherwise ignore without a word."""
-    keys = [
+    """A line naming the keys given non-default values in sections this method never reads (``quant.*``
+    under ``method: lora`` is usually a forgotten ``method: qlora``), which the run would otherwise
+    ignore without a word."""
+    keys = [  # the keys given a value other than the schema's default (a resolved config.yaml has all)
         f"{section}.{key}"
         for section in ("lora", "quant", "partial")
         if section not in _METHOD_SECTIONS[cfg.method]
-        for key in sorted(getattr(cfg, section).model_fields_set)
+        for key, field in type(getattr(cfg, section)).model_fields.items()
+        if getattr(getattr(cfg, section), key) != field.get_default(call_default_factory=True)
     ]
     if not keys:
         return None

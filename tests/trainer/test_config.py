@@ -204,6 +204,9 @@ def test_a_config_without_data_is_refused_not_defaulted(tmp_path):
         ("model_name_or_path=x", "'model.name_or_path'"),
         ("data.path=x.jsonl", "'data.train'"),
         ("data.max_length=64", "'data.max_seq_len'"),
+        ("dataset=x.jsonl", "'data.train'"),  # a value: never the train section
+        ("model.path=x", "'model.name_or_path'"),
+        ("train.eval=x.jsonl", "'data.eval'"),
     ],
 )
 def test_unknown_keys_suggest_the_key_meant(override, hint):
