@@ -482,7 +482,11 @@ def remove_checkpoints(root: Path) -> None:
     if not root.is_dir():
         return
     for p in root.iterdir():
-        if p.is_dir() and (_STEP_DIR.match(p.name) or p.name.startswith(".tmp-step-")):
+        if not (_STEP_DIR.match(p.name) or p.name.startswith(".tmp-step-")):
+            continue
+        if p.is_symlink():
+            p.unlink()  # the link, not what it points to
+        elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
     with contextlib.suppress(OSError):
         root.rmdir()  # only when empty

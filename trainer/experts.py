@@ -60,14 +60,20 @@ def expert_weights(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 def unhandled_stacked_weights(model: nn.Module) -> list[str]:
-    """Parameters of three or more dimensions outside an experts module (:func:`is_experts`) and outside
-    convolutions: the expert weights of an MoE layer that does not run through transformers' experts
+    """Stacked parameters (three or more dimensions, more than one along the first) of an expert or MoE
+    module (by its class or parameter name) outside :func:`is_experts` and convolutions: the expert weights
+    of an MoE layer that does not run through transformers' experts
     interface (Llama 4's ``Llama4TextExperts``, DBRX's). LoRA and QLoRA leave them dense and frozen."""
     out = []
     for mname, m in model.named_modules():
         if is_experts(m) or isinstance(m, nn.modules.conv._ConvNd):
             continue
-        out += [f"{mname}.{n}" if mname else n for n, p in m.named_parameters(recurse=False) if p.dim() >= 3]
+        moe = any(w in type(m).__name__.lower() for w in ("expert", "moe"))  # not RWKV's [1, 1, H] mixes
+        out += [
+            f"{mname}.{n}" if mname else n
+            for n, p in m.named_parameters(recurse=False)
+            if p.dim() >= 3 and p.shape[0] > 1 and (moe or "expert" in n.lower())
+        ]
     return out
 
 

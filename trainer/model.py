@@ -80,9 +80,15 @@ def _convert_builtin(name: str, target: Path) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             os.chmod(tmp, 0o755)
+            if target.is_dir() and not (target / "config.json").is_file():
+                shutil.rmtree(target)  # an earlier conversion's leftover (ours: the cache's own folder)
             os.replace(tmp, target)
-        except OSError as e:  # a full disk
-            raise unwritable(e) from None
+        except OSError as e:
+            if (target / "config.json").is_file():
+                return  # another process converted it meanwhile
+            raise ModelError(
+                f"model.name_or_path: cannot write the converted '{name}' to {target} ({e.strerror or e})"
+            ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

