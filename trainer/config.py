@@ -416,22 +416,30 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    if _is_text_field(key) and value is not None and not isinstance(value, (str, dict, list)):
-        value = raw.strip()  # output_dir=0755 is the text as typed, not the YAML number 493
+    kind = _text_field(key)
+    if not isinstance(value, str) and (
+        kind == "str" or (kind == "optional" and value is not None and not isinstance(value, (dict, list)))
+    ):
+        value = raw.strip()  # output_dir=0755 is the text as typed, not the YAML number 493 (`~`: not null)
     return key, value
 
 
-def _is_text_field(dotted: str) -> bool:
-    """Whether ``dotted`` names a string field (``output_dir``, ``data.train``), optional or not."""
+def _text_field(dotted: str) -> str | None:
+    """``"str"`` when ``dotted`` names a string field (``output_dir``), ``"optional"`` for ``str | None``
+    (``data.train``: null stays null), else None."""
     model: type[BaseModel] | None = Config
     *sections, name = dotted.split(".")
     for part in sections:
         field = model.model_fields.get(part)
         model = _section_model(field.annotation) if field is not None else None
         if model is None:
-            return False
+            return None
     field = model.model_fields.get(name)
-    return field is not None and str in (field.annotation, *get_args(field.annotation))
+    if field is None:
+        return None
+    if field.annotation is str:
+        return "str"
+    return "optional" if str in get_args(field.annotation) else None
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:

@@ -1057,7 +1057,13 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     """
     from .adapt import apply_method
     from .data import build_datasets, pack
-    from .loop import accumulate_gradients, micro_batch_stream, training_device
+    from .loop import (
+        accumulate_gradients,
+        check_context_length,
+        data_loss_lines,
+        micro_batch_stream,
+        training_device,
+    )
     from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
     from .optim import build_optimizer, trainable_parameters
     from .patches import apply_patches
@@ -1069,6 +1075,8 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path, cfg.model)
     data = build_datasets(cfg.data, tokenizer, vocab_size_of(path, cfg.model))
+    for line in data_loss_lines(data):
+        log(line)
     examples = data.train
     if cfg.data.packing:
         examples = pack(examples, cfg.data.max_seq_len, tokenizer.eos_token_id)
@@ -1077,6 +1085,8 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         torch.cuda.reset_peak_memory_stats(device)
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
     model, _ = load_model(path, cfg.model, device, load_device)
+    if (note := check_context_length(model, max(len(e.input_ids) for e in examples))) is not None:
+        log(note)
     report = apply_method(model, cfg, device)
     apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend)
     packed = padding_free.enabled(model)

@@ -476,6 +476,15 @@ _WEIGHT_OUTPUTS = ("adapter_model.safetensors", "trainable.safetensors")
 _END_OUTPUTS = (*_WEIGHT_OUTPUTS, "adapter_config.json", "summary.json")
 
 
+def data_loss_lines(data) -> list[str]:
+    """``data: train: N rows, K truncated ...`` for each split that lost rows or tokens on the way."""
+    return [
+        f"data: {split}: {stats.describe()}"
+        for split, stats in (("train", data.train_stats), ("eval", data.eval_stats))
+        if stats.truncated or stats.dropped_overlength or stats.dropped_no_targets
+    ]
+
+
 def half_precision_update_note(model: torch.nn.Module, method: str) -> str | None:
     """``full``/``partial`` in bf16 or fp16 update the weights themselves in that dtype (there is no fp32
     master copy): a step smaller than half the spacing between neighbouring values (2^-9 of a bf16
@@ -491,6 +500,10 @@ def half_precision_update_note(model: torch.nn.Module, method: str) -> str | Non
     )
 
 
+# Where configs state their context: Llama-style, GPT-2's, and names remote-code models use.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
 def check_context_length(model: torch.nn.Module, longest: int) -> str | None:
     """Refuse examples longer than a model's learned position embeddings (they index past its table:
     OPT, GPT-2); for other models (rotary), a note when they are longer than its stated context.
@@ -499,20 +512,28 @@ def check_context_length(model: torch.nn.Module, longest: int) -> str | None:
         ConfigError: naming ``data.max_seq_len``.
     """
     config = model.config.get_text_config()
-    n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not isinstance(n_pos, int) or longest <= n_pos:
+    n_pos = next((v for k in _CONTEXT_KEYS if isinstance(v := getattr(config, k, None), int) and v > 0), None)
+    if n_pos is None:
         return None
     tokens = model.get_input_embeddings()
-    learned = [
-        name
+    learned = [  # the text model's tables only (a vision tower's may happen to have n_pos rows)
+        (name, n_pos if m.padding_idx is None else min(n_pos, m.num_embeddings - m.padding_idx - 1))
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Embedding) and m is not tokens and n_pos <= m.num_embeddings <= n_pos + 2
+        if isinstance(m, torch.nn.Embedding)
+        and m is not tokens
+        and n_pos <= m.num_embeddings <= n_pos + 2
+        and not any(w in name for w in ("vision", "visual", "image", "audio"))
     ]
-    if learned:
-        raise ConfigError(
-            f"data.max_seq_len: examples of up to {longest} tokens, but the model's learned position "
-            f"embeddings ({learned[0]}) cover {n_pos} positions; set data.max_seq_len <= {n_pos}"
-        )
+    if learned:  # RoBERTa's table starts after padding_idx: two positions fewer
+        name, usable = learned[0]
+        if longest > usable:
+            raise ConfigError(
+                f"data.max_seq_len: examples of up to {longest} tokens, but the model's learned position "
+                f"embeddings ({name}) cover {usable} positions; set data.max_seq_len <= {usable}"
+            )
+        return None
+    if longest <= n_pos:
+        return None
     return (
         f"data: examples of up to {longest} tokens are longer than the model's context "
         f"(max_position_embeddings {n_pos}): positions past it are extrapolated"
@@ -645,9 +666,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         train_examples = pack(train_examples, cfg.data.max_seq_len, tokenizer.eos_token_id)
     pad_id = tokenizer.pad_token_id
     log(f"data: {len(train_examples)} training examples, {len(data.eval)} held-out ({data.format})")
-    for split, stats in (("train", data.train_stats), ("eval", data.eval_stats)):
-        if stats.truncated or stats.dropped_overlength or stats.dropped_no_targets:
-            log(f"data: {split}: {stats.describe()}")
+    for line in data_loss_lines(data):
+        log(line)
     fingerprint = data_fingerprint(train_examples)
     if ckpt is not None and ckpt.state["data_fingerprint"] != fingerprint:
         if not cfg.resume_allow_config_changes:

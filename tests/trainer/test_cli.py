@@ -498,6 +498,9 @@ def test_examples_past_learned_positions_are_refused_before_any_write(tmp_path, 
     assert "learned position embeddings (model.decoder.embed_positions) cover 8 positions" in err, err
     assert "set data.max_seq_len <= 8" in err
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+    assert main(["estimate", str(cfg), "--measure"]) == 2  # its real steps would crash the same way
+    err = capsys.readouterr().err.strip()
+    assert "error: data.max_seq_len: examples of up to " in err and "Traceback" not in err, err
 
 
 def test_examples_past_a_rotary_context_are_noted(tiny_model_dir, tmp_path):
@@ -575,3 +578,20 @@ def test_keys_of_sections_the_method_never_reads_are_named(overrides, expected, 
     resolved = tmp_path / "config.yaml"  # a run's own resolved config (every key written) says the same
     resolved.write_text(cfg.to_yaml())
     assert unused_sections_note(load_config(resolved)) == expected
+
+
+def test_learned_positions_after_a_padding_index_count_two_fewer():
+    """RoBERTa's position ids start after padding_idx: a table of n rows holds n - padding_idx - 1."""
+    import transformers
+
+    from fusedtune.trainer.errors import ConfigError
+    from fusedtune.trainer.loop import check_context_length
+
+    config = transformers.RobertaConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=18, pad_token_id=1, is_decoder=True,
+    )  # fmt: skip
+    model = transformers.RobertaForCausalLM(config)
+    assert check_context_length(model, 16) is None
+    with pytest.raises(ConfigError, match=r"cover 16 positions; set data\.max_seq_len <= 16$"):
+        check_context_length(model, 17)
