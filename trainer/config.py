@@ -254,12 +254,14 @@ class Config(_Strict):
         "measured faster, and the run says so); torch: torch ops only",
     )
     output_dir: str = Field(
-        "runs/default", description="the run directory (adapter, metrics, plot, checkpoints)"
+        "runs/default",
+        min_length=1,
+        description="the run directory (adapter, metrics, plot, checkpoints)",
     )
     overwrite: bool = Field(
         False,
-        description="allow writing into a non-empty output_dir: an earlier run's outputs and step-N "
-        "checkpoints there are replaced, other files are left",
+        description="allow writing into a non-empty output_dir that holds an earlier run: its outputs and "
+        "step-N checkpoints are replaced, other files are left (a folder with no run is refused)",
     )
     resume: str | None = Field(
         None,
@@ -417,10 +419,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     kind = _text_field(key)
-    if not isinstance(value, str) and (
-        kind == "str" or (kind == "optional" and value is not None and not isinstance(value, (dict, list)))
+    if (
+        value is not None
+        and not isinstance(value, str)
+        and (kind == "str" or (kind == "optional" and not isinstance(value, (dict, list))))
     ):
-        value = raw.strip()  # output_dir=0755 is the text as typed, not the YAML number 493 (`~`: not null)
+        value = raw.strip()  # output_dir=0755 is the text as typed, not the YAML number 493
     return key, value
 
 
@@ -562,6 +566,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             msg += f" (got {got!r})"
             if first["type"] == "string_type" and not isinstance(got, list):  # 0755, 2024-06-01, yes
                 msg += "; YAML read the value as a number, date or boolean: quote it to keep it as text"
+        elif first["type"] == "string_type" and got is None:  # `~`, `null`, nothing, a `#...` comment
+            msg += " (got null: YAML reads ~, null, an empty value and a #comment so; quote text meant)"
     more = len(err.errors()) - 1
     if more:
         msg += f" [+{more} more]"

@@ -287,6 +287,10 @@ class RunResult:
     checkpoint: str | None = None  # the last checkpoint written
 
 
+# What a run directory holds from its first step (config.yaml and metrics.jsonl are written before training).
+_RUN_MARKERS = ("config.yaml", "metrics.jsonl", CHECKPOINTS)
+
+
 def check_output_dir(cfg: Config, resuming: bool = False) -> Path:
     """Refuse to write into a non-empty directory unless ``overwrite`` is set or the run resumes from a
     checkpoint in it (before anything runs)."""
@@ -297,6 +301,12 @@ def check_output_dir(cfg: Config, resuming: bool = False) -> Path:
         raise UserError(
             f"output_dir: {out} is not empty; choose another output_dir, set overwrite=true, "
             "or resume=auto to continue its run"
+        )
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in _RUN_MARKERS):
+        # overwrite replaces an earlier run, not a folder of other things (`output_dir=~` is $HOME)
+        raise UserError(
+            f"output_dir: {out} is not empty and holds no earlier run (none of {', '.join(_RUN_MARKERS)}); "
+            "overwrite replaces a run's outputs only: choose a new or empty output_dir"
         )
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not probe.is_dir():

@@ -427,6 +427,18 @@ def test_non_empty_output_dir_without_overwrite(tiny_model_dir, tmp_path, capsys
     assert (tmp_path / "run" / "keep.txt").read_text() == "x"
 
 
+def test_overwrite_refuses_a_folder_that_holds_no_run(tiny_model_dir, tmp_path, capsys):
+    """overwrite=true replaces an earlier run, not a folder of other files (`output_dir=~`, which the
+    shell expands to $HOME, with the embedded default's overwrite: true)."""
+    cfg = write_config(tmp_path, tiny_model_dir, overwrite=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not empty and holds no earlier run (none of config.yaml, metrics.jsonl, checkpoints)" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
+
+
 def test_version(capsys):
     from fusedtune.trainer import __version__
 

@@ -301,8 +301,12 @@ def test_text_fields_keep_an_override_as_typed(tmp_path):
     file (where the text is gone) the error says to quote it."""
     cfg = load_config(None, ["output_dir=0755", "data.task=null", "data.train=2024-06-01"])
     assert cfg.output_dir == "0755" and cfg.data.train == "2024-06-01"
-    for text in ("~", "#run1", "[exp]"):  # YAML's null, a comment, a list: a plain str field takes the text
-        assert load_config(None, [f"output_dir={text}"]).output_dir == text
+    assert load_config(None, ["output_dir=[exp]"]).output_dir == "[exp]"  # a list: the text
+    for text in ("~", "#run1", ""):  # null to YAML: refused (`~` would be the home directory), saying why
+        with pytest.raises(ConfigError, match=r"output_dir: Input should be a valid string \(got null: YAML"):
+            load_config(None, [f"output_dir={text}"])
+    with pytest.raises(ConfigError, match=r"output_dir: String should have at least 1 character"):
+        load_config(None, ["output_dir=''"])
     assert load_config(None, ["data.task=dates", "data.train=null"]).data.train is None  # optional: null
     assert load_config(None, ["train.max_steps=0755"]).train.max_steps == 493  # elsewhere YAML's scalars
     path = tmp_path / "c.yaml"
