@@ -843,12 +843,11 @@ class LoRALinearTorchFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, dy):
         x2, weight, lora_a, lora_b, s, bits = ctx.saved_tensors
         need_dx, need_dw, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
         if need_dw or need_dbias:
             raise RuntimeError("LoRA never computes a gradient for the frozen weight or bias")
-        dy = grad_y
         a, b = lora_a.to(dy.dtype), lora_b.to(dy.dtype)
         ds = (dy @ b).mul_(ctx.scale)  # [M, r]
         keep2 = None if bits is None else unpack_keep(bits, weight.shape[1])
@@ -916,15 +915,15 @@ class LoRASiblingsTorchFunction(torch.autograd.Function):
     def forward(ctx, x, scales: tuple[float, ...], *tensors):
         n = len(scales)
         weights, lora_as, lora_bs, biases = (tensors[i * n : (i + 1) * n] for i in range(4))
-        x2 = x  # [M, K]: lora_siblings_torch flattens and unflattens around the node
+        # x [M, K]: lora_siblings_torch flattens and unflattens around the node
         ranks = [a.shape[0] for a in lora_as]
         a_cat = torch.cat([a.to(x.dtype) for a in lora_as])  # [Σr, K]
-        s_cat = x2 @ a_cat.t()  # [M, Σr]
+        s_cat = x @ a_cat.t()  # [M, Σr]
         ys = []
         for w, b_, bias, s_i, scale in zip(
             weights, lora_bs, biases, s_cat.split(ranks, 1), scales, strict=True
         ):
-            y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+            y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
             y.addmm_(s_i, b_.to(x.dtype).t(), alpha=scale)
             ys.append(y)
         need = ctx.needs_input_grad
@@ -932,12 +931,12 @@ class LoRASiblingsTorchFunction(torch.autograd.Function):
         need_db = any(need[2 + 2 * n : 2 + 3 * n])
         ctx.scales, ctx.ranks = scales, ranks
         ctx.save_for_backward(
-            x2 if need_da else None, s_cat if need_db else None, *weights, *lora_as, *lora_bs
+            x if need_da else None, s_cat if need_db else None, *weights, *lora_as, *lora_bs
         )
         return tuple(ys)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, *dys):
         x2, s_cat, *rest = ctx.saved_tensors
         n = len(ctx.scales)
         weights, lora_as, lora_bs = rest[:n], rest[n : 2 * n], rest[2 * n :]
@@ -945,7 +944,6 @@ class LoRASiblingsTorchFunction(torch.autograd.Function):
         if any(need[2 : 2 + n]) or any(need[2 + 3 * n :]):
             raise RuntimeError("LoRA never computes a gradient for the frozen weight or bias")
         # (an output nothing used arrives as zeros: autograd materializes it)
-        dys = grads
         dtype = dys[0].dtype
         ds_cat = torch.cat(
             [
