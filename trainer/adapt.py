@@ -212,8 +212,8 @@ def select_targets(model: nn.Module, target_modules: list[str] | None) -> dict[s
             others = Counter(
                 type(m).__name__
                 for n, m in model.named_modules()
-                if _BLOCK_INDEX.search(n) and hasattr(m, "weight") and getattr(m.weight, "dim", lambda: 0)() == 2
-                and not isinstance(m, nn.Embedding | nn.LayerNorm) and not is_plain_linear(m)
+                if _BLOCK_INDEX.search(n) and isinstance(w := getattr(m, "weight", None), torch.Tensor)
+                and w.dim() == 2 and not isinstance(m, nn.Embedding) and not is_plain_linear(m)
             )  # fmt: skip
             why = (
                 f": its block projections are {', '.join(others)}, not plain nn.Linear (LoRA wraps those only)"

@@ -431,14 +431,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _text_field(dotted: str) -> str | None:
     """``"str"`` when ``dotted`` names a string field (``output_dir``), ``"optional"`` for ``str | None``
     (``data.train``: null stays null), else None."""
-    model: type[BaseModel] | None = Config
     *sections, name = dotted.split(".")
-    for part in sections:
-        field = model.model_fields.get(part)
-        model = _section_model(field.annotation) if field is not None else None
-        if model is None:
-            return None
-    field = model.model_fields.get(name)
+    model = _section_at(sections)
+    field = model.model_fields.get(name) if model is not None else None
     if field is None:
         return None
     if field.annotation is str:
@@ -454,15 +449,21 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _fields_at(loc: tuple) -> list[str]:
+def _section_at(path: list | tuple) -> type[BaseModel] | None:
+    """The section model at a key path (``[]``: the Config itself), or None where it is no section."""
     model: type[BaseModel] = Config
-    for part in loc[:-1]:
+    for part in path:
         field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if _section_model(ann) is None:
-            return []
-        model = _section_model(ann)
-    return list(model.model_fields)
+        section = _section_model(field.annotation) if field is not None else None
+        if section is None:
+            return None
+        model = section
+    return model
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model = _section_at(loc[:-1])
+    return list(model.model_fields) if model is not None else []
 
 
 # Names users bring from HF TrainingArguments / PEFT, mapped to ours for the "did you mean" hint.

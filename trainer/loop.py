@@ -297,12 +297,13 @@ def check_output_dir(cfg: Config, resuming: bool = False) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or resuming):
+    non_empty = out.is_dir() and any(out.iterdir())
+    if non_empty and not (cfg.overwrite or resuming):
         raise UserError(
             f"output_dir: {out} is not empty; choose another output_dir, set overwrite=true, "
             "or resume=auto to continue its run"
         )
-    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in _RUN_MARKERS):
+    if non_empty and not any((out / n).exists() for n in _RUN_MARKERS):
         # overwrite replaces an earlier run, not a folder of other things (`output_dir=~` is $HOME)
         raise UserError(
             f"output_dir: {out} is not empty and holds no earlier run (none of {', '.join(_RUN_MARKERS)}); "

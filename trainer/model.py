@@ -57,17 +57,14 @@ def _convert_builtin(name: str, target: Path) -> None:
         raise ModelError(f"model.name_or_path: {src / gguf_file} is missing from the {package} package")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def unwritable(e: OSError) -> ModelError:
-        return ModelError(
-            f"model.name_or_path: cannot write the converted '{name}' under {target.parent} "
-            f"({e.strerror or e}); set FUSEDTUNE_CACHE to a writable directory"
-        )
-
     try:  # before the conversion's minute of work: a cache that cannot be written fails now
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     except OSError as e:
-        raise unwritable(e) from None
+        raise ModelError(
+            f"model.name_or_path: cannot write the converted '{name}' under {target.parent} "
+            f"({e.strerror or e}); set FUSEDTUNE_CACHE to a writable directory"
+        ) from None
     try:
         print(f"converting {gguf_file} to a safetensors model in {target} (once)", flush=True)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)

@@ -229,11 +229,13 @@ def fuse_rmsnorm(model: nn.Module, backend: str, report: PatchReport | None = No
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     model_dtype = emb.weight.dtype if emb is not None else None
     for name, module in list(model.named_modules()):
-        if name and isinstance(module, nn.LayerNorm):
-            report.not_rmsnorm[name] = f"{type(module).__name__} subtracts the mean: not an RMSNorm"
-            continue
-        if name and type(module).__name__.endswith("LayerNorm"):  # its own class (CPM-Ant's is an RMS norm)
-            report.not_rmsnorm[name] = f"{type(module).__name__}: not a norm class fusedtune knows"
+        cls = type(module).__name__
+        if name and (isinstance(module, nn.LayerNorm) or cls.endswith("LayerNorm")):
+            report.not_rmsnorm[name] = (  # a class of its own may be an RMS norm (CPM-Ant's): no claim
+                f"{cls} subtracts the mean: not an RMSNorm"
+                if isinstance(module, nn.LayerNorm)
+                else f"{cls}: not a norm class fusedtune knows"
+            )
             continue
         if not type(module).__name__.endswith("RMSNorm") or isinstance(module, FusedRMSNorm) or not name:
             continue

@@ -82,17 +82,6 @@ def test_duplicate_yaml_key_names_file_and_line(tmp_path):
         load_config(path)
 
 
-def test_keys_yaml_reads_as_booleans_or_numbers_name_their_line(tmp_path):
-    """YAML 1.1 reads `on:` as True and `1:` as 1: the error names the line and says to quote."""
-    path = tmp_path / "run.yaml"
-    path.write_text("train:\n  max_steps: 2\non: 1\n")
-    with pytest.raises(ConfigError, match=r"run\.yaml:3: key 'on' is read by YAML as bool True; .*quote it"):
-        load_config(path)
-    path.write_text("data:\n  1: x\n")
-    with pytest.raises(ConfigError, match=r"run\.yaml:2: key '1' is read by YAML as int 1"):
-        load_config(path)
-
-
 def test_numbers_at_their_bounds_and_booleans_where_booleans_belong():
     cfg = load_config(None, ["train.seed=4294967295", "model.trust_remote_code=true", "data.max_seq_len=8.0"])
     assert cfg.train.seed == 2**32 - 1 and cfg.model.trust_remote_code is True and cfg.data.max_seq_len == 8
@@ -139,8 +128,14 @@ def test_yaml_merge_keys_work_and_duplicates_are_still_refused(tmp_path):
             "x: !!python/object:os.system ls\n",
             r"run\.yaml:1: invalid YAML: could not determine a constructor",
         ),
+        # YAML 1.1 reads `on:` as True and `1:` as 1: the line, and to quote it
+        (
+            "train:\n  max_steps: 2\non: 1\n",
+            r"run\.yaml:3: key 'on' is read by YAML as bool True; .*quote it",
+        ),
+        ("data:\n  1: x\n", r"run\.yaml:2: key '1' is read by YAML as int 1"),
     ],
-    ids=["control character", "unhashable key", "python tag"],
+    ids=["control character", "unhashable key", "python tag", "boolean key", "number key"],
 )
 def test_yaml_errors_are_one_line_with_file_and_line(tmp_path, text, expected):
     path = tmp_path / "run.yaml"
