@@ -126,7 +126,8 @@ def save_trainable(model: nn.Module, path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------
 #
 # <output_dir>/checkpoints/step-N/
-#   trainable.safetensors   every trainable tensor, by parameter name
+#   trainable.safetensors   every trainable tensor, by parameter name (its fp32 copy where the optimizer
+#                           updates one: optim.master_weights)
 #   optimizer.safetensors   every tensor of the optimizer state (bitsandbytes state1/state2, qmaps, absmax)
 #   optimizer.json          the rest of the optimizer state (param groups, steps), tensors by reference
 #   rng.safetensors         torch CPU (and CUDA) generator states
@@ -336,6 +337,7 @@ def save_checkpoint(
     scheduler,
     state: dict,
     keep_last: int,
+    masters: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``root/step-<step>`` atomically, then drop old checkpoints beyond ``keep_last``.
 
@@ -347,6 +349,8 @@ def save_checkpoint(
         scheduler: the LR scheduler (``state_dict`` as JSON).
         state: the loop's JSON-able state: data position, counters, config, ...
         keep_last: how many valid checkpoints to keep (the new one always stays).
+        masters: fp32 copies the optimizer updates (``optim.master_weights``), saved by name in place
+            of their rounded weights.
 
     Returns:
         The checkpoint directory.
@@ -363,8 +367,9 @@ def save_checkpoint(
         opt_tensors: dict[str, torch.Tensor] = {}
         opt_plain = _to_plain(optimizer.state_dict(), opt_tensors, "optimizer")
         rng_plain, rng_tensors = rng_state()
+        masters = masters or {}
         trainable = {
-            n: p.detach().to("cpu", copy=True).contiguous()
+            n: masters.get(n, p).detach().to("cpu", copy=True).contiguous()
             for n, p in model.named_parameters()
             if p.requires_grad
         }

@@ -191,6 +191,14 @@ class OptimConfig(_Strict):
         description="the schedule decays toward lr * min_lr_ratio, reached one step after the last",
     )
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="null disables clipping")
+    master_weights: bool = Field(
+        True,
+        description=(
+            "the optimizer updates an fp32 copy of each bf16/fp16 trainable weight (4 bytes a parameter) and "
+            "the weight is rounded from it; false: updated in its own dtype, where a step below half its "
+            "spacing rounds away"
+        ),
+    )
 
     @model_validator(mode="after")
     def _betas(self) -> OptimConfig:

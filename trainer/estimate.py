@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -91,6 +90,7 @@ from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 from . import experts, memory, padding_free
 from .config import Config
 from .errors import UserError
+from .optim import HALF_DTYPES
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2
@@ -655,6 +655,8 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     # qlora through dequantize + GEMM: the dense copy of one weight that each GEMM decodes into
     dequant_temporary_bytes: int = 0
+    # optim.master_weights: the fp32 copies of half-precision trainable weights the optimizer updates
+    master_weight_bytes: int = 0
     # activations, loss buffers and gradients at the step's fullest moment (peak_of_phases), and when
     step_peak_bytes: int = 0
     step_peak_phase: str = ""
@@ -686,6 +688,7 @@ class Estimate:
             self.frozen_bytes
             + self.trainable_bytes
             + self.optimizer_state_bytes
+            + self.master_weight_bytes
             + self.step_peak_bytes
             + self.dequant_temporary_bytes
         )
@@ -824,14 +827,25 @@ def estimate(
     else:
         loss_saved, loss_transient, loss_backward = logits_loss_bytes(shape.vocab, batch, seq, b)
     alt = "adamw32bit" if cfg.optim.name in ("adamw8bit", "paged_adamw8bit") else "adamw8bit"
+    # optim.master_weights: the optimizer holds fp32 copies of the half-precision weights (optim.MasterWeights)
+    half = [p for p in params if p.dtype in HALF_DTYPES] if cfg.optim.master_weights else []
+    stepped = [p.to(torch.float32) if p.dtype in HALF_DTYPES and half else p for p in params]
+    scratch = 0
+    if cfg.optim.name == "adamw_torch":  # torch's AdamW one tensor at a time: sqrt(v) and its denominator
+        scratch = 2 * max((p.nbytes for p in stepped), default=0)
+    if half:  # each copy's fp32 gradient, converted from the weight's in turn (then its AdamW temporaries)
+        scratch = max(
+            scratch, max(p.numel() * 4 for p in half) * (3 if cfg.optim.name == "adamw_torch" else 1)
+        )
     est = Estimate(
         frozen_by_format=by_format,
         trainable_params=sum(p.numel() for p in params),
         trainable_bytes=sum(p.nbytes for p in params),
         gradient_bytes=sum(p.nbytes for p in params),
-        optimizer_state_bytes=memory.expected_optimizer_state_bytes(params, cfg.optim.name),
+        optimizer_state_bytes=memory.expected_optimizer_state_bytes(stepped, cfg.optim.name),
         optimizer_name=cfg.optim.name,
-        optimizer_alternative=(alt, memory.expected_optimizer_state_bytes(params, alt)),
+        optimizer_alternative=(alt, memory.expected_optimizer_state_bytes(stepped, alt)),
+        master_weight_bytes=sum(p.numel() * 4 for p in half),
         activation_bytes=act[False].saved,
         activation_bytes_checkpointed=act[True].saved,
         backward_transient_bytes=act[False].transient,
@@ -855,10 +869,7 @@ def estimate(
         accumulating=cfg.train.grad_accum > 1,
         loss_backward=loss_backward,
         tied_head_grad=_tied_head_grad_bytes(model),
-        # torch's AdamW one tensor at a time (optim.build_optimizer): sqrt(v) and its denominator
-        optimizer_scratch=2 * max((p.nbytes for p in params), default=0)
-        if cfg.optim.name == "adamw_torch"
-        else 0,
+        optimizer_scratch=scratch,
     )
     if not training.head_at_targets:
         est.notes.append(
@@ -957,6 +968,13 @@ def suggestions(cfg: Config, est: Estimate, budget: int) -> list[str]:
         )
     if cfg.optim.name in ("adamw32bit", "adamw_torch"):
         tried.append(("optim.name=adamw8bit", _with(cfg, optim__name="adamw8bit")))
+    if est.master_weight_bytes:
+        tried.append(
+            (
+                "optim.master_weights=false (updates below half a weight's spacing then round away)",
+                _with(cfg, optim__master_weights=False),
+            )
+        )
     if cfg.method in ("lora", "full"):
         tried.append(("method=qlora", _with(cfg, method="qlora")))
     seq = cfg.data.max_seq_len
@@ -1042,6 +1060,7 @@ class Measurement:
     trainable_bytes: int
     gradient_bytes: int
     optimizer_state_bytes: int
+    master_weight_bytes: int
     batches: list[tuple[int, int, int, bool]]  # (batch, seq, target tokens, padded) per micro-batch
     losses: list[float]
     # saved for backward by the micro-batch that saved most (memory.SavedTensorMeter); None where the
@@ -1065,7 +1084,7 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         training_device,
     )
     from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
-    from .optim import build_optimizer, trainable_parameters
+    from .optim import build_optimizer, clip_and_step, master_weights_of, trainable_parameters
     from .patches import apply_patches
 
     torch.manual_seed(cfg.train.seed)
@@ -1093,8 +1112,10 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     model.train()
     params = [p for _, p in trainable_parameters(model)]
     optimizer = build_optimizer(model, cfg.optim)
+    masters = master_weights_of(optimizer)
+    copies = [] if masters is None else masters.masters
     if tracker is not None:
-        for t in [*model.parameters(), *model.buffers()]:
+        for t in [*model.parameters(), *model.buffers(), *copies]:
             tracker.add(t)
     stream = micro_batch_stream(
         examples, cfg.train.micro_batch_size, cfg.train.seed, tokenizer.pad_token_id, device
@@ -1107,9 +1128,7 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         with tracker if tracker is not None else contextlib.nullcontext():
             loss, _ = accumulate_gradients(model, micro, report.backend, meter)
             grad_bytes = memory.gradient_bytes(model)
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            clip_and_step(optimizer, params, cfg.optim.max_grad_norm)
         losses.append(loss)
         log(f"measure: step {step + 1}/{steps} loss {loss:.4f}")
     if device.type == "cuda":
@@ -1128,6 +1147,7 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         trainable_bytes=memory.param_accounting(model).trainable_bytes,
         gradient_bytes=grad_bytes,
         optimizer_state_bytes=memory.optimizer_state_bytes(optimizer),
+        master_weight_bytes=memory.tensor_bytes(copies),
         batches=shapes,
         losses=losses,
         saved=None if cfg.model.gradient_checkpointing else meter.largest,
@@ -1188,6 +1208,15 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
     )
     alt_name, alt_bytes = est.optimizer_alternative
     rows.append((f"optimizer state, {alt_name}", alt_bytes, None, ""))
+    if est.master_weight_bytes:
+        rows.append(
+            (
+                "fp32 master weights (optim.master_weights)",
+                est.master_weight_bytes,
+                m.master_weight_bytes if m else None,
+                "",
+            )
+        )
     ck = " (used)" if est.checkpointing else ""
     nock = "" if est.checkpointing else " (used)"
     saved = m.saved if m else None

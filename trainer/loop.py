@@ -56,7 +56,14 @@ from .evaluate import heldout_loss, task_accuracy
 from .loss import loss_sum, target_tokens
 from .metrics import MetricsError, MetricsLog, plot_loss
 from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
-from .optim import build_optimizer, build_scheduler, trainable_parameters
+from .optim import (
+    HALF_DTYPES,
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    master_weights_of,
+    trainable_parameters,
+)
 from .patches import apply_patches
 
 
@@ -167,12 +174,7 @@ def optimizer_step(
     A non-finite loss or gradient norm skips the optimizer update; the gradients are dropped.
     """
     loss_value, total_targets = accumulate_gradients(model, micro_batches, backend, meter)
-    clip = max_grad_norm if max_grad_norm is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, skipped = clip_and_step(optimizer, params, max_grad_norm, math.isfinite(loss_value))
     tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
     return StepResult(loss_value, grad_norm, tokens, total_targets, skipped)
 
@@ -496,19 +498,26 @@ def data_loss_lines(data) -> list[str]:
     ]
 
 
-def half_precision_update_note(model: torch.nn.Module, method: str) -> str | None:
-    """``full``/``partial`` in bf16 or fp16 update the weights themselves in that dtype (there is no fp32
-    master copy): a step smaller than half the spacing between neighbouring values (2^-9 of a bf16
-    weight's size) rounds to nothing. Say so, with the fix."""
-    half = [p for p in model.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
-    if method not in ("full", "partial") or not half:
-        return None
+def half_precision_lines(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """How bf16/fp16 trainable weights are updated: through fp32 copies (``optim.master_weights``), or in
+    their own dtype, where a step smaller than half the spacing between neighbouring values (2^-9 of a
+    bf16 weight's size) rounds to nothing. Said either way, with the cost or the fix."""
+    masters = master_weights_of(optimizer)
+    if masters is not None:
+        name = "bf16" if masters.params[0].dtype == torch.bfloat16 else "fp16"
+        return [
+            f"optim.master_weights: the optimizer updates fp32 copies of the {len(masters.params)} {name} "
+            f"trainable tensors ({memory.fmt_bytes(masters.nbytes)}); the model runs on them rounded to {name}"
+        ]
+    half = [p for p in model.parameters() if p.requires_grad and p.dtype in HALF_DTYPES]
+    if not half:
+        return []
     name = "bf16" if half[0].dtype == torch.bfloat16 else "fp16"
-    return (
-        f"method {method}: {len(half)} trainable tensors are {name} and are updated in {name}, with no fp32 "
-        f"master copy: an update smaller than half a {name} step of a weight rounds away (Adam's first "
-        "steps move a weight by about lr); model.dtype: fp32 keeps every update, at twice the memory"
-    )
+    return [
+        f"optim.master_weights false: {len(half)} trainable tensors are {name} and are updated in {name}: "
+        f"an update smaller than half a {name} step of a weight rounds away (Adam's steps move a weight by "
+        "about lr); optim.master_weights=true keeps every update, at 4 bytes a parameter"
+    ]
 
 
 # Where configs state their context: Llama-style, GPT-2's, and names remote-code models use.
@@ -623,6 +632,7 @@ def out_of_memory_message(model: nn.Module, optimizer, cfg: Config, device: torc
     fb = memory.fmt_bytes
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = memory.optimizer_state_bytes(optimizer) if optimizer is not None else 0
+    masters = master_weights_of(optimizer) if optimizer is not None else None
     peak = memory.peak_memory_bytes(device)
     fixes = [
         f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)} with "
@@ -635,10 +645,14 @@ def out_of_memory_message(model: nn.Module, optimizer, cfg: Config, device: torc
         fixes.append("method=qlora" if cfg.method == "lora" else "method=lora")
     if cfg.optim.name in ("adamw32bit", "adamw_torch"):
         fixes.append("optim.name=adamw8bit")
+    if masters is not None:
+        fixes.append("optim.master_weights=false")
     return (
         f"out of memory on {device} (micro-batch {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} "
         f"tokens): weights {fb(acc.trainable_bytes)} trainable + {fb(acc.frozen_bytes)} frozen, "
-        f"gradients {fb(grads)}, optimizer state {fb(state)}, peak {fb(peak)}; "
+        f"gradients {fb(grads)}, optimizer state {fb(state)}"
+        + ("" if masters is None else f", fp32 master weights {fb(masters.nbytes)}")
+        + f", peak {fb(peak)}; "
         f"the rest is activations. Try: {', '.join(fixes)}"
     )
 
@@ -708,13 +722,14 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
             "model.dtype fp16: activations and their gradients run in fp16 without loss scaling"
             f"{adapters}; use bf16 where the GPU supports it"
         )
-    if (note := half_precision_update_note(model, cfg.method)) is not None:
-        log(note)
     for line in apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend):
         log(line)
     model.train()
     params = [p for _, p in trainable_parameters(model)]
     optimizer = build_optimizer(model, cfg.optim)
+    masters = master_weights_of(optimizer)
+    for line in half_precision_lines(model, optimizer):
+        log(line)
     if cfg.optim.name == "paged_adamw8bit" and device.type != "cuda":  # bnb's own warning is filtered
         log(
             "optim.name paged_adamw8bit: paging needs CUDA; here its state is ordinary memory, as adamw8bit's"
@@ -723,7 +738,11 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     start_step = 0
     if ckpt is not None:
-        restore_trainable(model, ckpt.tensors("trainable"), ckpt.path)
+        saved = ckpt.tensors("trainable")
+        restore_trainable(model, saved, ckpt.path)
+        if masters is not None:  # fp32 when written with copies: the run goes on from the unrounded values
+            masters.load(saved)
+        del saved
         try:
             changed = restore_optimizer(optimizer, scheduler, ckpt)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -811,7 +830,18 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
             "config_hash": cfg.digest(),
             "total_steps": steps,
         }
-        return str(save_checkpoint(root, step, model, optimizer, scheduler, state, cfg.train.keep_last))
+        return str(
+            save_checkpoint(
+                root,
+                step,
+                model,
+                optimizer,
+                scheduler,
+                state,
+                cfg.train.keep_last,
+                masters=None if masters is None else masters.values(),
+            )
+        )
 
     if ckpt is not None:  # the RNG exactly as it was when the checkpoint was written
         set_rng_state(ckpt.state["rng"], ckpt.tensors("rng"))
@@ -832,6 +862,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         except torch.OutOfMemoryError:
             metrics.close()
             optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             raise OutOfMemory(out_of_memory_message(model, optimizer, cfg, device)) from None
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -923,6 +954,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         "frozen_by_format": memory.frozen_bytes_by_format(model),
         "gradient_bytes": sum(p.numel() * p.element_size() for p in params),
         "optimizer_state_bytes": state_bytes,
+        "master_weight_bytes": 0 if masters is None else masters.nbytes,
         "peak_memory_bytes": memory.peak_memory_bytes(device),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "saved_for_backward": None if meter is None else dataclasses.asdict(meter.largest),

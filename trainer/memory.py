@@ -172,18 +172,21 @@ def measured_breakdown_lines(accounting: dict) -> list[str]:
 
     Args:
         accounting: ``loop.run``'s accounting (``frozen_by_format``, ``trainable_bytes``,
-            ``gradient_bytes``, ``optimizer_state_bytes``, ``peak_memory_bytes``, ``peak_memory_kind``,
+            ``gradient_bytes``, ``optimizer_state_bytes``, ``master_weight_bytes`` (optional),
+            ``peak_memory_bytes``, ``peak_memory_kind``,
             ``saved_for_backward``: :class:`SavedBytes` as a dict, or None with gradient checkpointing).
     """
     a = accounting
     by_format = a.get("frozen_by_format") or {"all": a["frozen_bytes"]}
-    persistent = sum(by_format.values()) + a["trainable_bytes"] + a["optimizer_state_bytes"]
+    masters = a.get("master_weight_bytes", 0)
+    persistent = sum(by_format.values()) + a["trainable_bytes"] + a["optimizer_state_bytes"] + masters
     saved = a.get("saved_for_backward")
     lines = [
         "memory (measured): frozen weights "
         + (", ".join(f"{fmt_bytes(n)} {label}" for label, n in by_format.items() if n) or "none (all train)")
         + f"; trainable {fmt_bytes(a['trainable_bytes'])}; gradients {fmt_bytes(a['gradient_bytes'])}; "
         f"optimizer state {fmt_bytes(a['optimizer_state_bytes'])}"
+        + (f"; fp32 master weights {fmt_bytes(masters)}" if masters else "")
     ]
     if saved is not None and not saved["tokens"]:  # resumed at the last step: nothing ran here
         lines.append(

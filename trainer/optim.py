@@ -20,10 +20,81 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class MasterWeights:
+    """fp32 copies of the half-precision trainable parameters, which the optimizer updates instead.
+
+    A bf16 weight updated in place loses every step smaller than half its spacing (2^-9 of its size):
+    Adam's steps are about lr, so at lr 2e-5 a weight above ~0.01 never moves. Here the optimizer holds
+    the fp32 copy; forward and backward still run on the half-precision weight, which is the copy rounded
+    after every step. Costs 4 bytes a parameter, and at the step one fp32 gradient at a time: each copy
+    gets its gradient converted from the half-precision one (which is then freed) and steps alone.
+    """
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.masters = [p.detach().to(torch.float32, copy=True) for p in self.params]
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cfg: OptimConfig) -> MasterWeights | None:
+        """The copies ``cfg.master_weights`` asks for, or None (off, or no half-precision trainable weight)."""
+        half = [(n, p) for n, p in trainable_parameters(model) if p.dtype in HALF_DTYPES]
+        return cls(half) if cfg.master_weights and half else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.masters)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """The fp32 values by parameter name (what a checkpoint saves in place of the rounded weights)."""
+        return dict(zip(self.names, self.masters, strict=True))
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set each copy from ``tensors`` (a checkpoint's: fp32, or the weights' own dtype when it was
+        written without copies) and round it into its weight."""
+        for name, p, m in zip(self.names, self.params, self.masters, strict=True):
+            m.copy_(tensors[name])
+            p.copy_(m)
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """One optimizer step from the weights' (already clipped) gradients; clears every gradient.
+
+        The optimizer's own fp32 parameters (adapters beside half-precision weights) step first, in one
+        call; then each copy in turn. Every parameter's state is its own (AdamW: moments and step count),
+        so the result is that of one call over all of them.
+        """
+        copies = {id(m) for m in self.masters}
+        others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in copies]
+        if any(p.grad is not None for p in others):
+            optimizer.step()
+            for p in others:
+                p.grad = None
+        for p, m in zip(self.params, self.masters, strict=True):
+            if p.grad is None:
+                continue
+            m.grad = p.grad.to(torch.float32)
+            p.grad = None
+            optimizer.step()
+            m.grad = None
+            p.copy_(m)
+
+
+def master_weights_of(optimizer: torch.optim.Optimizer) -> MasterWeights | None:
+    """The copies :func:`build_optimizer` made for ``optimizer`` (None: it updates the weights directly)."""
+    return getattr(optimizer, "fusedtune_master_weights", None)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW (8-bit, paged 8-bit, 32-bit bitsandbytes, or torch) over the trainable parameters.
 
-    Weight decay applies to matrices only; biases and norm weights (1-D tensors) get none.
+    Weight decay applies to matrices only; biases and norm weights (1-D tensors) get none. With
+    ``cfg.master_weights`` each bf16/fp16 trainable parameter is handed over as its fp32
+    :class:`MasterWeights` copy (:func:`master_weights_of`; :func:`clip_and_step` steps through it).
 
     Args:
         model: the adapted model; only parameters with ``requires_grad`` are optimized.
@@ -32,12 +103,50 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     Returns:
         The optimizer.
     """
+    if cfg.lr is None:
+        raise ValueError("optim.lr is unresolved: build the optimizer from a validated Config's optim")
+    masters = MasterWeights.for_model(model, cfg)
     params = trainable_parameters(model)
+    if masters is not None:
+        copy_of = {id(p): m for p, m in zip(masters.params, masters.masters, strict=True)}
+        params = [(n, copy_of.get(id(p), p)) for n, p in params]
+    optimizer = _build(params, cfg)
+    optimizer.fusedtune_master_weights = masters
+    return optimizer
+
+
+def clip_and_step(
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    max_grad_norm: float | None,
+    loss_finite: bool = True,
+) -> tuple[float, bool]:
+    """Clip the gradients of ``params`` to ``max_grad_norm`` (None: only measure their norm), step unless
+    the loss or the norm is not finite, and clear every gradient.
+
+    Returns:
+        (the gradient norm before clipping, whether the update was skipped).
+    """
+    clip = max_grad_norm if max_grad_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    skipped = not (loss_finite and math.isfinite(grad_norm))
+    masters = master_weights_of(optimizer)
+    if not skipped:
+        if masters is None:
+            optimizer.step()
+        else:
+            masters.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:  # the weights behind fp32 copies: the optimizer does not hold them
+        p.grad = None
+    return grad_norm, skipped
+
+
+def _build(params: list[tuple[str, torch.Tensor]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer over ``params`` (the trainable weights, or their fp32 copies)."""
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
     groups = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if cfg.lr is None:
-        raise ValueError("optim.lr is unresolved: build the optimizer from a validated Config's optim")
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
     if cfg.name == "adamw_torch":
         # never the foreach path (torch's CUDA default): its _foreach_sqrt copies every exp_avg_sq at once.

@@ -544,26 +544,46 @@ def test_overwrite_removes_only_the_runs_own_checkpoints(tiny_model_dir, tmp_pat
     assert (ckpts / "my-other-model" / "weights.bin").read_text() == "x"
 
 
-@pytest.mark.parametrize(("method", "noted"), [("full", True), ("partial", True), ("lora", False)])
-def test_half_precision_updates_of_the_weights_are_noted(tiny_model_dir, method, noted):
-    """full/partial in bf16 update bf16 weights with no fp32 master copy: the run says so; LoRA (fp32
-    adapters) does not."""
+@pytest.mark.parametrize(
+    ("method", "masters", "line"),
+    [
+        ("full", True, "optim.master_weights: the optimizer updates fp32 copies of the {n} bf16 trainable"),
+        (
+            "partial",
+            True,
+            "optim.master_weights: the optimizer updates fp32 copies of the {n} bf16 trainable",
+        ),
+        (
+            "partial",
+            False,
+            "optim.master_weights false: {n} trainable tensors are bf16 and are updated in bf16",
+        ),
+        ("lora", True, None),
+        ("lora", False, None),
+    ],
+)
+def test_half_precision_updates_of_the_weights_are_stated(tiny_model_dir, method, masters, line):
+    """full/partial in bf16: the run says the optimizer updates fp32 copies, or (master_weights false)
+    that updates below half a bf16 step round away; LoRA (fp32 adapters) says nothing."""
     from transformers import AutoModelForCausalLM
 
     from fusedtune.trainer.adapt import apply_method
     from fusedtune.trainer.config import load_config
-    from fusedtune.trainer.loop import half_precision_update_note
+    from fusedtune.trainer.loop import half_precision_lines
+    from fusedtune.trainer.optim import build_optimizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    cfg = load_config(None, [f"method={method}", "partial.patterns=[norm]", "kernels=torch"])
+    overrides = [f"method={method}", "partial.patterns=[norm]", "kernels=torch", "optim.name=adamw_torch"]
+    cfg = load_config(None, [*overrides, f"optim.master_weights={str(masters).lower()}"])
     apply_method(model, cfg, torch.device("cpu"))
-    note = half_precision_update_note(model, method)
-    assert (note is not None) == noted
-    if noted:
+    lines = half_precision_lines(model, build_optimizer(model, cfg.optim))
+    if line is None:
+        assert lines == []
+    else:
         n = sum(p.requires_grad for p in model.parameters())
-        assert note.startswith(f"method {method}: {n} trainable tensors are bf16 and are updated in bf16")
+        assert len(lines) == 1 and lines[0].startswith(line.format(n=n)), lines
     model.float()
-    assert half_precision_update_note(model, method) is None
+    assert half_precision_lines(model, build_optimizer(model, cfg.optim)) == []
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from fusedtune.trainer.config import load_config
 from fusedtune.trainer.errors import UserError
 from fusedtune.trainer.loop import accumulate_gradients, micro_batch_stream
 from fusedtune.trainer.model import load_model, load_tokenizer
-from fusedtune.trainer.optim import build_optimizer
+from fusedtune.trainer.optim import build_optimizer, clip_and_step, master_weights_of
 
 METHODS = {
     "lora": [],
@@ -29,6 +29,20 @@ METHODS = {
     "qlora-rank-above-kv": ["method=qlora", "lora.rank=48"],  # k/v (64->32) stay dense and unadapted
     "full-adamw32": ["method=full", "optim.name=adamw32bit"],
     "partial-torch-adamw": ["method=partial", "partial.patterns=[norm]", "optim.name=adamw_torch"],
+    # bf16 weights, updated through fp32 copies (optim.master_weights): the copies and their fp32 state
+    "full-bf16-masters": ["method=full", "model.dtype=bf16"],
+    "partial-bf16-masters-torch-adamw": [
+        "method=partial",
+        "partial.patterns=[norm, lm_head]",
+        "model.dtype=bf16",
+        "optim.name=adamw_torch",
+    ],
+    "partial-bf16-no-masters": [
+        "method=partial",
+        "partial.patterns=[norm]",
+        "model.dtype=bf16",
+        "optim.master_weights=false",
+    ],
 }
 
 
@@ -47,8 +61,7 @@ def _one_real_step(cfg):
     accumulate_gradients(model, [next(stream)])
     grads = memory.gradient_bytes(model)
     assert grads > 0
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    clip_and_step(optimizer, [p for p in model.parameters() if p.requires_grad], cfg.optim.max_grad_norm)
     return model, optimizer, grads
 
 
@@ -65,6 +78,13 @@ def test_exact_parts_equal_live_tensors(tmp_path, tiny_model_dir, overrides):
     assert est.trainable_bytes == acc.trainable_bytes
     assert est.gradient_bytes == grads
     assert est.optimizer_state_bytes == memory.optimizer_state_bytes(optimizer)
+    masters = master_weights_of(optimizer)
+    assert est.master_weight_bytes == (0 if masters is None else masters.nbytes)
+    assert (masters is not None) == (
+        "model.dtype=bf16" in overrides and "optim.master_weights=false" not in overrides
+    )
+    if masters is not None:
+        assert est.master_weight_bytes == 4 * acc.trainable_params
     if "method=qlora" in overrides:
         assert len(est.frozen_by_format) == 2, est.frozen_by_format  # dense rest + the packed format
 
@@ -104,6 +124,16 @@ def test_packed_weight_bytes_formula(shape, qtype, blocksize, dq):
             "train.micro_batch_size=1",
         ],
         ["lora.target_modules=[lm_head]", "train.micro_batch_size=32"],  # HF's head, its input saved
+        ["method=full", "model.dtype=bf16"],  # fp32 master copies and their fp32 state
+        # the peak is the step: every bf16 gradient, one copy's fp32 gradient and its AdamW temporaries
+        [
+            "method=full",
+            "model.dtype=bf16",
+            "optim.name=adamw_torch",
+            "data.max_seq_len=16",
+            "data.completion_only=false",
+            "train.micro_batch_size=1",
+        ],
     ],
     ids=[
         "lora",
@@ -117,6 +147,8 @@ def test_packed_weight_bytes_formula(shape, qtype, blocksize, dq):
         "head",
         "full-adamw-torch-step",
         "lora-on-lm-head",
+        "full-bf16-masters",
+        "full-bf16-masters-adamw-torch-step",
     ],
 )
 def test_estimate_within_15_percent_of_measured_peak(tmp_path, tiny_model_dir, overrides):

@@ -41,8 +41,10 @@ STEPS = 6
 
 
 def _config(tmp: Path, model_dir: Path, method: str, optim: str, **train) -> Path:
+    """``method`` may carry a dtype: ``full-bf16`` (bf16 weights, updated through fp32 master copies)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    extra: dict = {}
+    method, _, dtype = method.partition("-")
+    extra: dict = {"model": {"dtype": dtype or "fp32"}}
     if method == "partial":
         extra["partial"] = {"patterns": ["norm"]}
     return write_config(
@@ -115,6 +117,8 @@ EXACT_CASES = [
     ("qlora", "adamw8bit", 4),
     ("full", "adamw8bit", 3),
     ("partial", "adamw_torch", 4),
+    ("full-bf16", "adamw8bit", 3),  # the fp32 master copies come back from the checkpoint, not rounded
+    ("partial-bf16", "adamw_torch", 4),
 ]
 
 
@@ -139,6 +143,13 @@ def test_stop_and_resume_is_bit_identical(
     _assert_same_checkpoint(
         tmp_path / "run" / "checkpoints" / f"step-{STEPS}", straight_dir / "checkpoints" / f"step-{STEPS}"
     )
+    if method.endswith("-bf16"):  # the checkpoint holds the fp32 copies, the output the bf16 weights
+        ckpt = load_file(straight_dir / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors")
+        final = load_file(straight_dir / "trainable.safetensors")
+        assert {t.dtype for t in ckpt.values()} == {torch.float32}
+        assert {t.dtype for t in final.values()} == {torch.bfloat16}
+        assert all(torch.equal(final[k], ckpt[k].to(torch.bfloat16)) for k in final)
+        assert any(not torch.equal(final[k].float(), ckpt[k]) for k in final)  # the copies hold more
     out = "adapter_model" if method in ("lora", "qlora") else "trainable"
     a, b = load_file(tmp_path / "run" / f"{out}.safetensors"), load_file(straight_dir / f"{out}.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b) and a.keys() == b.keys()
