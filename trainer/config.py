@@ -191,6 +191,14 @@ class OptimConfig(_Strict):
         description="the schedule decays toward lr * min_lr_ratio, reached one step after the last",
     )
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="null disables clipping")
+    loss_scale: Literal["dynamic", "none"] = Field(
+        "dynamic",
+        description=(
+            "fp16 models: the loss is multiplied by a scale (2^16 at first, halved on a gradient overflow, "
+            "whose step is skipped, and doubled after 2000 good steps) so small gradients do not flush to "
+            "zero; none: unscaled. Other dtypes never scale"
+        ),
+    )
     master_weights: bool = Field(
         True,
         description=(

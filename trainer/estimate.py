@@ -1084,7 +1084,13 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         training_device,
     )
     from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
-    from .optim import build_optimizer, clip_and_step, master_weights_of, trainable_parameters
+    from .optim import (
+        build_optimizer,
+        clip_and_step,
+        loss_scaler_of,
+        master_weights_of,
+        trainable_parameters,
+    )
     from .patches import apply_patches
 
     torch.manual_seed(cfg.train.seed)
@@ -1126,7 +1132,9 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
         shapes.extend(micro_batch_shape(b, packed) for b in micro)
         with tracker if tracker is not None else contextlib.nullcontext():
-            loss, _ = accumulate_gradients(model, micro, report.backend, meter)
+            scaler = loss_scaler_of(optimizer)
+            scale = 1.0 if scaler is None else scaler.scale
+            loss, _ = accumulate_gradients(model, micro, report.backend, meter, scale)
             grad_bytes = memory.gradient_bytes(model)
             clip_and_step(optimizer, params, cfg.optim.max_grad_norm)
         losses.append(loss)

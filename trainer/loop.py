@@ -61,6 +61,7 @@ from .optim import (
     build_optimizer,
     build_scheduler,
     clip_and_step,
+    loss_scaler_of,
     master_weights_of,
     trainable_parameters,
 )
@@ -132,6 +133,9 @@ class StepResult:
     tokens: int  # non-pad input tokens processed
     targets: int  # target tokens
     skipped: bool
+    # skipped for a gradient overflow under fp16 loss scaling (the scale was halved): expected now and
+    # then, not a sign of divergence
+    overflow: bool = False
 
 
 def accumulate_gradients(
@@ -139,11 +143,14 @@ def accumulate_gradients(
     micro_batches: list[dict[str, torch.Tensor]],
     backend: str = "torch",
     meter: memory.SavedTensorMeter | None = None,
+    loss_scale: float = 1.0,
 ) -> tuple[float, int]:
     """Backward every micro-batch's summed token loss divided by the step's total target tokens.
 
     Args:
         meter: counts what each micro-batch's forward saves for backward (the run summary's numbers).
+        loss_scale: fp16 loss scaling (:class:`~.optim.LossScaler`): the gradients are of the loss times
+            this; the returned loss is not.
 
     Returns:
         (the step's token-normalized loss, its number of target tokens).
@@ -155,7 +162,7 @@ def accumulate_gradients(
     for batch in micro_batches:
         with meter.micro_batch(batch) if meter is not None else contextlib.nullcontext():
             loss = loss_sum(model, batch, backend) / total_targets
-        loss.backward()
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         loss_value += loss.item()
     return loss_value, total_targets
 
@@ -173,10 +180,15 @@ def optimizer_step(
 
     A non-finite loss or gradient norm skips the optimizer update; the gradients are dropped.
     """
-    loss_value, total_targets = accumulate_gradients(model, micro_batches, backend, meter)
-    grad_norm, skipped = clip_and_step(optimizer, params, max_grad_norm, math.isfinite(loss_value))
+    scaler = loss_scaler_of(optimizer)
+    scale = 1.0 if scaler is None else scaler.scale
+    loss_value, total_targets = accumulate_gradients(model, micro_batches, backend, meter, scale)
+    finite = math.isfinite(loss_value)
+    grad_norm, skipped = clip_and_step(optimizer, params, max_grad_norm, finite)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-    return StepResult(loss_value, grad_norm, tokens, total_targets, skipped)
+    # at scale 1 there is nothing left to lower: an overflow there is a non-finite gradient
+    overflow = skipped and finite and scale > 1.0
+    return StepResult(loss_value, grad_norm, tokens, total_targets, skipped, overflow)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -501,22 +513,38 @@ def data_loss_lines(data) -> list[str]:
 def half_precision_lines(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """How bf16/fp16 trainable weights are updated: through fp32 copies (``optim.master_weights``), or in
     their own dtype, where a step smaller than half the spacing between neighbouring values (2^-9 of a
-    bf16 weight's size) rounds to nothing. Said either way, with the cost or the fix."""
+    bf16 weight's size) rounds to nothing. Said either way, with the cost or the fix. An fp16 model also
+    gets a line on its loss scaling (``optim.loss_scale``)."""
+    lines = []
+    if any(p.dtype == torch.float16 for p in model.parameters()):
+        if loss_scaler_of(optimizer) is not None:
+            lines.append(
+                f"model.dtype fp16: the loss is scaled ({loss_scaler_of(optimizer).scale:g} at first, "
+                "optim.loss_scale dynamic) so small gradients do not flush to zero; a step whose gradients "
+                "overflow is skipped and the scale halved; use bf16 where the GPU supports it"
+            )
+        else:
+            lines.append(
+                "model.dtype fp16 with optim.loss_scale none: gradients below 2^-24 flush to zero; "
+                "optim.loss_scale=dynamic scales the loss, or use bf16 where the GPU supports it"
+            )
     masters = master_weights_of(optimizer)
     if masters is not None:
         name = "bf16" if masters.params[0].dtype == torch.bfloat16 else "fp16"
         return [
+            *lines,
             f"optim.master_weights: the optimizer updates fp32 copies of the {len(masters.params)} {name} "
-            f"trainable tensors ({memory.fmt_bytes(masters.nbytes)}); the model runs on them rounded to {name}"
+            f"trainable tensors ({memory.fmt_bytes(masters.nbytes)}); the model runs on them rounded to {name}",
         ]
     half = [p for p in model.parameters() if p.requires_grad and p.dtype in HALF_DTYPES]
     if not half:
-        return []
+        return lines
     name = "bf16" if half[0].dtype == torch.bfloat16 else "fp16"
     return [
+        *lines,
         f"optim.master_weights false: {len(half)} trainable tensors are {name} and are updated in {name}: "
         f"an update smaller than half a {name} step of a weight rounds away (Adam's steps move a weight by "
-        "about lr); optim.master_weights=true keeps every update, at 4 bytes a parameter"
+        "about lr); optim.master_weights=true keeps every update, at 4 bytes a parameter",
     ]
 
 
@@ -716,18 +744,12 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         log(warning)
     if (note := unused_sections_note(cfg)) is not None:
         log(note)
-    if dtype == torch.float16:
-        adapters = " (adapters are fp32)" if cfg.method in ("lora", "qlora") else ""
-        log(
-            "model.dtype fp16: activations and their gradients run in fp16 without loss scaling"
-            f"{adapters}; use bf16 where the GPU supports it"
-        )
     for line in apply_patches(model, cfg.train.padding_free, cfg.data.max_seq_len, report.backend):
         log(line)
     model.train()
     params = [p for _, p in trainable_parameters(model)]
     optimizer = build_optimizer(model, cfg.optim)
-    masters = master_weights_of(optimizer)
+    masters, scaler = master_weights_of(optimizer), loss_scaler_of(optimizer)
     for line in half_precision_lines(model, optimizer):
         log(line)
     if cfg.optim.name == "paged_adamw8bit" and device.type != "cuda":  # bnb's own warning is filtered
@@ -743,6 +765,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         if masters is not None:  # fp32 when written with copies: the run goes on from the unrounded values
             masters.load(saved)
         del saved
+        if scaler is not None and ckpt.state.get("loss_scale"):
+            scaler.load_state_dict(ckpt.state["loss_scale"])
         try:
             changed = restore_optimizer(optimizer, scheduler, ckpt)
         except (ValueError, KeyError, RuntimeError) as e:
@@ -822,6 +846,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
             "data_fingerprint": fingerprint,
             "skipped_steps": skipped,
             "consecutive_nonfinite": consecutive,
+            "loss_scale": None if scaler is None else scaler.state_dict(),
             "first_loss": first_loss,
             "last_loss": last_loss,
             "eval_before": eval_before,
@@ -855,6 +880,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     stopped = False
     for step in range(start_step + 1, steps + 1):
         micro = [next(stream) for _ in range(micro_batches_in_step(cfg, len(train_examples), step))]
+        scale_used = None if scaler is None else scaler.scale
         try:
             result = optimizer_step(
                 model, params, micro, optimizer, cfg.optim.max_grad_norm, report.backend, meter
@@ -867,7 +893,13 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         window_tokens += result.tokens
-        if result.skipped:
+        if result.overflow:
+            skipped += 1
+            log(
+                f"step {step}: gradients overflowed fp16 at loss scale {scale_used:g}; update skipped, "
+                f"scale now {scaler.scale:g}"
+            )
+        elif result.skipped:
             skipped += 1
             consecutive += 1
             log(f"step {step}: non-finite loss {result.loss} or grad norm {result.grad_norm}; update skipped")
@@ -898,6 +930,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
                 "skipped": result.skipped,
                 "elapsed_s": now - t_start,
             }
+            if scaler is not None:
+                record["loss_scale"] = scale_used
             metrics.write(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tok_s:.0f}")

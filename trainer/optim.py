@@ -61,16 +61,22 @@ class MasterWeights:
             p.copy_(m)
 
     @torch.no_grad()
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """One optimizer step from the weights' (already clipped) gradients; clears every gradient.
+    def step(self, optimizer: torch.optim.Optimizer, factor: float = 1.0) -> None:
+        """One optimizer step from the weights' gradients times ``factor`` (a loss scaler's unscaling
+        and clipping; 1: already clipped); clears every gradient.
 
         The optimizer's own fp32 parameters (adapters beside half-precision weights) step first, in one
-        call; then each copy in turn. Every parameter's state is its own (AdamW: moments and step count),
-        so the result is that of one call over all of them.
+        call; then each copy in turn, its gradient converted to fp32 before ``factor`` applies. Every
+        parameter's state is its own (AdamW: moments and step count), so the result is that of one call
+        over all of them.
         """
         copies = {id(m) for m in self.masters}
         others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in copies]
         if any(p.grad is not None for p in others):
+            if factor != 1.0:
+                for p in others:
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
             optimizer.step()
             for p in others:
                 p.grad = None
@@ -79,9 +85,45 @@ class MasterWeights:
                 continue
             m.grad = p.grad.to(torch.float32)
             p.grad = None
+            if factor != 1.0:
+                m.grad.mul_(factor)
             optimizer.step()
             m.grad = None
             p.copy_(m)
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 models (``optim.loss_scale: dynamic``), as ``torch.amp.GradScaler``.
+
+    fp16 keeps 5 exponent bits: a gradient below 2^-24 flushes to zero, and an LM's small activation
+    gradients do. The loss is multiplied by ``scale`` before backward and every gradient divided by it
+    before the optimizer sees it (in fp32 where there is a master copy or an fp32 parameter). A step
+    whose gradients overflow is skipped and the scale halved; ``growth_interval`` good steps in a row
+    double it. The scale never drops below 1: an overflow there is a genuinely non-finite gradient.
+    """
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.scale, self.growth_interval, self.good_steps = float(scale), growth_interval, 0
+
+    def update(self, overflow: bool) -> None:
+        """After a step: halve on overflow, double after ``growth_interval`` good steps."""
+        if overflow:
+            self.scale, self.good_steps = max(self.scale / 2.0, 1.0), 0
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale, self.good_steps = self.scale * 2.0, 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+def loss_scaler_of(optimizer: torch.optim.Optimizer) -> LossScaler | None:
+    """The loss scaler :func:`build_optimizer` made for an fp16 model (None: no scaling)."""
+    return getattr(optimizer, "fusedtune_loss_scaler", None)
 
 
 def master_weights_of(optimizer: torch.optim.Optimizer) -> MasterWeights | None:
@@ -112,6 +154,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         params = [(n, copy_of.get(id(p), p)) for n, p in params]
     optimizer = _build(params, cfg)
     optimizer.fusedtune_master_weights = masters
+    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+    optimizer.fusedtune_loss_scaler = LossScaler() if fp16 and cfg.loss_scale == "dynamic" else None
     return optimizer
 
 
@@ -124,18 +168,37 @@ def clip_and_step(
     """Clip the gradients of ``params`` to ``max_grad_norm`` (None: only measure their norm), step unless
     the loss or the norm is not finite, and clear every gradient.
 
+    With a :class:`LossScaler` the gradients are the scaled loss's: the norm is taken in fp32 and
+    reported unscaled, the unscaling and the clipping are one factor applied where the gradient is fp32
+    (the master copy's, or in place), and the scaler is updated (an overflow halves it).
+
     Returns:
         (the gradient norm before clipping, whether the update was skipped).
     """
     clip = max_grad_norm if max_grad_norm is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    scaler = loss_scaler_of(optimizer)
+    factor = 1.0
+    if scaler is None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) / scaler.scale if norms else 0.0
+        if math.isfinite(grad_norm):
+            factor = min(1.0, clip / (grad_norm + 1e-6)) / scaler.scale
     skipped = not (loss_finite and math.isfinite(grad_norm))
     masters = master_weights_of(optimizer)
     if not skipped:
         if masters is None:
+            if factor != 1.0:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
             optimizer.step()
         else:
-            masters.step(optimizer)
+            masters.step(optimizer, factor)
+    if scaler is not None and loss_finite:
+        scaler.update(overflow=not math.isfinite(grad_norm))
     optimizer.zero_grad(set_to_none=True)
     for p in params:  # the weights behind fp32 copies: the optimizer does not hold them
         p.grad = None

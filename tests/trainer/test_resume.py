@@ -661,3 +661,26 @@ def test_output_dir_and_resume_expand_the_home_directory(tiny_model_dir, tmp_pat
     assert main(["run", str(cfg), *again, "resume_allow_config_changes=true"]) == 0
     assert f"continuing from {home / 'run' / 'checkpoints' / 'step-2'}" in capsys.readouterr().out
     assert not (cwd / "~").exists()
+
+
+def test_fp16_loss_scale_comes_back_with_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """Started at 2^20, an fp16 run's first steps overflow and halve the scale; a run stopped among them
+    and resumed continues at the checkpoint's scale (not 2^24 again), bit-identically."""
+    from fusedtune.trainer import optim
+
+    real_init = optim.LossScaler.__init__
+    monkeypatch.setattr(optim.LossScaler, "__init__", lambda self, scale=2.0**20, **_: real_init(self, scale))
+    straight, _ = _run(_config(tmp_path / "a", tiny_model_dir, "full-fp16", "adamw8bit"), monkeypatch)
+    assert 0 < straight.skipped_steps < STEPS
+    cfg = _config(tmp_path / "b", tiny_model_dir, "full-fp16", "adamw8bit")
+    _run(cfg, monkeypatch, stop_at=2)
+    saved = read_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "step-2")
+    records = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    scales = {r["step"]: r["loss_scale"] for r in records if r["kind"] == "train"}
+    assert scales[1] == 2.0**20 and saved.state["loss_scale"]["scale"] == scales[3] < 2.0**20
+    _run(cfg, monkeypatch, overrides=["resume=auto"])
+    assert _train_records(tmp_path / "b" / "run") == _train_records(tmp_path / "a" / "run")
+    _assert_same_checkpoint(
+        tmp_path / "b" / "run" / "checkpoints" / f"step-{STEPS}",
+        tmp_path / "a" / "run" / "checkpoints" / f"step-{STEPS}",
+    )
