@@ -597,12 +597,31 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys added after checkpoints were first written, with the value that reproduces how runs behaved
+# before: a checkpoint without one was written under that value.
+ADDED_KEYS = {"optim.master_weights": False, "optim.loss_scale": "none"}
+
+
+def _inert_keys(flat: dict[str, Any]) -> set[str]:
+    """Keys that cannot change a config's math: the fp32 master copies act only on the bf16/fp16 weights a
+    full/partial run trains (adapters are fp32), the loss scale only on an fp16 model (``auto`` is never
+    fp16)."""
+    dtype, method = flat.get("model.dtype"), flat.get("method")
+    inert = set()
+    if method in ("lora", "qlora") or dtype == "fp32":
+        inert.add("optim.master_weights")
+    if dtype != "fp16":
+        inert.add("optim.loss_scale")
+    return inert
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every config key that differs and changes the math."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = ADDED_KEYS | _flatten(saved), _flatten(current)
+    inert = _inert_keys(a) & _inert_keys(b)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in RESUME_FREE_KEYS or a.get(key) == b.get(key):
+        if key in RESUME_FREE_KEYS or key in inert or a.get(key) == b.get(key):
             continue
         diffs.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
     return diffs

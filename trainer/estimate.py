@@ -830,13 +830,12 @@ def estimate(
     # optim.master_weights: the optimizer holds fp32 copies of the half-precision weights (optim.MasterWeights)
     half = [p for p in params if p.dtype in HALF_DTYPES] if cfg.optim.master_weights else []
     stepped = [p.to(torch.float32) if p.dtype in HALF_DTYPES and half else p for p in params]
-    scratch = 0
-    if cfg.optim.name == "adamw_torch":  # torch's AdamW one tensor at a time: sqrt(v) and its denominator
-        scratch = 2 * max((p.nbytes for p in stepped), default=0)
+    # torch's AdamW off CUDA (optim.build_optimizer): one tensor at a time, sqrt(v) and its denominator as
+    # temporaries; on CUDA its fused kernel updates in place
+    torch_scratch = 2 if cfg.optim.name == "adamw_torch" and not on_gpu else 0
+    scratch = torch_scratch * max((p.nbytes for p in stepped), default=0)
     if half:  # each copy's fp32 gradient, converted from the weight's in turn (then its AdamW temporaries)
-        scratch = max(
-            scratch, max(p.numel() * 4 for p in half) * (3 if cfg.optim.name == "adamw_torch" else 1)
-        )
+        scratch = max(scratch, max(p.numel() * 4 for p in half) * (1 + torch_scratch))
     est = Estimate(
         frozen_by_format=by_format,
         trainable_params=sum(p.numel() for p in params),
@@ -1077,10 +1076,12 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     from .adapt import apply_method
     from .data import build_datasets, pack
     from .loop import (
+        OutOfMemory,
         accumulate_gradients,
         check_context_length,
         data_loss_lines,
         micro_batch_stream,
+        out_of_memory_message,
         training_device,
     )
     from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
@@ -1117,7 +1118,11 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     packed = padding_free.enabled(model)
     model.train()
     params = [p for _, p in trainable_parameters(model)]
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = None
+    try:
+        optimizer = build_optimizer(model, cfg.optim)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(out_of_memory_message(model, optimizer, cfg, device)) from None
     masters = master_weights_of(optimizer)
     copies = [] if masters is None else masters.masters
     if tracker is not None:
@@ -1134,9 +1139,13 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         with tracker if tracker is not None else contextlib.nullcontext():
             scaler = loss_scaler_of(optimizer)
             scale = 1.0 if scaler is None else scaler.scale
-            loss, _ = accumulate_gradients(model, micro, report.backend, meter, scale)
-            grad_bytes = memory.gradient_bytes(model)
-            clip_and_step(optimizer, params, cfg.optim.max_grad_norm)
+            try:
+                loss, _ = accumulate_gradients(model, micro, report.backend, meter, scale)
+                grad_bytes = memory.gradient_bytes(model)
+                clip_and_step(optimizer, params, cfg.optim.max_grad_norm)
+            except torch.OutOfMemoryError:
+                model.zero_grad(set_to_none=True)
+                raise OutOfMemory(out_of_memory_message(model, optimizer, cfg, device)) from None
         losses.append(loss)
         log(f"measure: step {step + 1}/{steps} loss {loss:.4f}")
     if device.type == "cuda":

@@ -660,7 +660,12 @@ def out_of_memory_message(model: nn.Module, optimizer, cfg: Config, device: torc
     fb = memory.fmt_bytes
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     state = memory.optimizer_state_bytes(optimizer) if optimizer is not None else 0
-    masters = master_weights_of(optimizer) if optimizer is not None else None
+    if optimizer is not None:
+        masters = master_weights_of(optimizer)
+        copies = 0 if masters is None else masters.nbytes
+    else:  # out of memory while the optimizer was built: making the fp32 copies is what allocates
+        half = [p for p in model.parameters() if p.requires_grad and p.dtype in HALF_DTYPES]
+        copies = sum(4 * p.numel() for p in half) if cfg.optim.master_weights else 0
     peak = memory.peak_memory_bytes(device)
     fixes = [
         f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)} with "
@@ -673,13 +678,13 @@ def out_of_memory_message(model: nn.Module, optimizer, cfg: Config, device: torc
         fixes.append("method=qlora" if cfg.method == "lora" else "method=lora")
     if cfg.optim.name in ("adamw32bit", "adamw_torch"):
         fixes.append("optim.name=adamw8bit")
-    if masters is not None:
+    if copies:
         fixes.append("optim.master_weights=false")
     return (
         f"out of memory on {device} (micro-batch {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} "
         f"tokens): weights {fb(acc.trainable_bytes)} trainable + {fb(acc.frozen_bytes)} frozen, "
         f"gradients {fb(grads)}, optimizer state {fb(state)}"
-        + ("" if masters is None else f", fp32 master weights {fb(masters.nbytes)}")
+        + (f", fp32 master weights {fb(copies)}" if copies else "")
         + f", peak {fb(peak)}; "
         f"the rest is activations. Try: {', '.join(fixes)}"
     )
@@ -748,7 +753,10 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         log(line)
     model.train()
     params = [p for _, p in trainable_parameters(model)]
-    optimizer = build_optimizer(model, cfg.optim)
+    try:
+        optimizer = build_optimizer(model, cfg.optim)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(out_of_memory_message(model, None, cfg, device)) from None
     masters, scaler = master_weights_of(optimizer), loss_scaler_of(optimizer)
     for line in half_precision_lines(model, optimizer):
         log(line)

@@ -68,10 +68,12 @@ class MasterWeights:
         The optimizer's own fp32 parameters (adapters beside half-precision weights) step first, in one
         call; then each copy in turn, its gradient converted to fp32 before ``factor`` applies. Every
         parameter's state is its own (AdamW: moments and step count), so the result is that of one call
-        over all of them.
+        over all of them. For each copy's call the param groups hold that copy alone (restored after):
+        an optimizer walks all its groups every call, which over N copies would cost N² visits.
         """
         copies = {id(m) for m in self.masters}
-        others = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in copies]
+        groups = optimizer.param_groups
+        others = [p for g in groups for p in g["params"] if id(p) not in copies]
         if any(p.grad is not None for p in others):
             if factor != 1.0:
                 for p in others:
@@ -80,16 +82,24 @@ class MasterWeights:
             optimizer.step()
             for p in others:
                 p.grad = None
-        for p, m in zip(self.params, self.masters, strict=True):
-            if p.grad is None:
-                continue
-            m.grad = p.grad.to(torch.float32)
-            p.grad = None
-            if factor != 1.0:
-                m.grad.mul_(factor)
-            optimizer.step()
-            m.grad = None
-            p.copy_(m)
+        kept = [g["params"] for g in groups]
+        group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        try:
+            for p, m in zip(self.params, self.masters, strict=True):
+                if p.grad is None:
+                    continue
+                m.grad = p.grad.to(torch.float32)
+                p.grad = None
+                if factor != 1.0:
+                    m.grad.mul_(factor)
+                for i, g in enumerate(groups):
+                    g["params"] = [m] if i == group_of[id(m)] else []
+                optimizer.step()
+                m.grad = None
+                p.copy_(m)
+        finally:
+            for g, params in zip(groups, kept, strict=True):
+                g["params"] = params
 
 
 class LossScaler:
@@ -136,7 +146,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
     Weight decay applies to matrices only; biases and norm weights (1-D tensors) get none. With
     ``cfg.master_weights`` each bf16/fp16 trainable parameter is handed over as its fp32
-    :class:`MasterWeights` copy (:func:`master_weights_of`; :func:`clip_and_step` steps through it).
+    :class:`MasterWeights` copy (:func:`master_weights_of`), and an fp16 model gets a :class:`LossScaler`
+    (:func:`loss_scaler_of`). Step it through :func:`clip_and_step`: the optimizer's own ``step()`` sees
+    only the copies, which get their gradients there, and knows nothing of the loss scale.
 
     Args:
         model: the adapted model; only parameters with ``requires_grad`` are optimized.

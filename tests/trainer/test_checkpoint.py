@@ -105,6 +105,32 @@ def test_checkpoints_from_before_padding_free_still_resume():
     assert config_differences(saved, current) == ["train.micro_batch_size: 3 -> 16"]
 
 
+@pytest.mark.parametrize(
+    ("overrides", "saved_optim", "expected"),
+    [
+        # written before the options existed (neither key saved): runs they do not act on resume as they are
+        ([], {}, []),  # LoRA (fp32 adapters), dtype auto (never fp16)
+        (["method=full", "model.dtype=fp32"], {}, []),
+        (["model.dtype=fp16"], {}, ["optim.loss_scale: 'none' -> 'dynamic'"]),  # it ran unscaled
+        (["method=full", "model.dtype=bf16"], {}, ["optim.master_weights: False -> True"]),  # in place
+        (["method=full", "model.dtype=bf16", "optim.master_weights=false"], {}, []),
+        # a change of either matters only where it acts
+        (["optim.master_weights=true"], {"master_weights": False}, []),
+        (["method=partial"], {"master_weights": False}, ["optim.master_weights: False -> True"]),
+        (["model.dtype=bf16", "optim.loss_scale=none"], {"loss_scale": "dynamic"}, []),
+    ],
+)
+def test_new_options_compare_as_their_old_behaviour_and_only_where_they_act(overrides, saved_optim, expected):
+    from fusedtune.trainer.checkpoint import config_differences
+    from fusedtune.trainer.config import load_config
+
+    current = load_config(None, ["partial.patterns=[norm]", *overrides]).model_dump(mode="json")
+    saved = load_config(None, ["partial.patterns=[norm]", *overrides]).model_dump(mode="json")
+    del saved["optim"]["master_weights"], saved["optim"]["loss_scale"]
+    saved["optim"].update(saved_optim)
+    assert config_differences(saved, current) == expected
+
+
 def test_remove_checkpoints_unlinks_a_symlinked_step_and_keeps_other_files(tmp_path):
     from fusedtune.trainer.checkpoint import remove_checkpoints
 

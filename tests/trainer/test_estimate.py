@@ -156,6 +156,7 @@ def test_estimate_within_15_percent_of_measured_peak(tmp_path, tiny_model_dir, o
     m = est_mod.measure(cfg, steps=3, log=lambda *_: None)
     here = est_mod.estimate_for_batches(cfg, m.batches, on_gpu=False)
     assert m.peak_tensor_bytes > here.frozen_bytes + here.trainable_bytes + here.optimizer_state_bytes
+    assert m.master_weight_bytes == here.master_weight_bytes  # exact: 4 bytes a bf16 trainable parameter
     # the target is 15%; these tiny configs land within 3% (backward's dG/dU transient included), so a
     # formula that drifts is caught well before it misses the target
     assert abs(here.tensor_bytes - m.peak_tensor_bytes) <= 0.06 * m.peak_tensor_bytes, (

@@ -378,6 +378,29 @@ def test_out_of_memory_names_the_breakdown_and_the_fix(tiny_model_dir, tmp_path,
         "train.micro_batch_size=1 with train.grad_accum=4",
     ):
         assert fragment in err, fragment
+    assert "master weights" not in err
+
+
+@pytest.mark.parametrize("where", ["step", "copies", "measure"])
+def test_out_of_memory_with_master_weights_names_them_and_the_fix(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, where
+):
+    """bf16 full: out of memory in a step, while the fp32 copies are made (they double the trainable
+    bytes), or in `trainer estimate --measure`: one line naming the copies and optim.master_weights=false."""
+    from fusedtune.trainer import optim
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    target = {"step": (loop, "optimizer_step"), "copies": (optim.MasterWeights, "__init__")}
+    target["measure"] = (loop, "accumulate_gradients")
+    monkeypatch.setattr(*target[where], oom)
+    cfg = _config(tmp_path, tiny_model_dir, "full-bf16", "adamw8bit")
+    command = ["estimate", str(cfg), "--measure"] if where == "measure" else ["run", str(cfg)]
+    assert main(command) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: out of memory") and "\n" not in err, err
+    assert "fp32 master weights 489.2 KiB" in err and "optim.master_weights=false" in err, err
 
 
 def test_resume_refuses_a_changed_config_unless_allowed(tiny_model_dir, tmp_path, capsys):
