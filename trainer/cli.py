@@ -2,6 +2,8 @@
 
     trainer run [CONFIG.yaml] [key=value ...]     fine-tune (no CONFIG: the embedded default)
     trainer run CONFIG.yaml --print-config        show the resolved config and exit
+    trainer estimate CONFIG.yaml                  predict the run's memory
+    trainer export RUN_DIR OUT_DIR                the run as a standalone model directory
 
 CONFIG and the overrides may come in any order; at most one word without ``=`` (or ending in .yaml/.yml)
 is the config file.
@@ -28,6 +30,7 @@ EXAMPLES = """examples:
   trainer run my.yaml --print-config            the resolved config, nothing run
   trainer run my.yaml resume=auto               continue from the newest valid checkpoint
   trainer estimate my.yaml --gpu-memory 24GB    memory breakdown without loading weights (--measure: 3 real steps)
+  trainer export runs/my-run merged/            the run as a model directory (adapter merged into the base)
 """
 
 
@@ -68,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
         "(exit code 3 when it does not)",
     )
     est.add_argument("--measure", action="store_true", help="also run 3 real steps, print the measured peak")
+    exp = sub.add_parser(
+        "export",
+        help="write a finished run as a standalone model directory",
+        description="Merge a run's LoRA/QLoRA adapter into its base model (PEFT merge_and_unload), or copy "
+        "a full/partial run's trained tensors into it, and write weights, config and tokenizer that "
+        "AutoModelForCausalLM.from_pretrained loads without fusedtune or PEFT.",
+    )
+    exp.add_argument("run_dir", help="a `trainer run` output directory")
+    exp.add_argument("out_dir", help="where the model goes (new or empty)")
+    exp.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights (default: the run's)"
+    )
     return parser
 
 
@@ -123,11 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    stray = [a for a in extra if a.startswith("-")]
+    stray = [a for a in extra if a.startswith("-") or args.command == "export"]
     if stray:  # the command's own usage, not the top-level one
         _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = [*args.overrides, *extra]
     _quiet_libraries()
+    if args.command == "export":
+        from .export import export
+
+        try:
+            export(args.run_dir, args.out_dir, args.dtype)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+        return 0
+    args.overrides = [*args.overrides, *extra]
     try:
         from .config import load_config
 

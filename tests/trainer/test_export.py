@@ -1,0 +1,102 @@
+"""``trainer export``: a run as a standalone model directory, checked against PEFT and transformers.
+
+The reference for lora/qlora is PEFT's own unmerged model (the base in the run's dtype, unquantized,
+with the saved adapter); for full/partial it is the base with the trained tensors copied in. The
+exported directory must load with plain ``AutoModelForCausalLM`` and give the reference's logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import write_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fusedtune.trainer.cli import main
+
+IDS = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
+
+
+def _train(tmp_path: Path, model_dir: Path, *overrides: str) -> Path:
+    cfg = write_config(tmp_path, model_dir, train={"max_steps": 3, "micro_batch_size": 4})
+    assert main(["run", str(cfg), *overrides]) == 0
+    return tmp_path / "run"
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_runs_export_merged_with_peft_unmerged_logits(tiny_model_dir, tmp_path, method, capsys):
+    from peft import PeftModel
+
+    run = _train(tmp_path, tiny_model_dir, f"method={method}")
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    assert "merged into the" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert exported.config.use_cache and not hasattr(exported, "peft_config")
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").pad_token is not None
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = _logits(base)
+    reference = _logits(PeftModel.from_pretrained(base, str(run)))
+    torch.testing.assert_close(_logits(exported), reference, rtol=1e-5, atol=1e-5)
+    assert (reference - before).abs().max() > 1e-3  # the adapter moved the logits: the check can fail
+
+
+@pytest.mark.parametrize("patterns", ["[norm]", "[norm, lm_head]"])
+def test_partial_runs_export_the_trained_tensors_into_the_base(tiny_model_dir, tmp_path, patterns):
+    """Only the trained tensors change, exactly (lm_head is tied to the embeddings in the tiny model:
+    the one saved tensor is both)."""
+    run = _train(tmp_path, tiny_model_dir, "method=partial", f"partial.patterns={patterns}")
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trained = load_file(run / "trainable.safetensors")
+    assert trained
+    got, orig = dict(exported.named_parameters()), dict(base.named_parameters())
+    for name, p in got.items():
+        expected = trained.get(name, orig[name])
+        assert torch.equal(p.detach(), expected), name
+    assert any(not torch.equal(trained[n], orig[n]) for n in trained)
+    assert exported.config.tie_word_embeddings == base.config.tie_word_embeddings
+
+
+def test_export_dtype_option(tiny_model_dir, tmp_path):
+    run = _train(tmp_path, tiny_model_dir)
+    assert main(["export", str(run), str(tmp_path / "out"), "--dtype", "bf16"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert {p.dtype for p in exported.parameters()} == {torch.bfloat16}
+
+
+def test_bad_export_arguments_get_one_line(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: export: {tmp_path / 'empty'} holds no config.yaml: not a trainer run directory"
+    )
+    run = _train(tmp_path, tiny_model_dir)
+    capsys.readouterr()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    assert main(["export", str(run), str(busy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: export: {busy} exists and is not an empty directory; choose a new one"
+    assert (busy / "keep.txt").read_text() == "x"
+    (tmp_path / "train.jsonl").unlink()  # the run's data are not needed
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    assert main(["export", str(run), str(blocked / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: export: cannot write {blocked / 'out'}: "), err
+    (run / "adapter_model.safetensors").unlink()
+    assert main(["export", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: export: {run} has no adapter_model.safetensors: the run has not finished")
+    assert not (tmp_path / "out").exists()

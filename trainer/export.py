@@ -1,0 +1,114 @@
+"""``trainer export RUN_DIR OUT_DIR``: a finished run as a standalone model directory.
+
+A run directory holds what trained: a PEFT adapter (lora / qlora) or the trainable tensors (full /
+partial), beside the resolved ``config.yaml`` that names the base model. Export loads that base on the
+CPU, merges the adapter into it with PEFT's ``merge_and_unload`` (or copies the trained tensors in by
+name), and writes ``save_pretrained`` weights, config and tokenizer: ``AutoModelForCausalLM`` and any
+tool that reads a Hugging Face model directory load it without fusedtune or PEFT.
+
+QLoRA adapters are merged into the unquantized base, as PEFT and bitsandbytes recommend: the run trained
+against the NF4 (or int8) weights, so the merged model differs from what the run computed by the
+quantization error of the base weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, load_config
+from .errors import UserError
+from .model import DTYPES, load_model, load_tokenizer, resolve_model_path
+
+
+class ExportError(UserError):
+    """A run directory that cannot be exported, or an output directory that cannot take it."""
+
+
+def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, log=print) -> Path:
+    """Write the fine-tuned model of ``run_dir`` to ``out_dir`` (which must be new or empty).
+
+    Args:
+        run_dir: a ``trainer run`` output directory.
+        out_dir: where the model goes.
+        dtype: ``fp32`` / ``bf16`` / ``fp16`` for the written weights; None: the run's ``model.dtype``.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ExportError: not a run directory, an unfinished run, or an output directory in the way.
+    """
+    run, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
+    config_file = run / "config.yaml"
+    if not config_file.is_file():
+        raise ExportError(f"export: {run} holds no config.yaml: not a trainer run directory")
+    try:
+        cfg = load_config(config_file)
+    except ConfigError as e:
+        raise ExportError(f"export: {config_file}: {e}") from None
+    lora = cfg.method in ("lora", "qlora")
+    weights = run / ("adapter_model.safetensors" if lora else "trainable.safetensors")
+    if not weights.is_file():
+        raise ExportError(
+            f"export: {run} has no {weights.name}: the run has not finished (continue it with "
+            f"`trainer run {config_file} resume=auto`)"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"export: {out} exists and is not an empty directory; choose a new one")
+    model_cfg = cfg.model.model_copy(update={"gradient_checkpointing": False})
+    if dtype is not None:
+        model_cfg = model_cfg.model_copy(update={"dtype": dtype})
+    path = resolve_model_path(model_cfg)
+    tokenizer = load_tokenizer(path, model_cfg)
+    model, loaded_dtype = load_model(path, model_cfg, torch.device("cpu"))
+    (_merge_peft_adapter if lora else _copy_trainable)(model, run, weights)
+    model.config.use_cache = True  # the run turned it off for training; generation wants it
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+    except OSError as e:
+        if created:  # no half-written model left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise ExportError(f"export: cannot write {out}: {e.strerror or e}") from None
+    what = {
+        "lora": "LoRA adapter merged into the base",
+        "qlora": "QLoRA adapter merged into the unquantized base (the run trained against its "
+        f"{cfg.quant.quant_type} weights)",
+    }.get(cfg.method, f"{cfg.method} run's trained tensors in the base")
+    name = next(k for k, v in DTYPES.items() if v == loaded_dtype)
+    log(f"export: {what}, {name}, written to {out}/ (load it with AutoModelForCausalLM.from_pretrained)")
+    return out
+
+
+def _merge_peft_adapter(model: torch.nn.Module, run: Path, weights: Path) -> None:
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(run))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ExportError(f"export: {weights} does not load onto the base model ({e})") from None
+    peft_model.merge_and_unload()
+
+
+def _copy_trainable(model: torch.nn.Module, run: Path, weights: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights))
+    except (OSError, SafetensorError) as e:
+        raise ExportError(f"export: cannot read {weights} ({e})") from None
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    shapes = [n for n, t in tensors.items() if n in params and t.shape != params[n].shape]
+    if unknown or shapes:
+        detail = f"unknown {unknown[:2]}" if unknown else f"shape of {shapes[0]}"
+        raise ExportError(f"export: {weights} does not fit the base model ({detail})")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
