@@ -304,6 +304,16 @@ class Config(_Strict):
             raise ValueError("data: set data.train (a file) or data.task (a built-in task)")
         if self.method == "partial" and not (self.partial.patterns or self.partial.last_n_layers):
             raise ValueError("method 'partial' needs partial.patterns or partial.last_n_layers")
+        if (
+            self.model.dtype == "fp16"
+            and self.method in ("full", "partial")
+            and not self.optim.master_weights
+        ):
+            raise ValueError(
+                "optim.master_weights: false with model.dtype fp16 updates the fp16 weights in place, where "
+                "gradients below 6e-8 (unscaled from the loss scale) flush to zero and AdamW's eps 1e-8 "
+                "rounds to 0; keep optim.master_weights true, or use bf16"
+            )
         if self.optim.lr is None:  # adapters take a ~10x larger step than whole weight matrices
             # a copy: an OptimConfig passed in by the caller stays as it was (unresolved)
             self.optim = self.optim.model_copy(update={"lr": DEFAULT_LR[self.method]})

@@ -967,7 +967,7 @@ def suggestions(cfg: Config, est: Estimate, budget: int) -> list[str]:
         )
     if cfg.optim.name in ("adamw32bit", "adamw_torch"):
         tried.append(("optim.name=adamw8bit", _with(cfg, optim__name="adamw8bit")))
-    if est.master_weight_bytes:
+    if est.master_weight_bytes and cfg.model.dtype != "fp16":  # fp16 needs them (config._method_needs)
         tried.append(
             (
                 "optim.master_weights=false (updates below half a weight's spacing then round away)",
@@ -1133,21 +1133,29 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     )
     meter = memory.SavedTensorMeter.for_model(model)
     shapes, losses, grad_bytes = [], [], 0
-    for step in range(steps):
+    # An fp16 step whose scaled gradients overflow is skipped (the loss scale halves) and allocates no
+    # optimizer state: such steps are run but not counted, up to the 16 halvings from 2^16 to 1.
+    updated, overflowed = 0, 0
+    while updated < steps:
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
         shapes.extend(micro_batch_shape(b, packed) for b in micro)
+        scaler = loss_scaler_of(optimizer)
+        scale = 1.0 if scaler is None else scaler.scale
         with tracker if tracker is not None else contextlib.nullcontext():
-            scaler = loss_scaler_of(optimizer)
-            scale = 1.0 if scaler is None else scaler.scale
             try:
                 loss, _ = accumulate_gradients(model, micro, report.backend, meter, scale)
                 grad_bytes = memory.gradient_bytes(model)
-                clip_and_step(optimizer, params, cfg.optim.max_grad_norm)
+                _, skipped = clip_and_step(optimizer, params, cfg.optim.max_grad_norm)
             except torch.OutOfMemoryError:
                 model.zero_grad(set_to_none=True)
                 raise OutOfMemory(out_of_memory_message(model, optimizer, cfg, device)) from None
+        if skipped and scaler is not None and scale > 1.0 and overflowed < 16:
+            overflowed += 1
+            log(f"measure: gradients overflowed fp16 at loss scale {scale:g}: step not counted")
+            continue
+        updated += 1
         losses.append(loss)
-        log(f"measure: step {step + 1}/{steps} loss {loss:.4f}")
+        log(f"measure: step {updated}/{steps} loss {loss:.4f}")
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
         reserved, rss_growth = torch.cuda.max_memory_reserved(device), None
@@ -1279,9 +1287,10 @@ def breakdown_lines(est: Estimate, measured: Measurement | None = None) -> list[
         if m:
             if got is None:
                 line += f"  {'':>11}  {'':>7}"
+            elif not got:
+                line += f"  {fb(got):>11}  {'n/a' if e else '':>7}"
             else:
-                err = (e - got) / got if got else 0.0
-                line += f"  {fb(got):>11}  {err:+7.1%}"
+                line += f"  {fb(got):>11}  {(e - got) / got:+7.1%}"
         out.append(line + (f"  {note}" if note else ""))
     if m and m.rss_growth_bytes is not None:
         out.append(

@@ -47,8 +47,8 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, l
         raise ExportError(f"export: {run} holds no config.yaml: not a trainer run directory")
     try:
         cfg = load_config(config_file)
-    except ConfigError as e:
-        raise ExportError(f"export: {config_file}: {e}") from None
+    except ConfigError as e:  # its message names the file and line
+        raise ExportError(f"export: {e}") from None
     lora = cfg.method in ("lora", "qlora")
     weights = run / ("adapter_model.safetensors" if lora else "trainable.safetensors")
     if not weights.is_file():
@@ -87,11 +87,20 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, l
 
 def _merge_peft_adapter(model: torch.nn.Module, run: Path, weights: Path) -> None:
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     try:
         peft_model = PeftModel.from_pretrained(model, str(run))
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise ExportError(f"export: {weights} does not load onto the base model ({e})") from None
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    head_base = getattr(head, "base_layer", None)  # PEFT wraps an adapted module
+    if head_base is not None and embeddings is not None and head_base.weight is embeddings.weight:
+        # An adapter on a head tied to the input embeddings: merged into the shared weight it would
+        # change the embeddings too. The run adapted the output projection only, so untie it first.
+        head_base.weight = torch.nn.Parameter(embeddings.weight.detach().clone(), requires_grad=False)
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
     peft_model.merge_and_unload()
 
 

@@ -678,7 +678,7 @@ def out_of_memory_message(model: nn.Module, optimizer, cfg: Config, device: torc
         fixes.append("method=qlora" if cfg.method == "lora" else "method=lora")
     if cfg.optim.name in ("adamw32bit", "adamw_torch"):
         fixes.append("optim.name=adamw8bit")
-    if copies:
+    if copies and cfg.model.dtype != "fp16":  # fp16 needs them (config._method_needs)
         fixes.append("optim.master_weights=false")
     return (
         f"out of memory on {device} (micro-batch {cfg.train.micro_batch_size} x {cfg.data.max_seq_len} "
@@ -940,6 +940,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
             }
             if scaler is not None:
                 record["loss_scale"] = scale_used
+                record["overflow"] = result.overflow
             metrics.write(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tok_s:.0f}")

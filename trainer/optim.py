@@ -180,24 +180,25 @@ def clip_and_step(
     """Clip the gradients of ``params`` to ``max_grad_norm`` (None: only measure their norm), step unless
     the loss or the norm is not finite, and clear every gradient.
 
-    With a :class:`LossScaler` the gradients are the scaled loss's: the norm is taken in fp32 and
-    reported unscaled, the unscaling and the clipping are one factor applied where the gradient is fp32
-    (the master copy's, or in place), and the scaler is updated (an overflow halves it).
+    The norm is taken in fp32 whatever the gradients' dtype (an fp16 gradient's norm overflows fp16 long
+    before the gradient does), and the clipping is one factor applied where the gradient is fp32: in
+    place, or on the master copy's gradient after the conversion. With a :class:`LossScaler` the
+    gradients are the scaled loss's: the norm is reported unscaled, the unscaling joins the factor, and
+    the scaler is updated (an overflow halves it).
 
     Returns:
         (the gradient norm before clipping, whether the update was skipped).
     """
     clip = max_grad_norm if max_grad_norm is not None else math.inf
     scaler = loss_scaler_of(optimizer)
-    factor = 1.0
-    if scaler is None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) / scaler.scale if norms else 0.0
-        if math.isfinite(grad_norm):
-            factor = min(1.0, clip / (grad_norm + 1e-6)) / scaler.scale
+    scale = 1.0 if scaler is None else scaler.scale
+    grads = [p.grad for p in params if p.grad is not None]
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    norms = [n for gs in by_kind.values() for n in torch._foreach_norm(gs, 2.0, dtype=torch.float32)]
+    grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) / scale if norms else 0.0
+    factor = min(1.0, clip / (grad_norm + 1e-6)) / scale if math.isfinite(grad_norm) else 1.0
     skipped = not (loss_finite and math.isfinite(grad_norm))
     masters = master_weights_of(optimizer)
     if not skipped:

@@ -20,6 +20,16 @@ from fusedtune.trainer.cli import main
 IDS = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
 
 
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with lm_head tied to embed_tokens (as SmolLM2's)."""
+    from tiny import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tied") / "model"
+    build_tiny_model(path, tie=True)
+    return path
+
+
 def _train(tmp_path: Path, model_dir: Path, *overrides: str) -> Path:
     cfg = write_config(tmp_path, model_dir, train={"max_steps": 3, "micro_batch_size": 4})
     assert main(["run", str(cfg), *overrides]) == 0
@@ -31,32 +41,50 @@ def _logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits.float()
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_adapter_runs_export_merged_with_peft_unmerged_logits(tiny_model_dir, tmp_path, method, capsys):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method=lora"],
+        ["method=qlora"],
+        # a head tied to embed_tokens: the head's adapter must not change the embeddings
+        ["method=lora", "lora.target_modules=[q_proj, lm_head]", "tied"],
+        ["method=qlora", "tied"],
+    ],
+    ids=["lora", "qlora", "lora-on-tied-head", "qlora-tied"],
+)
+def test_adapter_runs_export_merged_with_peft_unmerged_logits(
+    tiny_model_dir, tied_model_dir, tmp_path, overrides, capsys
+):
     from peft import PeftModel
 
-    run = _train(tmp_path, tiny_model_dir, f"method={method}")
+    model_dir = tied_model_dir if "tied" in overrides else tiny_model_dir
+    run = _train(tmp_path, model_dir, *(o for o in overrides if o != "tied"))
     assert main(["export", str(run), str(tmp_path / "out")]) == 0
     assert "merged into the" in capsys.readouterr().out
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert exported.config.use_cache and not hasattr(exported, "peft_config")
     assert AutoTokenizer.from_pretrained(tmp_path / "out").pad_token is not None
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     before = _logits(base)
     reference = _logits(PeftModel.from_pretrained(base, str(run)))
     torch.testing.assert_close(_logits(exported), reference, rtol=1e-5, atol=1e-5)
     assert (reference - before).abs().max() > 1e-3  # the adapter moved the logits: the check can fail
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert torch.equal(exported.get_input_embeddings().weight, original.get_input_embeddings().weight)
 
 
-@pytest.mark.parametrize("patterns", ["[norm]", "[norm, lm_head]"])
-def test_partial_runs_export_the_trained_tensors_into_the_base(tiny_model_dir, tmp_path, patterns):
-    """Only the trained tensors change, exactly (lm_head is tied to the embeddings in the tiny model:
-    the one saved tensor is both)."""
-    run = _train(tmp_path, tiny_model_dir, "method=partial", f"partial.patterns={patterns}")
+@pytest.mark.parametrize(("patterns", "tied"), [("[norm]", False), ("[norm, lm_head]", True)])
+def test_partial_runs_export_the_trained_tensors_into_the_base(
+    tiny_model_dir, tied_model_dir, tmp_path, patterns, tied
+):
+    """Only the trained tensors change, exactly (with lm_head tied to the embeddings, the one saved
+    tensor is both, and stays both)."""
+    model_dir = tied_model_dir if tied else tiny_model_dir
+    run = _train(tmp_path, model_dir, "method=partial", f"partial.patterns={patterns}")
     assert main(["export", str(run), str(tmp_path / "out")]) == 0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trained = load_file(run / "trainable.safetensors")
     assert trained
     got, orig = dict(exported.named_parameters()), dict(base.named_parameters())
@@ -64,7 +92,8 @@ def test_partial_runs_export_the_trained_tensors_into_the_base(tiny_model_dir, t
         expected = trained.get(name, orig[name])
         assert torch.equal(p.detach(), expected), name
     assert any(not torch.equal(trained[n], orig[n]) for n in trained)
-    assert exported.config.tie_word_embeddings == base.config.tie_word_embeddings
+    assert exported.config.tie_word_embeddings == base.config.tie_word_embeddings == tied
+    assert (exported.lm_head.weight is exported.get_input_embeddings().weight) == tied
 
 
 def test_export_dtype_option(tiny_model_dir, tmp_path):

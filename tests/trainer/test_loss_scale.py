@@ -134,3 +134,77 @@ def test_fp16_run_recovers_from_overflows_without_aborting(tiny_model_dir, tmp_p
     assert not train[-1]["skipped"] and train[-1]["loss_scale"] == 2.0**24 / 2 ** len(overflowed)
     assert sum("gradients overflowed fp16 at loss scale" in x for x in lines) == len(overflowed)
     assert result.last_loss < result.first_loss
+
+
+class _Adapted(nn.Module):
+    """An fp32 trainable tensor (an adapter) beside a frozen fp16 weight: an fp16 model, no master copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(32, 48))
+        self.frozen = nn.Parameter(torch.zeros(4, 4, dtype=torch.float16), requires_grad=False)
+
+
+@pytest.mark.parametrize("kind", ["fp16-weight-with-copy", "fp32-adapter"])
+@pytest.mark.parametrize("max_norm", [None, 0.01])  # the gradient's norm is ~0.04
+def test_unscaled_clipped_gradients_reach_the_optimizer(kind, max_norm):
+    """AdamW's update hardly depends on the gradient's scale, so its first moment is checked: after one
+    step it is 0.1 x the gradient the optimizer saw, which must be the fp32 reference's unscaled,
+    clipped gradient (to fp16's rounding of the scaled gradient where the weight is fp16)."""
+    g = torch.randn(32, 48, generator=torch.Generator().manual_seed(2)) * 1e-3
+    ref = nn.Parameter(torch.zeros(32, 48))
+    ref.grad = g.clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_([ref], max_norm or float("inf"))
+    ref_opt = torch.optim.AdamW([ref], lr=1e-3)
+    ref_opt.step()
+
+    cfg = OptimConfig(name="adamw_torch", lr=1e-3)
+    if kind == "fp32-adapter":
+        model = _Adapted()
+        param = model.a
+    else:
+        model = _Linear(torch.float16)
+        model.w.data = torch.zeros(32, 48, dtype=torch.float16)
+        param = model.w
+    opt = build_optimizer(model, cfg)
+    scale = loss_scaler_of(opt).scale
+    param.grad = (g * scale).to(param.dtype)
+    norm, skipped = clip_and_step(opt, [param], max_norm)
+    assert not skipped
+    assert norm == pytest.approx(float(ref_norm), rel=1e-3)
+    (state,) = opt.state.values()
+    tol = 1e-6 if kind == "fp32-adapter" else 1e-3  # fp16 keeps 11 bits of the scaled gradient
+    torch.testing.assert_close(state["exp_avg"], ref_opt.state[ref]["exp_avg"], rtol=tol, atol=1e-12)
+
+
+def test_fp16_gradient_norms_are_taken_in_fp32():
+    """Unscaled (loss_scale none), a large fp16 gradient's norm (78,000) overflows fp16's 65,504: taken
+    in fp16 it read as non-finite and skipped a good step."""
+    model = _Linear(torch.float16)
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, loss_scale="none"))
+    model.w.grad = torch.full_like(model.w, 1000.0)
+    norm, skipped = clip_and_step(opt, [model.w], 1.0)
+    assert not skipped and norm == pytest.approx(1000.0 * (64 * 96) ** 0.5)
+
+
+def test_fp16_full_training_without_master_weights_is_refused():
+    from fusedtune.trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim\.master_weights: false with model\.dtype fp16"):
+        load_config(None, ["method=full", "model.dtype=fp16", "optim.master_weights=false"])
+    load_config(None, ["method=lora", "model.dtype=fp16", "optim.master_weights=false"])  # fp32 adapters
+
+
+def test_estimate_measure_counts_only_steps_that_updated(tiny_model_dir, tmp_path, monkeypatch):
+    """Started at 2^24 the first fp16 steps overflow and allocate no optimizer state: measure runs on
+    until three steps have updated, so the measured optimizer state is the real one."""
+    from fusedtune.trainer import estimate as est_mod
+
+    real_init = optim.LossScaler.__init__
+    monkeypatch.setattr(optim.LossScaler, "__init__", lambda self, scale=2.0**24, **_: real_init(self, scale))
+    cfg = load_config(write_config(tmp_path, tiny_model_dir), ["method=full", "model.dtype=fp16"])
+    lines: list[str] = []
+    m = est_mod.measure(cfg, steps=3, log=lines.append)
+    assert any("not counted" in x for x in lines) and len(m.losses) == 3
+    est = est_mod.estimate_for_batches(cfg, m.batches, on_gpu=False)
+    assert m.optimizer_state_bytes == est.optimizer_state_bytes > 0
