@@ -90,7 +90,7 @@ from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 from . import experts, memory, padding_free
 from .config import Config
 from .errors import UserError
-from .optim import HALF_DTYPES
+from .optim import half_precision_trainable
 
 GIB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2
@@ -698,12 +698,6 @@ class Estimate:
         return self.tensor_bytes + self.overhead_bytes
 
 
-def _dtype_label(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-        dtype, str(dtype).removeprefix("torch.")
-    )
-
-
 def _meta_model(cfg: Config, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -782,7 +776,7 @@ def estimate(
     if quantized:
         qc = cfg.quant
         label = quant_format_label(qc.quant_type, qc.double_quant)
-        dense = _dtype_label(dtype)
+        dense = memory.dtype_label(dtype)
         for n, k in quantized.values():
             by_format[dense] -= n * k * (torch.finfo(dtype).bits // 8)
             by_format[label] = by_format.get(label, 0) + packed_weight_bytes(
@@ -828,8 +822,9 @@ def estimate(
         loss_saved, loss_transient, loss_backward = logits_loss_bytes(shape.vocab, batch, seq, b)
     alt = "adamw32bit" if cfg.optim.name in ("adamw8bit", "paged_adamw8bit") else "adamw8bit"
     # optim.master_weights: the optimizer holds fp32 copies of the half-precision weights (optim.MasterWeights)
-    half = [p for p in params if p.dtype in HALF_DTYPES] if cfg.optim.master_weights else []
-    stepped = [p.to(torch.float32) if p.dtype in HALF_DTYPES and half else p for p in params]
+    half = [p for _, p in half_precision_trainable(model)] if cfg.optim.master_weights else []
+    copied = {id(p) for p in half}
+    stepped = [p.to(torch.float32) if id(p) in copied else p for p in params]
     # torch's AdamW off CUDA (optim.build_optimizer): one tensor at a time, sqrt(v) and its denominator as
     # temporaries; on CUDA its fused kernel updates in place
     torch_scratch = 2 if cfg.optim.name == "adamw_torch" and not on_gpu else 0
@@ -855,7 +850,7 @@ def estimate(
         overhead_bytes=0,
         checkpointing=cfg.model.gradient_checkpointing,
         target="cuda" if on_gpu else "cpu",
-        dtype=_dtype_label(dtype),
+        dtype=memory.dtype_label(dtype),
         batch=batch,
         seq=seq,
         target_tokens=target_tokens,
@@ -1123,7 +1118,7 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
         optimizer = build_optimizer(model, cfg.optim)
     except torch.OutOfMemoryError:
         raise OutOfMemory(out_of_memory_message(model, optimizer, cfg, device)) from None
-    masters = master_weights_of(optimizer)
+    masters, scaler = master_weights_of(optimizer), loss_scaler_of(optimizer)
     copies = [] if masters is None else masters.masters
     if tracker is not None:
         for t in [*model.parameters(), *model.buffers(), *copies]:
@@ -1134,24 +1129,22 @@ def measure(cfg: Config, steps: int = 3, log=print) -> Measurement:
     meter = memory.SavedTensorMeter.for_model(model)
     shapes, losses, grad_bytes = [], [], 0
     # An fp16 step whose scaled gradients overflow is skipped (the loss scale halves) and allocates no
-    # optimizer state: such steps are run but not counted, up to the 16 halvings from 2^16 to 1.
-    updated, overflowed = 0, 0
+    # optimizer state: such steps are run but not counted (at most the 16 halvings from 2^16 to 1).
+    updated = 0
     while updated < steps:
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
         shapes.extend(micro_batch_shape(b, packed) for b in micro)
-        scaler = loss_scaler_of(optimizer)
         scale = 1.0 if scaler is None else scaler.scale
         with tracker if tracker is not None else contextlib.nullcontext():
             try:
                 loss, _ = accumulate_gradients(model, micro, report.backend, meter, scale)
                 grad_bytes = memory.gradient_bytes(model)
-                _, skipped = clip_and_step(optimizer, params, cfg.optim.max_grad_norm)
+                update = clip_and_step(optimizer, params, cfg.optim.max_grad_norm)
             except torch.OutOfMemoryError:
                 model.zero_grad(set_to_none=True)
                 raise OutOfMemory(out_of_memory_message(model, optimizer, cfg, device)) from None
-        if skipped and scaler is not None and scale > 1.0 and overflowed < 16:
-            overflowed += 1
-            log(f"measure: gradients overflowed fp16 at loss scale {scale:g}: step not counted")
+        if update.overflow:
+            log(f"measure: gradients overflowed fp16 at loss scale {update.loss_scale:g}: step not counted")
             continue
         updated += 1
         losses.append(loss)

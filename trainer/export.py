@@ -20,7 +20,8 @@ import torch
 
 from .config import ConfigError, load_config
 from .errors import UserError
-from .model import DTYPES, load_model, load_tokenizer, resolve_model_path
+from .memory import dtype_label
+from .model import load_model, load_tokenizer, resolve_model_path
 
 
 class ExportError(UserError):
@@ -80,8 +81,9 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, l
         "qlora": "QLoRA adapter merged into the unquantized base (the run trained against its "
         f"{cfg.quant.quant_type} weights)",
     }.get(cfg.method, f"{cfg.method} run's trained tensors in the base")
-    name = next(k for k, v in DTYPES.items() if v == loaded_dtype)
-    log(f"export: {what}, {name}, written to {out}/ (load it with AutoModelForCausalLM.from_pretrained)")
+    log(
+        f"export: {what}, {dtype_label(loaded_dtype)}, written to {out}/ (load it with AutoModelForCausalLM.from_pretrained)"
+    )
     return out
 
 

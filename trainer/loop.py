@@ -57,10 +57,11 @@ from .loss import loss_sum, target_tokens
 from .metrics import MetricsError, MetricsLog, plot_loss
 from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
 from .optim import (
-    HALF_DTYPES,
     build_optimizer,
     build_scheduler,
     clip_and_step,
+    half_precision_trainable,
+    is_fp16,
     loss_scaler_of,
     master_weights_of,
     trainable_parameters,
@@ -133,9 +134,8 @@ class StepResult:
     tokens: int  # non-pad input tokens processed
     targets: int  # target tokens
     skipped: bool
-    # skipped for a gradient overflow under fp16 loss scaling (the scale was halved): expected now and
-    # then, not a sign of divergence
-    overflow: bool = False
+    overflow: bool = False  # skipped for an fp16 overflow (optim.StepUpdate)
+    loss_scale: float | None = None  # fp16 loss scaling: the scale this step's gradients carried
 
 
 def accumulate_gradients(
@@ -183,12 +183,17 @@ def optimizer_step(
     scaler = loss_scaler_of(optimizer)
     scale = 1.0 if scaler is None else scaler.scale
     loss_value, total_targets = accumulate_gradients(model, micro_batches, backend, meter, scale)
-    finite = math.isfinite(loss_value)
-    grad_norm, skipped = clip_and_step(optimizer, params, max_grad_norm, finite)
+    update = clip_and_step(optimizer, params, max_grad_norm, math.isfinite(loss_value))
     tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-    # at scale 1 there is nothing left to lower: an overflow there is a non-finite gradient
-    overflow = skipped and finite and scale > 1.0
-    return StepResult(loss_value, grad_norm, tokens, total_targets, skipped, overflow)
+    return StepResult(
+        loss_value,
+        update.grad_norm,
+        tokens,
+        total_targets,
+        update.skipped,
+        update.overflow,
+        update.loss_scale,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -516,36 +521,35 @@ def half_precision_lines(model: torch.nn.Module, optimizer: torch.optim.Optimize
     bf16 weight's size) rounds to nothing. Said either way, with the cost or the fix. An fp16 model also
     gets a line on its loss scaling (``optim.loss_scale``)."""
     lines = []
-    if any(p.dtype == torch.float16 for p in model.parameters()):
-        if loss_scaler_of(optimizer) is not None:
-            lines.append(
-                f"model.dtype fp16: the loss is scaled ({loss_scaler_of(optimizer).scale:g} at first, "
-                "optim.loss_scale dynamic) so small gradients do not flush to zero; a step whose gradients "
-                "overflow is skipped and the scale halved; use bf16 where the GPU supports it"
-            )
-        else:
-            lines.append(
-                "model.dtype fp16 with optim.loss_scale none: gradients below 2^-24 flush to zero; "
-                "optim.loss_scale=dynamic scales the loss, or use bf16 where the GPU supports it"
-            )
+    scaler = loss_scaler_of(optimizer)
+    if scaler is not None:
+        lines.append(
+            f"model.dtype fp16: the loss is scaled ({scaler.scale:g} at first, optim.loss_scale dynamic) so "
+            "small gradients do not flush to zero; a step whose gradients overflow is skipped and the scale "
+            "halved; use bf16 where the GPU supports it"
+        )
+    elif is_fp16(model):
+        lines.append(
+            "model.dtype fp16 with optim.loss_scale none: gradients below 2^-24 flush to zero; "
+            "optim.loss_scale=dynamic scales the loss, or use bf16 where the GPU supports it"
+        )
     masters = master_weights_of(optimizer)
-    if masters is not None:
-        name = "bf16" if masters.params[0].dtype == torch.bfloat16 else "fp16"
-        return [
-            *lines,
-            f"optim.master_weights: the optimizer updates fp32 copies of the {len(masters.params)} {name} "
-            f"trainable tensors ({memory.fmt_bytes(masters.nbytes)}); the model runs on them rounded to {name}",
-        ]
-    half = [p for p in model.parameters() if p.requires_grad and p.dtype in HALF_DTYPES]
+    half = masters.params if masters is not None else [p for _, p in half_precision_trainable(model)]
     if not half:
         return lines
-    name = "bf16" if half[0].dtype == torch.bfloat16 else "fp16"
-    return [
-        *lines,
-        f"optim.master_weights false: {len(half)} trainable tensors are {name} and are updated in {name}: "
-        f"an update smaller than half a {name} step of a weight rounds away (Adam's steps move a weight by "
-        "about lr); optim.master_weights=true keeps every update, at 4 bytes a parameter",
-    ]
+    name = memory.dtype_label(half[0].dtype)
+    if masters is not None:
+        lines.append(
+            f"optim.master_weights: the optimizer updates fp32 copies of the {len(half)} {name} trainable "
+            f"tensors ({memory.fmt_bytes(masters.nbytes)}); the model runs on them rounded to {name}"
+        )
+    else:
+        lines.append(
+            f"optim.master_weights false: {len(half)} trainable tensors are {name} and are updated in {name}: "
+            f"an update smaller than half a {name} step of a weight rounds away (Adam's steps move a weight "
+            "by about lr); optim.master_weights=true keeps every update, at 4 bytes a parameter"
+        )
+    return lines
 
 
 # Where configs state their context: Llama-style, GPT-2's, and names remote-code models use.
@@ -664,8 +668,8 @@ def out_of_memory_message(model: nn.Module, optimizer, cfg: Config, device: torc
         masters = master_weights_of(optimizer)
         copies = 0 if masters is None else masters.nbytes
     else:  # out of memory while the optimizer was built: making the fp32 copies is what allocates
-        half = [p for p in model.parameters() if p.requires_grad and p.dtype in HALF_DTYPES]
-        copies = sum(4 * p.numel() for p in half) if cfg.optim.master_weights else 0
+        half = half_precision_trainable(model) if cfg.optim.master_weights else []
+        copies = sum(4 * p.numel() for _, p in half)
     peak = memory.peak_memory_bytes(device)
     fixes = [
         f"train.micro_batch_size={max(1, cfg.train.micro_batch_size // 2)} with "
@@ -888,7 +892,6 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     stopped = False
     for step in range(start_step + 1, steps + 1):
         micro = [next(stream) for _ in range(micro_batches_in_step(cfg, len(train_examples), step))]
-        scale_used = None if scaler is None else scaler.scale
         try:
             result = optimizer_step(
                 model, params, micro, optimizer, cfg.optim.max_grad_norm, report.backend, meter
@@ -904,7 +907,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         if result.overflow:
             skipped += 1
             log(
-                f"step {step}: gradients overflowed fp16 at loss scale {scale_used:g}; update skipped, "
+                f"step {step}: gradients overflowed fp16 at loss scale {result.loss_scale:g}; update skipped, "
                 f"scale now {scaler.scale:g}"
             )
         elif result.skipped:
@@ -938,8 +941,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
                 "skipped": result.skipped,
                 "elapsed_s": now - t_start,
             }
-            if scaler is not None:
-                record["loss_scale"] = scale_used
+            if result.loss_scale is not None:
+                record["loss_scale"] = result.loss_scale
                 record["overflow"] = result.overflow
             metrics.write(record)
             if bar is not None:

@@ -132,6 +132,13 @@ def _unique_any(tensors) -> list[torch.Tensor]:
     return out
 
 
+def dtype_label(dtype: torch.dtype) -> str:
+    """``torch.bfloat16 -> 'bf16'`` (the config's names; other dtypes by torch's name)."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
+
+
 def frozen_bytes_by_format(model: nn.Module) -> dict[str, int]:
     """Frozen parameter and buffer bytes of a live (or meta) model, by storage format.
 
@@ -141,11 +148,6 @@ def frozen_bytes_by_format(model: nn.Module) -> dict[str, int]:
     """
     from fusedtune.kernels import QuantLoRALinear
     from fusedtune.kernels.experts import QuantExperts
-
-    def label_of(dtype: torch.dtype) -> str:
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-            dtype, str(dtype).removeprefix("torch.")
-        )
 
     fmt_of: dict[int, str] = {}
     for mod in model.modules():
@@ -162,7 +164,7 @@ def frozen_bytes_by_format(model: nn.Module) -> dict[str, int]:
     frozen += [b for name, b in model.named_buffers() if not name.endswith("inv_freq")]
     out: dict[str, int] = {}
     for t in _unique_any(frozen):
-        label = fmt_of.get(id(t)) or label_of(t.dtype)
+        label = fmt_of.get(id(t)) or dtype_label(t.dtype)
         out[label] = out.get(label, 0) + t.nbytes
     return out
 

@@ -8,6 +8,7 @@ handed to the optimizer, so they hold no state at all.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +22,16 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def half_precision_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters held in bf16/fp16 (what :class:`MasterWeights` copies)."""
+    return [(n, p) for n, p in trainable_parameters(model) if p.dtype in HALF_DTYPES]
+
+
+def is_fp16(model: nn.Module) -> bool:
+    """Whether ``model`` holds fp16 tensors (what :class:`LossScaler` is for)."""
+    return any(p.dtype == torch.float16 for p in model.parameters())
 
 
 class MasterWeights:
@@ -41,7 +52,7 @@ class MasterWeights:
     @classmethod
     def for_model(cls, model: nn.Module, cfg: OptimConfig) -> MasterWeights | None:
         """The copies ``cfg.master_weights`` asks for, or None (off, or no half-precision trainable weight)."""
-        half = [(n, p) for n, p in trainable_parameters(model) if p.dtype in HALF_DTYPES]
+        half = half_precision_trainable(model)
         return cls(half) if cfg.master_weights and half else None
 
     @property
@@ -166,9 +177,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         params = [(n, copy_of.get(id(p), p)) for n, p in params]
     optimizer = _build(params, cfg)
     optimizer.fusedtune_master_weights = masters
-    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
-    optimizer.fusedtune_loss_scaler = LossScaler() if fp16 and cfg.loss_scale == "dynamic" else None
+    scaled = is_fp16(model) and cfg.loss_scale == "dynamic"
+    optimizer.fusedtune_loss_scaler = LossScaler() if scaled else None
     return optimizer
+
+
+class StepUpdate(NamedTuple):
+    """What :func:`clip_and_step` did."""
+
+    grad_norm: float  # before clipping (unscaled)
+    skipped: bool  # no update: a non-finite loss or gradient norm
+    # skipped for an fp16 overflow at a loss scale above 1 (the scale was halved): expected now and then,
+    # not a sign of divergence; at scale 1 there is nothing left to lower and it counts as non-finite
+    overflow: bool
+    loss_scale: float | None  # the scale this step's gradients carried (None: no loss scaling)
 
 
 def clip_and_step(
@@ -176,7 +198,7 @@ def clip_and_step(
     params: list[nn.Parameter],
     max_grad_norm: float | None,
     loss_finite: bool = True,
-) -> tuple[float, bool]:
+) -> StepUpdate:
     """Clip the gradients of ``params`` to ``max_grad_norm`` (None: only measure their norm), step unless
     the loss or the norm is not finite, and clear every gradient.
 
@@ -187,7 +209,7 @@ def clip_and_step(
     the scaler is updated (an overflow halves it).
 
     Returns:
-        (the gradient norm before clipping, whether the update was skipped).
+        The gradient norm, whether the update was skipped and why, and the loss scale.
     """
     clip = max_grad_norm if max_grad_norm is not None else math.inf
     scaler = loss_scaler_of(optimizer)
@@ -210,12 +232,13 @@ def clip_and_step(
             optimizer.step()
         else:
             masters.step(optimizer, factor)
+    overflow = scaler is not None and loss_finite and not math.isfinite(grad_norm)
     if scaler is not None and loss_finite:
-        scaler.update(overflow=not math.isfinite(grad_norm))
+        scaler.update(overflow=overflow)
     optimizer.zero_grad(set_to_none=True)
     for p in params:  # the weights behind fp32 copies: the optimizer does not hold them
         p.grad = None
-    return grad_norm, skipped
+    return StepUpdate(grad_norm, skipped, overflow and scale > 1.0, None if scaler is None else scale)
 
 
 def _build(params: list[tuple[str, torch.Tensor]], cfg: OptimConfig) -> torch.optim.Optimizer:

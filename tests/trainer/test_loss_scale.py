@@ -36,7 +36,7 @@ def _steps(model: _Linear, cfg: OptimConfig, n: int) -> torch.optim.Optimizer:
     scaler = loss_scaler_of(opt)
     for _ in range(n):
         _backward(model, 1.0 if scaler is None else scaler.scale)
-        _, skipped = clip_and_step(opt, [model.w], None)
+        _, skipped, *_ = clip_and_step(opt, [model.w], None)
         assert not skipped
     return opt
 
@@ -68,12 +68,12 @@ def test_overflow_skips_the_step_and_halves_the_scale_then_growth_doubles_it():
     scaler.growth_interval = 2
     before = model.w.detach().clone()
     model.w.grad = torch.full_like(model.w, float("inf"))
-    norm, skipped = clip_and_step(opt, [model.w], 1.0)
+    norm, skipped, *_ = clip_and_step(opt, [model.w], 1.0)
     assert skipped and norm == float("inf") and scaler.scale == 2.0**15
     assert model.w.grad is None and not opt.state and torch.equal(model.w, before)
     for expected in (2.0**15, 2.0**16):
         _backward(model, scaler.scale)
-        _, skipped = clip_and_step(opt, [model.w], 1.0)
+        _, skipped, *_ = clip_and_step(opt, [model.w], 1.0)
         assert not skipped and scaler.scale == expected
 
 
@@ -169,7 +169,7 @@ def test_unscaled_clipped_gradients_reach_the_optimizer(kind, max_norm):
     opt = build_optimizer(model, cfg)
     scale = loss_scaler_of(opt).scale
     param.grad = (g * scale).to(param.dtype)
-    norm, skipped = clip_and_step(opt, [param], max_norm)
+    norm, skipped, *_ = clip_and_step(opt, [param], max_norm)
     assert not skipped
     assert norm == pytest.approx(float(ref_norm), rel=1e-3)
     (state,) = opt.state.values()
@@ -183,7 +183,7 @@ def test_fp16_gradient_norms_are_taken_in_fp32():
     model = _Linear(torch.float16)
     opt = build_optimizer(model, OptimConfig(lr=1e-3, loss_scale="none"))
     model.w.grad = torch.full_like(model.w, 1000.0)
-    norm, skipped = clip_and_step(opt, [model.w], 1.0)
+    norm, skipped, *_ = clip_and_step(opt, [model.w], 1.0)
     assert not skipped and norm == pytest.approx(1000.0 * (64 * 96) ** 0.5)
 
 
