@@ -6,6 +6,7 @@ paths are checked against these functions, and ``kernels: torch`` runs them.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -76,6 +77,31 @@ def rope(
 
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+
+# ---------------------------------------------------------------------------------------------------
+# Causal attention over packed rows
+# ---------------------------------------------------------------------------------------------------
+
+
+def packed_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple[int, ...], scale: float | None = None
+) -> torch.Tensor:
+    """Softmax attention written out, row by row of a packed sequence: q ``[1, H, T, D]``, k and v
+    ``[1, Hk, T, D]`` (each kv head serves ``H/Hk`` query heads), causal within each row, fp32 math
+    (fp64 for fp64). Returns ``[1, T, H, D]`` in q's dtype. Autograd."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    groups = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rows = []
+    for a, b in itertools.pairwise(bounds):
+        qs = q[0, :, a:b].to(acc)
+        ks, vs = (x[0, :, a:b].to(acc).repeat_interleave(groups, 0) for x in (k, v))
+        logits = (qs @ ks.transpose(-1, -2)) * scale
+        future = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1)
+        p = logits.masked_fill(future, float("-inf")).softmax(-1)
+        rows.append((p @ vs).transpose(0, 1))  # [t, H, D]
+    return torch.cat(rows)[None].to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ the compute dtype). What autograd saves depends on what trains where, so each bl
   and Gemma math) its input in its own dtype and the rsqrt, ``b·h + 4``, when either needs a gradient.
   Gemma 2/3 have four a block (their attention output and MLP output are normalized too);
 - a Linear whose weight trains or that carries an adapter: its input (``b·h`` once for q/k/v, once for
-  gate/up; ``b·i`` for down_proj, the product; ``b·n·d`` for o_proj, only from packed rows, whose
-  outputs are concatenated into a new tensor, since otherwise it reads SDPA's output itself); per
+  gate/up; ``b·i`` for down_proj, the product; ``b·n·d`` for o_proj, only from packed rows whose
+  outputs are concatenated into a new tensor (per-row SDPA: on a GPU, or with attention dropout), since
+  otherwise it reads the attention's saved output itself); per
   adapter ``b·r`` (its ``X·Aᵀ``) and with LoRA dropout ``⌈K/8⌉`` (the keep-mask as bits; nothing on the
   fused Triton LoRA path, which regenerates it). A trainable bias alone saves nothing;
 - Qwen3-style per-head q/k norms, once q/k need a gradient: their inputs in fp32 and rsqrt,
@@ -213,6 +214,9 @@ class Training:
     # eager attention (Gemma 2 asks for it: soft-capped scores) saves its score matrices, not SDPA's
     eager_attention: bool = False
     attn_softcap: bool = False
+    # packed rows' attention as one node whose output o_proj reads in place (kernels/attention.py: the
+    # CPU without attention dropout); else per-row SDPA outputs concatenated into a tensor of their own
+    packed_attention_node: bool = False
     # the LM head fused with the loss at the target positions (loss.head_at_targets_supported); else
     # HF's head over every position, its logits soft-capped (Gemma 2) or not, then F.cross_entropy
     head_at_targets: bool = True
@@ -372,9 +376,9 @@ def block_saved_bytes_per_token(
         total += b * (n * d + 2 * kv * d + n * d) + 4 * n
         if padded:  # and its own copy of the padding mask, in the compute dtype
             total += b * seq
-    # o_proj reads SDPA's output itself, except from packed rows, which are concatenated into a new tensor
-    # (and from eager attention, whose transposed output is copied)
-    sdpa_out = attn and not packed and not training.eager_attention
+    # o_proj reads SDPA's output itself, except from packed rows concatenated into a new tensor (per-row
+    # SDPA: on a GPU, or with attention dropout) and from eager attention, whose transposed output is copied
+    sdpa_out = attn and not training.eager_attention and (not packed or training.packed_attention_node)
     out = linears(("o_proj",), n * d, attn, x_saved_elsewhere=sdpa_out)
     if training.sandwich:  # the attention output's own norm, before the residual add
         out = norm("post_attention_layernorm", out)
@@ -796,6 +800,7 @@ def estimate(
     if norms.rmsnorm:
         training.set_norms_fused(norms.not_rmsnorm)
     packed = cfg.train.padding_free and padding_free.unsupported_reason(model, cfg.data.max_seq_len) is None
+    training.packed_attention_node = not on_gpu and not getattr(model.config, "attention_dropout", 0.0)
     b = torch.finfo(dtype).bits // 8
     batch = batch or cfg.train.micro_batch_size
     seq = seq or cfg.data.max_seq_len

@@ -25,6 +25,8 @@ import itertools
 import torch
 from torch import nn
 
+from fusedtune.kernels.attention import packed_causal_attention
+
 PACKED_ATTENTION = "fusedtune_packed"
 _SEGMENTS_KWARG = "fusedtune_segments"
 _IN_PACKED_FORWARD = contextvars.ContextVar("fusedtune_in_packed_forward", default=False)
@@ -48,6 +50,22 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     kwargs.pop("is_causal", None)
+    if _one_node(query, dropout, kwargs):
+        return packed_causal_attention(query, key, value, segments, scaling), None
+    return _per_row_sdpa(module, query, key, value, segments, dropout, scaling, **kwargs), None
+
+
+def _one_node(query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+    """Every row in one node (kernels/attention.py: no zero-filled slice gradients, a 16-bit backward in
+    fp32): torch's CPU flash-attention ops, which take no dropout and no position bias."""
+    return query.device.type == "cpu" and not dropout and kwargs.get("position_bias") is None
+
+
+def _per_row_sdpa(module, query, key, value, segments, dropout, scaling, **kwargs) -> torch.Tensor:
+    """transformers' SDPA on each row's slice of q, k and v, causal, the outputs concatenated (a GPU, or
+    attention dropout): ``[1, T, H, D]``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     outs = [
         sdpa_attention_forward(
             module,
@@ -62,7 +80,7 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         )[0]
         for a, b in itertools.pairwise(segments)
     ]
-    return torch.cat(outs, dim=1), None
+    return torch.cat(outs, dim=1)
 
 
 def _packed_mask(*args, **kwargs):

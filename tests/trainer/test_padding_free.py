@@ -61,8 +61,14 @@ def _assert_same(a, b, rtol=1e-9, atol=1e-11):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.parametrize("one_node", [True, False], ids=["one-node", "per-row-sdpa"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_packed_matches_padded_and_per_row(checkpointing):
+def test_packed_matches_padded_and_per_row(checkpointing, one_node, monkeypatch):
+    """Both packed attentions: the CPU's one node (kernels/attention.py) and per-row SDPA (a GPU, or
+    attention dropout)."""
+    calls = []
+    real = padding_free._one_node
+    monkeypatch.setattr(padding_free, "_one_node", lambda *a: calls.append(real(*a)) or one_node)
     model = _model()
     if checkpointing:  # the row boundaries must reach the recomputed attention in backward
         from fusedtune.trainer.model import enable_checkpointing
@@ -76,6 +82,7 @@ def test_packed_matches_padded_and_per_row(checkpointing):
     packed = _loss_and_grads(model, lambda: loss_sum(model, batch))
     _assert_same(padded, oracle)
     _assert_same(packed, oracle)
+    assert calls and all(calls)  # the CPU without dropout takes the one node unless told otherwise
 
 
 def test_packed_forward_builds_no_mask_and_attends_per_row(monkeypatch):
@@ -221,3 +228,11 @@ def test_set_up_probes_that_every_layer_gets_the_boundaries():
     batch = _batch()
     loss_sum(model, batch).backward()  # trains, padded
     assert padding_free.setup(_model(), True, 64).startswith("padding-free micro-batches: on")
+
+
+def test_one_node_on_the_cpu_without_dropout_or_position_bias():
+    q = torch.zeros(1, 2, 4, 8)
+    assert padding_free._one_node(q, 0.0, {})
+    assert not padding_free._one_node(q, 0.1, {})  # torch's CPU flash ops take no dropout
+    assert not padding_free._one_node(q, 0.0, {"position_bias": torch.zeros(1)})
+    assert not padding_free._one_node(q.to("meta"), 0.0, {})
