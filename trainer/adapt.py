@@ -21,7 +21,7 @@ from fusedtune.kernels.lora import MAX_RANK as FUSED_MAX_RANK
 from fusedtune.kernels.modules import LoRASiblings
 from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 
-from . import experts
+from . import experts, memory
 from .config import Config
 from .errors import ConfigError
 
@@ -373,6 +373,8 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
         )
         if cfg.method == "qlora":
             model.to(device)  # the rest (embeddings, norms, head) after the Linears are packed
+            if device.type == "cpu":
+                memory.release_host_memory(model)  # the unquantized weights' pages and heap
             report.siblings_why_not = "qlora layers run one by one"
         elif lc.dropout > 0.0:
             report.siblings_why_not = "lora.dropout > 0 (each projection draws its own mask)"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +136,34 @@ def test_qlora_releases_each_full_precision_weight_once_packed(tiny_model_dir, m
     report = apply_method(model, cfg, torch.device("cpu"))
     assert len(report.quantized) == 14 == len(alive_at_each_call)
     assert alive_at_each_call == [0] * 14
+
+
+def _mapped_ranges(path_part: str) -> list[tuple[int, int]]:
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and path_part in fields[5]:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_qlora_on_the_cpu_lets_go_of_the_checkpoint_mapping(tiny_model_dir):
+    """transformers leaves fp32 CPU weights as views of the mapped safetensors file: once the Linears are
+    packed, nothing may still point into it, or every page quantization read stays resident."""
+    from fusedtune.trainer.model import load_model
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "method=qlora", "lora.rank=4"])
+    model, _ = load_model(str(tiny_model_dir), cfg.model, CPU, CPU)
+
+    def in_checkpoint(t: torch.Tensor) -> bool:
+        return any(lo <= t.data_ptr() < hi for lo, hi in _mapped_ranges(".safetensors"))
+
+    embedding = model.get_input_embeddings().weight
+    assert in_checkpoint(embedding)  # what the release is for (else this test proves nothing)
+    tied = model.get_output_embeddings().weight is embedding
+    apply_method(model, cfg, CPU)
+    assert not [n for n, p in model.named_parameters() if in_checkpoint(p)]
+    assert not _mapped_ranges(".safetensors")  # the last view gone, the mapping with it
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
