@@ -11,6 +11,7 @@ import contextvars
 import resource
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -113,19 +114,54 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def release_host_memory(model: nn.Module) -> None:
+def _checkpoint_mappings() -> list[tuple[int, int]]:
+    """Address ranges of the safetensors files this process has mapped (Linux; elsewhere none)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(".safetensors"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def release_host_memory(model: nn.Module) -> int:
     """Give the host memory a CPU model no longer uses back to the OS (``method: qlora`` once packed).
 
     transformers maps a safetensors checkpoint and leaves CPU tensors of the file's dtype as views of that
     mapping: every page the quantization read stays resident (fp32 SmolLM2: 425 MiB of Linear weights that
     the packed copies replaced) for as long as any tensor of the checkpoint, the embedding say, is alive.
-    Each remaining parameter gets its own memory here, so the mapping goes with the last view. Freed heap
-    memory (a checkpoint loaded in another dtype was copied) goes back through glibc's ``malloc_trim``
-    where there is one.
+    The parameters and buffers still inside such a mapping get their own memory here (a plain tensor's
+    data only: a bitsandbytes parameter keeps its state beside it, and keeps the mapping), so the mapping
+    goes with the last view. Freed heap memory (a checkpoint loaded in another dtype was copied) then goes
+    back through glibc's ``malloc_trim`` where there is one.
+
+    Returns:
+        The bytes copied out of checkpoint mappings.
     """
-    for p in model.parameters():
-        if p.device.type == "cpu":
-            p.data = p.data.clone()
+    mapped = _checkpoint_mappings()
+    copied = 0
+    if mapped:
+        done: dict[int, torch.Tensor] = {}  # a buffer registered twice gets one copy
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for name, t in tensors.items():
+                    if t is None or type(t) not in (nn.Parameter, torch.Tensor):
+                        continue
+                    if id(t) in done:
+                        tensors[name] = done[id(t)]
+                        continue
+                    if t.device.type == "cpu" and any(lo <= t.data_ptr() < hi for lo, hi in mapped):
+                        copied += t.nbytes
+                        if isinstance(t, nn.Parameter):
+                            t.data = t.data.clone()  # the same Parameter: ties and references hold
+                        else:
+                            tensors[name] = t.clone()
+                    done[id(t)] = tensors[name]
     if sys.platform.startswith("linux"):
         import ctypes
         import ctypes.util
@@ -134,6 +170,7 @@ def release_host_memory(model: nn.Module) -> None:
         trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
         if trim is not None:  # glibc; musl has none
             trim(0)
+    return copied
 
 
 def fmt_bytes(n: float) -> str:

@@ -50,15 +50,25 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     kwargs.pop("is_causal", None)
-    if _one_node(query, dropout, kwargs):
+    if _one_node(query, key, value, dropout, kwargs):
         return packed_causal_attention(query, key, value, segments, scaling), None
     return _per_row_sdpa(module, query, key, value, segments, dropout, scaling, **kwargs), None
 
 
-def _one_node(query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+def _one_node(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float, kwargs: dict
+) -> bool:
     """Every row in one node (kernels/attention.py: no zero-filled slice gradients, a 16-bit backward in
-    fp32): torch's CPU flash-attention ops, which take no dropout and no position bias."""
-    return query.device.type == "cpu" and not dropout and kwargs.get("position_bias") is None
+    fp32): torch's CPU flash-attention ops, which take one head size for q, k and v (DeepSeek's MLA has a
+    narrower v), unit-stride heads, and no dropout, position bias, soft-capping or sinks."""
+    return (
+        query.device.type == "cpu"
+        and not dropout
+        and query.shape[-1] == key.shape[-1] == value.shape[-1]
+        and query.shape[2] == key.shape[2] == value.shape[2]
+        and all(x.stride(-1) == 1 for x in (query, key, value))
+        and all(kwargs.get(k) is None for k in ("position_bias", "softcap", "s_aux", "sinks"))
+    )
 
 
 def _per_row_sdpa(module, query, key, value, segments, dropout, scaling, **kwargs) -> torch.Tensor:

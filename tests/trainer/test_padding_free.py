@@ -230,9 +230,13 @@ def test_set_up_probes_that_every_layer_gets_the_boundaries():
     assert padding_free.setup(_model(), True, 64).startswith("padding-free micro-batches: on")
 
 
-def test_one_node_on_the_cpu_without_dropout_or_position_bias():
-    q = torch.zeros(1, 2, 4, 8)
-    assert padding_free._one_node(q, 0.0, {})
-    assert not padding_free._one_node(q, 0.1, {})  # torch's CPU flash ops take no dropout
-    assert not padding_free._one_node(q, 0.0, {"position_bias": torch.zeros(1)})
-    assert not padding_free._one_node(q.to("meta"), 0.0, {})
+def test_one_node_only_where_torchs_cpu_flash_ops_apply():
+    q, k, v = torch.zeros(1, 4, 6, 8), torch.zeros(1, 2, 6, 8), torch.zeros(1, 2, 6, 8)
+    assert padding_free._one_node(q, k, v, 0.0, {})
+    assert not padding_free._one_node(q, k, v, 0.1, {})  # they take no dropout
+    for name in ("position_bias", "softcap", "s_aux", "sinks"):
+        assert not padding_free._one_node(q, k, v, 0.0, {name: torch.zeros(1)}), name
+    assert not padding_free._one_node(q.to("meta"), k.to("meta"), v.to("meta"), 0.0, {})
+    assert not padding_free._one_node(q, k, torch.zeros(1, 2, 6, 4), 0.0, {})  # MLA: a narrower v
+    strided = torch.zeros(1, 4, 6, 16)[..., ::2]
+    assert not padding_free._one_node(strided, k, v, 0.0, {})

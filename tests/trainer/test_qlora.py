@@ -138,32 +138,46 @@ def test_qlora_releases_each_full_precision_weight_once_packed(tiny_model_dir, m
     assert alive_at_each_call == [0] * 14
 
 
-def _mapped_ranges(path_part: str) -> list[tuple[int, int]]:
+def _mapped_ranges(folder: Path) -> list[tuple[int, int]]:
     ranges = []
     for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and path_part in fields[5]:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(str(folder)):
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             ranges.append((lo, hi))
     return ranges
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_qlora_on_the_cpu_lets_go_of_the_checkpoint_mapping(tiny_model_dir):
+@pytest.mark.parametrize("tie", [False, True])
+def test_qlora_on_the_cpu_lets_go_of_the_checkpoint_mapping(tmp_path, tie):
     """transformers leaves fp32 CPU weights as views of the mapped safetensors file: once the Linears are
     packed, nothing may still point into it, or every page quantization read stays resident."""
+    import gc
+
+    from tiny import build_tiny_model
+
+    from fusedtune.trainer import memory
     from fusedtune.trainer.model import load_model
 
-    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "method=qlora", "lora.rank=4"])
-    model, _ = load_model(str(tiny_model_dir), cfg.model, CPU, CPU)
+    folder = build_tiny_model(tmp_path / "model", tie=tie)  # its own files: no other test's model maps them
+    cfg = load_config(None, [f"model.name_or_path={folder}", "method=qlora", "lora.rank=4"])
+    model, _ = load_model(str(folder), cfg.model, CPU, CPU)
 
     def in_checkpoint(t: torch.Tensor) -> bool:
-        return any(lo <= t.data_ptr() < hi for lo, hi in _mapped_ranges(".safetensors"))
+        return any(lo <= t.data_ptr() < hi for lo, hi in _mapped_ranges(folder))
 
     embedding = model.get_input_embeddings().weight
     assert in_checkpoint(embedding)  # what the release is for (else this test proves nothing)
-    tied = model.get_output_embeddings().weight is embedding
+    assert (model.get_output_embeddings().weight is embedding) == tie
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if in_checkpoint(p)}
     apply_method(model, cfg, CPU)
-    assert not [n for n, p in model.named_parameters() if in_checkpoint(p)]
-    assert not _mapped_ranges(".safetensors")  # the last view gone, the mapping with it
-    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    gc.collect()
+    params = dict(model.named_parameters())
+    assert not [n for n, p in params.items() if in_checkpoint(p)]
+    assert not _mapped_ranges(folder)  # the last view gone, the mapping with it
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
+    for name, value in before.items():  # the copies hold the same values
+        if name in params:
+            torch.testing.assert_close(params[name].detach(), value, rtol=0, atol=0, msg=name)
+    assert memory.release_host_memory(model) == 0  # nothing left to copy
