@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights (default: the run's)"
     )
+    exp.add_argument(
+        "--base",
+        metavar="PATH",
+        help="the base model, where the run's model.name_or_path no longer finds it (default: the run's)",
+    )
     return parser
 
 
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         from .export import export
 
         try:
-            export(args.run_dir, args.out_dir, args.dtype)
+            export(args.run_dir, args.out_dir, args.dtype, base=args.base)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return e.exit_code

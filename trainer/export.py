@@ -21,20 +21,28 @@ import torch
 from .config import ConfigError, load_config
 from .errors import UserError
 from .memory import dtype_label
-from .model import load_model, load_tokenizer, resolve_model_path
+from .model import ModelError, load_model, load_tokenizer, resolve_model_path
 
 
 class ExportError(UserError):
     """A run directory that cannot be exported, or an output directory that cannot take it."""
 
 
-def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, log=print) -> Path:
+def export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    log=print,
+    base: str | Path | None = None,
+) -> Path:
     """Write the fine-tuned model of ``run_dir`` to ``out_dir`` (which must be new or empty).
 
     Args:
         run_dir: a ``trainer run`` output directory.
         out_dir: where the model goes.
         dtype: ``fp32`` / ``bf16`` / ``fp16`` for the written weights; None: the run's ``model.dtype``.
+        base: the base model where the run's ``model.name_or_path`` no longer finds it (moved or copied
+            elsewhere); None: the run's.
 
     Returns:
         ``out_dir``.
@@ -62,9 +70,15 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, l
     model_cfg = cfg.model.model_copy(update={"gradient_checkpointing": False})
     if dtype is not None:
         model_cfg = model_cfg.model_copy(update={"dtype": dtype})
-    path = resolve_model_path(model_cfg)
-    tokenizer = load_tokenizer(path, model_cfg)
-    model, loaded_dtype = load_model(path, model_cfg, torch.device("cpu"))
+    if base is not None:
+        model_cfg = model_cfg.model_copy(update={"name_or_path": str(Path(base).expanduser())})
+    try:
+        path = resolve_model_path(model_cfg)
+        tokenizer = load_tokenizer(path, model_cfg)
+        model, loaded_dtype = load_model(path, model_cfg, torch.device("cpu"))
+    except ModelError as e:
+        hint = "" if base is not None else "; if the base model moved, pass its new place with --base PATH"
+        raise ExportError(f"export: {e}{hint}") from None
     (_merge_peft_adapter if lora else _copy_trainable)(model, run, weights)
     model.config.use_cache = True  # the run turned it off for training; generation wants it
     created = not out.exists()

@@ -129,3 +129,28 @@ def test_bad_export_arguments_get_one_line(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: export: {run} has no adapter_model.safetensors: the run has not finished")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_finds_a_moved_base_with_the_base_option(tmp_path, capsys):
+    """The run names its base by path: once that moved, export says so in one line and --base finds it."""
+    from tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base")
+    run = _train(tmp_path, base)
+    moved = base.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(base) in err, err
+    assert err.endswith("if the base model moved, pass its new place with --base PATH"), err
+    assert not (tmp_path / "out").exists()
+    assert main(["export", str(run), str(tmp_path / "out"), "--base", str(moved)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    reference = AutoModelForCausalLM.from_pretrained(moved)
+    from peft import PeftModel
+
+    reference = PeftModel.from_pretrained(reference, str(run))
+    torch.testing.assert_close(_logits(exported), _logits(reference), rtol=1e-5, atol=1e-5)
+    assert main(["export", str(run), str(tmp_path / "out2"), "--base", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path / "nowhere") in err and "--base" not in err, err
