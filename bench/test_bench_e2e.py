@@ -57,6 +57,25 @@ def test_bench_e2e_tiny(benchmark, tmp_path, method):
     assert text.count(device_name()) == len(rows) and "HF Trainer + PEFT + bnb" in text
 
 
+def test_bench_e2e_tiny_bf16(tmp_path):
+    """``--dtype bf16``: both providers in bf16 (HF under its CPU autocast), checked with the bf16 tolerances."""
+    rows = e2e.run_benchmark(
+        model="tiny",
+        methods=["lora"],
+        seq=64,
+        batch=4,
+        steps=3,
+        out_dir=tmp_path,
+        threads=1,
+        log=lambda *_: None,
+        dtype="bf16",
+    )
+    assert {r["provider"] for r in rows} == set(e2e.PROVIDERS) and all(r["dtype"] == "bf16" for r in rows)
+    assert all(r["min_grad_norm"] > 0 for r in rows)
+    assert (tmp_path / "e2e-tiny-bf16-cpu.json").is_file()
+    assert "bf16 (HF: the model loaded in bf16" in (tmp_path / "e2e-tiny-bf16-cpu.md").read_text()
+
+
 def _row(provider, losses, norms):
     return {
         "provider": provider,
