@@ -107,6 +107,8 @@ def task_accuracy(
         eos_token_id=tokenizer.eos_token_id,
     )
     correct, samples = 0, []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hook = head.register_forward_pre_hook(_contiguous_head_input) if head is not None else None
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -137,4 +139,17 @@ def task_accuracy(
     finally:
         model.train(was_training)
         tokenizer.padding_side = padding_side
+        if hook is not None:
+            hook.remove()
     return correct / len(rows), samples
+
+
+def _contiguous_head_input(module: nn.Module, args: tuple):
+    """The LM head's input made contiguous during generation. ``generate`` hands the head the last
+    position's slice of the hidden states, ``[B, 1, d]`` of ``[B, T, d]``, and torch's CPU bf16
+    ``F.linear`` over such a strided 3-D input broadcasts the weight to B copies (torch 2.13: 1.7 GiB of
+    peak RSS for 32 prompts through SmolLM2's 49152 x 576 head, against 12 MiB for a contiguous input)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 3 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None

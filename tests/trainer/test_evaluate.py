@@ -130,3 +130,22 @@ def test_task_accuracy_on_built_datasets_rows(tiny_model, tiny_tokenizer):
     accuracy, samples = task_accuracy(tiny_model, tiny_tokenizer, data.eval_rows, data.task, max_new_tokens=4)
     assert 0.0 <= accuracy <= 1.0 and len(samples) == 4  # the default num_samples
     assert math.isnan(task_accuracy(tiny_model, tiny_tokenizer, [], data.task)[0])
+
+
+def test_generation_hands_the_head_a_contiguous_input(tiny_model, tiny_tokenizer, monkeypatch):
+    """generate gives the LM head a strided slice of the hidden states, over which torch's CPU bf16 linear
+    broadcasts the weight (one copy per prompt): task_accuracy makes it contiguous, and leaves no hook."""
+    _, rows = get_task("dates").split(num_train=1, num_eval=4, seed=0)
+    head = tiny_model.get_output_embeddings()
+    hooks_before = len(head._forward_pre_hooks)
+    hf_gives, head_gets = [], []
+    spy = head.register_forward_pre_hook(lambda m, a: hf_gives.append(a[0].is_contiguous()))  # runs first
+    forward = head.forward
+    monkeypatch.setattr(head, "forward", lambda x: head_gets.append(x.is_contiguous()) or forward(x))
+    try:
+        task_accuracy(tiny_model, tiny_tokenizer, rows, get_task("dates"), batch_size=4, max_new_tokens=3)
+    finally:
+        spy.remove()
+    assert hf_gives and not all(hf_gives)  # what generate hands over (else this test proves nothing)
+    assert len(head_gets) == len(hf_gives) and all(head_gets)
+    assert len(head._forward_pre_hooks) == hooks_before
