@@ -114,16 +114,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _checkpoint_mappings() -> list[tuple[int, int]]:
-    """Address ranges of the safetensors files this process has mapped (Linux; elsewhere none)."""
+def checkpoint_mappings(under: Path | None = None) -> list[tuple[int, int]]:
+    """Address ranges of the safetensors files this process has mapped (Linux; elsewhere none), those
+    under folder ``under`` alone when given."""
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return []
+    folder = None if under is None else Path(under).resolve()
     ranges = []
     for line in lines:
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[5].endswith(".safetensors"):
+            if folder is not None and not Path(fields[5]).is_relative_to(folder):
+                continue
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             ranges.append((lo, hi))
     return ranges
@@ -143,7 +147,7 @@ def release_host_memory(model: nn.Module) -> int:
     Returns:
         The bytes copied out of checkpoint mappings.
     """
-    mapped = _checkpoint_mappings()
+    mapped = checkpoint_mappings()
     copied = 0
     if mapped:
         done: dict[int, torch.Tensor] = {}  # a buffer registered twice gets one copy

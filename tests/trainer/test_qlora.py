@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -138,16 +137,6 @@ def test_qlora_releases_each_full_precision_weight_once_packed(tiny_model_dir, m
     assert alive_at_each_call == [0] * 14
 
 
-def _mapped_ranges(folder: Path) -> list[tuple[int, int]]:
-    ranges = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith(str(folder)):
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((lo, hi))
-    return ranges
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 @pytest.mark.parametrize("tie", [False, True])
 def test_qlora_on_the_cpu_lets_go_of_the_checkpoint_mapping(tmp_path, tie):
@@ -165,7 +154,7 @@ def test_qlora_on_the_cpu_lets_go_of_the_checkpoint_mapping(tmp_path, tie):
     model, _ = load_model(str(folder), cfg.model, CPU, CPU)
 
     def in_checkpoint(t: torch.Tensor) -> bool:
-        return any(lo <= t.data_ptr() < hi for lo, hi in _mapped_ranges(folder))
+        return any(lo <= t.data_ptr() < hi for lo, hi in memory.checkpoint_mappings(folder))
 
     embedding = model.get_input_embeddings().weight
     assert in_checkpoint(embedding)  # what the release is for (else this test proves nothing)
@@ -175,7 +164,7 @@ def test_qlora_on_the_cpu_lets_go_of_the_checkpoint_mapping(tmp_path, tie):
     gc.collect()
     params = dict(model.named_parameters())
     assert not [n for n, p in params.items() if in_checkpoint(p)]
-    assert not _mapped_ranges(folder)  # the last view gone, the mapping with it
+    assert not memory.checkpoint_mappings(folder)  # the last view gone, the mapping with it
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
     for name, value in before.items():  # the copies hold the same values
         if name in params:
