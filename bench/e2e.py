@@ -46,6 +46,7 @@ sys.path.insert(0, str(BENCH))
 
 PROVIDERS = ["fusedtune", "hf_peft"]
 GPU_ONLY_PROVIDERS = ["fusedtune_triton", "hf_peft_liger", "unsloth"]  # bench/gpu_e2e.py (where installable)
+OPTIONAL_PROVIDERS = ["torchtune"]  # where installed (pip install -e '.[bench]'); Llama-architecture models
 METHODS = ["lora", "qlora"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # An MoE model (--model mixtral): LoRA on the attention Linears and on every expert's stacked weights
@@ -401,6 +402,177 @@ def run_hf_peft(job: dict, batches: list[dict], liger: bool = False, model=None)
     }
 
 
+# torchtune's names for the Linears (``layers.3.attn.output_proj``) -> the HF names (``layers.3.self_attn.o_proj``)
+_TUNE_TO_HF = {
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.output_proj": "self_attn.o_proj",
+    "mlp.w1": "mlp.gate_proj",
+    "mlp.w3": "mlp.up_proj",
+    "mlp.w2": "mlp.down_proj",
+}
+
+
+TORCHAO_NF4_MULTIPLE = 64 * 256  # torchao's to_nf4: blocks of 64, their scales double-quantized 256 at a time
+
+
+def torchtune_skip(path: str, method: str) -> str | None:
+    """Why the torchtune provider cannot run ``method`` on the model at ``path`` (None: it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchtune") is None:
+        return "torchtune not installed (pip install -e '.[bench]')"
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type != "llama":
+        return f"this provider builds torchtune's Llama; the model is {cfg.model_type}"
+    if method == "qlora":
+        h = cfg.hidden_size
+        kv = cfg.num_key_value_heads * h // cfg.num_attention_heads
+        outs = {
+            "q_proj": h,
+            "k_proj": kv,
+            "gate_proj": cfg.intermediate_size,
+        }  # the other Linears share these
+        bad = [(name, rows) for name, rows in outs.items() if rows * h % TORCHAO_NF4_MULTIPLE]
+        if bad:
+            name, rows = bad[0]
+            return (
+                f"torchtune's QLoRA (torchao's NF4) takes weights of a multiple of {TORCHAO_NF4_MULTIPLE} elements only; "
+                f"{name} is {rows}x{h}"
+            )
+    return None
+
+
+def build_torchtune_model(path: str, method: str, dtype: torch.dtype, seq: int) -> torch.nn.Module:
+    """The checkpoint at ``path`` (a Llama-architecture HF model) as torchtune's LoRA Llama, adapters on every
+    block Linear, weights converted by torchtune's own ``hf_to_tune`` (QLoRA: its NF4 base, torchao's format).
+
+    torchtune's Llama 3.2 builder (tied or untied head) with its RoPE replaced by the plain one at the
+    checkpoint's theta: the 3.2 builder's is Llama 3.1's frequency-scaled RoPE, which other Llamas
+    (SmolLM2) do not use.
+    """
+    from safetensors.torch import load_file
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.llama3_2._component_builders import lora_llama3_2
+    from torchtune.modules import RotaryPositionalEmbeddings
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
+    theta = rope["rope_theta"]
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    plain_llama = (
+        cfg.model_type == "llama"
+        and rope.get("rope_type", "default") == "default"
+        and not (cfg.attention_bias or cfg.mlp_bias)
+        and getattr(cfg, "head_dim", head_dim) == head_dim
+    )
+    if not plain_llama:
+        raise BenchmarkFailed(
+            f"torchtune provider: {path} is not a plain Llama ({cfg.model_type}, RoPE {rope})"
+        )
+    # as torchtune's recipes build it (training.set_default_dtype): the adapters in the model's dtype too
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = lora_llama3_2(
+            ["q_proj", "k_proj", "v_proj", "output_proj"],
+            apply_lora_to_mlp=True,
+            apply_lora_to_output=False,
+            vocab_size=cfg.vocab_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            embed_dim=cfg.hidden_size,
+            max_seq_len=seq,
+            intermediate_dim=cfg.intermediate_size,
+            norm_eps=cfg.rms_norm_eps,
+            lora_rank=RANK,
+            lora_alpha=ALPHA,
+            lora_dropout=0.0,
+            quantize_base=method == "qlora",
+            tie_word_embeddings=cfg.tie_word_embeddings,
+        )
+        plain = RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=seq, base=theta)
+    finally:
+        torch.set_default_dtype(default)
+    for layer in model.layers:
+        layer.attn.pos_embeddings = plain
+    hf_state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        hf_state.update(load_file(str(f)))
+    state = hf_to_tune(
+        hf_state, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, dim=cfg.hidden_size
+    )
+    if cfg.tie_word_embeddings:
+        state.pop("output.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if ".lora_" not in m]
+    if missing or unexpected:
+        raise BenchmarkFailed(
+            f"torchtune provider: weights missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    del hf_state, state
+    set_trainable_params(model, get_adapter_params(model))
+    with torch.no_grad():  # the same initial A as the other providers (B starts at zero in all of them)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_a.weight"):
+                head = name.removesuffix(".lora_a.weight")
+                layer, proj = head.split(".", 2)[1], head.split(".", 2)[2]
+                key = f"layers.{layer}.{_TUNE_TO_HF[proj]}"
+                p.copy_(_init_lora_a(key, p.shape).to(p.dtype))
+    return model
+
+
+def run_torchtune(job: dict, batches: list[dict]) -> dict:
+    """torchtune's single-device LoRA / QLoRA recipe (``lora_finetune_single_device``), its training loop as
+    written there: its model and LoRA modules, its chunked-output cross-entropy, the loss normalized over
+    the step's target tokens (``scale_grads``), ``clip_grad_norm_``; the same 8-bit AdamW as the others
+    (torchtune's configs take any optimizer class)."""
+    import bitsandbytes as bnb
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    if job.get("device") == "cuda":
+        raise BenchmarkFailed("torchtune provider: CPU only here")
+    dtype = torch.bfloat16 if job.get("dtype") == "bf16" else torch.float32
+    model = build_torchtune_model(job["model_path"], job["method"], dtype, job["seq"])
+    model.train()
+    loss_fn = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.AdamW8bit(params, lr=LR, weight_decay=0.0)
+    accum = job["grad_accum"]
+    times, losses, norms = [], [], []
+    for step in range(job["steps"]):
+        micro = batches[step * accum : (step + 1) * accum]
+        t0 = time.perf_counter()
+        running, n_tokens = 0.0, 0
+        for b in micro:
+            labels = b["labels"]
+            labels = torch.hstack((labels[..., 1:], torch.full_like(labels[..., :1], loss_fn.ignore_index)))
+            current = int((labels != loss_fn.ignore_index).sum())
+            n_tokens += current
+            logits = model(b["input_ids"])  # right padding: causal attention keeps it out of the real tokens
+            loss = loss_fn(logits, labels) * current
+            del logits
+            running += float(loss)
+            loss.backward()
+        for p in params:  # torchtune.training.scale_grads (that module needs a torchao older than PEFT takes)
+            p.grad.mul_(1 / n_tokens)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(running / n_tokens)
+        norms.append(float(norm))
+    sq = sum(float(p.detach().float().square().sum()) for n, p in model.named_parameters() if "lora_b" in n)
+    return {"times": times, "losses": losses, "grad_norms": norms, "lora_b_norm": sq**0.5}
+
+
 def run_unsloth(job: dict, batches: list[dict]) -> dict:
     """Unsloth's FastLanguageModel + its LoRA, trained by the same HF Trainer set-up (GPU only)."""
     from unsloth import FastLanguageModel
@@ -437,6 +609,8 @@ def worker(provider: str, job: dict) -> dict:
         result = run_fusedtune(dict(job, kernels="triton"), batches)
     elif provider == "unsloth":
         result = run_unsloth(job, batches)
+    elif provider == "torchtune":
+        result = run_torchtune(job, batches)
     else:
         result = run_hf_peft(job, batches, liger=provider == "hf_peft_liger")
     used = batches[: job["steps"] * job["grad_accum"]]
@@ -511,6 +685,7 @@ def check(rows: list[dict], rtol: float = LOSS_RTOL, grad_rtol: float = GRAD_RTO
     Raises:
         BenchmarkFailed: naming the provider, method and step.
     """
+    rows = [r for r in rows if "skipped" not in r]
     for r in rows:
         bad = [g for g in r["grad_norms"] if not (g > 0 and g == g and g != float("inf"))]
         if bad or len(r["grad_norms"]) != r["steps"]:
@@ -553,7 +728,7 @@ def add_ratios(rows: list[dict]) -> None:
     base = {r["method"]: r for r in rows if r["provider"] == "hf_peft"}
     for r in rows:
         b = base.get(r["method"])
-        if b:
+        if b and "skipped" not in r:
             r["step_time_ratio"] = r["step_s_median"] / b["step_s_median"]
             r["peak_rss_ratio"] = r["peak_rss_mib"] / b["peak_rss_mib"]
             # Round by round (each round runs the providers back to back): robust to the machine drifting.
@@ -570,8 +745,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "skipped" not in r]
     methods = sorted({r["method"] for r in rows}, key=METHODS.index)
-    provs = [p for p in PROVIDERS + GPU_ONLY_PROVIDERS if any(r["provider"] == p for r in rows)]
+    provs = [
+        p
+        for p in PROVIDERS + OPTIONAL_PROVIDERS + GPU_ONLY_PROVIDERS
+        if any(r["provider"] == p for r in rows)
+    ]
     gpu = all("max_allocated_gib" in r for r in rows)
     memory = ("max_allocated_gib", "CUDA max allocated (GiB)") if gpu else ("peak_rss_mib", "peak RSS (MiB)")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -639,8 +819,13 @@ def run_benchmark(
             "dtype": dtype,
         }
         best: dict[str, dict] = {}
-        for round_ in range(1, rounds + 1):  # providers interleaved, so a busy spell hits both
-            for provider in PROVIDERS:
+        skipped = {p: torchtune_skip(path, method) for p in OPTIONAL_PROVIDERS}
+        for p, why in skipped.items():
+            if why:
+                log(f"{model} {method} {p}: skipped ({why})")
+        providers = PROVIDERS + [p for p in OPTIONAL_PROVIDERS if not skipped[p]]
+        for round_ in range(1, rounds + 1):  # providers interleaved, so a busy spell hits all
+            for provider in providers:
                 log(
                     f"{model} {method} {provider} (round {round_}/{rounds}): {steps} steps of {grad_accum}x[{batch}x{seq}] ..."
                 )
@@ -654,7 +839,12 @@ def run_benchmark(
                 if provider not in best or row["step_s_median"] < best[provider]["step_s_median"]:
                     best[provider] = row
                 best[provider]["round_medians"] = medians
-        rows += [best[p] for p in PROVIDERS]
+        rows += [best[p] for p in providers]
+        rows += [
+            {"model": model, "method": method, "provider": p, "skipped": why}
+            for p, why in skipped.items()
+            if why
+        ]
     add_ratios(rows)
     loss_rtol, grad_rtol = (BF16_LOSS_RTOL, BF16_GRAD_RTOL) if dtype == "bf16" else (LOSS_RTOL, GRAD_RTOL)
     check(rows, loss_rtol, grad_rtol)
@@ -662,7 +852,8 @@ def run_benchmark(
         if threads:
             torch.set_num_threads(threads)  # so the recorded device names the workers' thread count
         name = f"e2e-{model}" if dtype == "fp32" else f"e2e-{model}-{dtype}"
-        json_path = write_results(name, rows, COLUMNS, out_dir)
+        columns = COLUMNS + (["skipped"] if any("skipped" in r for r in rows) else [])
+        json_path = write_results(name, rows, columns, out_dir)
         env = environment()
         title = (
             f"{name}: LoRA r={RANK} on all block Linears, {grad_accum}x[{batch}x{seq}], {steps} steps, {dtype} — "
@@ -677,8 +868,11 @@ def run_benchmark(
             f"{_dtype_words(dtype)}, 8-bit AdamW lr {LR:g}. Median over steps 2..{steps} (with {rounds} interleaved round(s) per provider, the "
             f"round with the lowest median; all round medians are in the JSON); tokens/s counts non-pad tokens; "
             f"peak RSS of each provider's own process. Per-step losses agree within {loss_rtol:g} relative, per-step "
-            f"gradient norms and the trained LoRA B's norm within {grad_rtol:g}; grad norms non-zero. Ratios: fusedtune / hf_peft (target <= 0.8): step_time_ratio of the best rounds, "
+            f"gradient norms and the trained LoRA B's norm within {grad_rtol:g}; grad norms non-zero. Ratios: each provider / hf_peft (fusedtune's target: <= 0.8): step_time_ratio of the best rounds, "
             f"paired_ratio_median the median over rounds of the two providers' ratio within a round. "
+            f"torchtune: its single-device LoRA recipe's training loop (its Llama modules with the checkpoint's "
+            f"plain RoPE, weights by its hf_to_tune, CEWithChunkedOutputLoss, adapters in the model's dtype) with the "
+            f"same 8-bit AdamW. "
             f"Device slug: {device_slug()}.\n"
         )
         log(f"wrote {json_path}, {md}, {json_path.with_suffix('.png')}")
@@ -714,7 +908,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="fp32", choices=DTYPES, help="the model's dtype for both providers (default fp32)"
     )
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
-    parser.add_argument("--worker", choices=[*PROVIDERS, *GPU_ONLY_PROVIDERS], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=[*PROVIDERS, *OPTIONAL_PROVIDERS, *GPU_ONLY_PROVIDERS], help=argparse.SUPPRESS
+    )
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

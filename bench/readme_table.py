@@ -67,6 +67,7 @@ PROVIDER_NAMES = {
     "hf_peft": "HF Trainer + PEFT + bnb",
     "hf_peft_liger": "HF + PEFT + Liger",
     "unsloth": "Unsloth",
+    "torchtune": "torchtune (its LoRA recipe's loop)",
 }
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -40,7 +41,10 @@ def test_bench_e2e_tiny(benchmark, tmp_path, method):
     )
     benchmark.group = f"e2e-tiny-{method}"
     by = {r["provider"]: r for r in rows}
-    assert set(by) == set(e2e.PROVIDERS)
+    assert set(by) == {*e2e.PROVIDERS, "torchtune"}  # torchtune: a dev dependency, so it runs here
+    if method == "qlora":  # the tiny model's 64x64 weights are too small for torchao's NF4
+        assert "multiple of 16384 elements only; q_proj is 64x64" in by.pop("torchtune")["skipped"]
+    rows = list(by.values())
     benchmark.extra_info.update(
         {
             f"{p}_{k}": by[p][k]
@@ -54,7 +58,7 @@ def test_bench_e2e_tiny(benchmark, tmp_path, method):
     from report import device_name
 
     text = table(tmp_path)  # the README table names the machine of every number
-    assert text.count(device_name()) == len(rows) and "HF Trainer + PEFT + bnb" in text
+    assert text.count(device_name()) == len(rows) + (method == "qlora") and "HF Trainer + PEFT + bnb" in text
 
 
 def test_bench_e2e_tiny_bf16(tmp_path):
@@ -70,10 +74,44 @@ def test_bench_e2e_tiny_bf16(tmp_path):
         log=lambda *_: None,
         dtype="bf16",
     )
-    assert {r["provider"] for r in rows} == set(e2e.PROVIDERS) and all(r["dtype"] == "bf16" for r in rows)
+    assert {r["provider"] for r in rows} == {*e2e.PROVIDERS, "torchtune"} and all(
+        r["dtype"] == "bf16" for r in rows
+    )
     assert all(r["min_grad_norm"] > 0 for r in rows)
     assert (tmp_path / "e2e-tiny-bf16-cpu.json").is_file()
     assert "bf16 (HF: the model loaded in bf16" in (tmp_path / "e2e-tiny-bf16-cpu.md").read_text()
+
+
+def test_torchtune_provider_is_the_same_model():
+    """The torchtune provider's model (its Llama, RoPE swapped for the checkpoint's plain one, weights through
+    its hf_to_tune) gives transformers' logits at every real position: its rows compare like with like."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = e2e.model_path("tiny")
+    batch = e2e.make_batches(AutoConfig.from_pretrained(path).vocab_size, 1, 2, 32)[0]
+    tune = e2e.build_torchtune_model(path, "lora", torch.float32, 32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in tune.named_parameters():  # B starts at zero: give the adapters something to do
+            if name.endswith("lora_b.weight"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        want = hf(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits
+        got = tune(batch["input_ids"])
+    real = batch["attention_mask"].bool()
+    assert not torch.equal(got[real], want[real])  # the adapters changed the output...
+    tune_b = {n: p for n, p in tune.named_parameters() if n.endswith("lora_b.weight")}
+    with torch.no_grad():
+        for p in tune_b.values():
+            p.zero_()
+        got = tune(batch["input_ids"])
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)  # ...and without them, HF's
+
+
+def test_torchtune_skip_reasons(tmp_path):
+    path = e2e.model_path("tiny")
+    assert e2e.torchtune_skip(path, "lora") is None
+    assert "q_proj is 64x64" in e2e.torchtune_skip(path, "qlora")
+    assert "model is mixtral" in e2e.torchtune_skip(e2e.model_path("mixtral"), "lora")
 
 
 def _row(provider, losses, norms):
