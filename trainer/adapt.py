@@ -71,10 +71,16 @@ class AdaptReport:
     experts_why_not: str | None = None  # why the expert weights were not adapted
     experts_unhandled: list[str] = field(default_factory=list)  # 3-D weights outside an experts module
     tied_trainable: tuple[str, str] | None = None  # (trainable name, the name it is tied to)
+    unused: list[str] = field(default_factory=list)  # modules a text-only run never calls (kept frozen)
 
     def lines(self) -> list[str]:
         """Human-readable lines: what got adapted, fused, and what did not and why."""
         out = [f"method {self.method}: {len(self.trainable_names)} trainable tensors"]
+        if self.unused:
+            out.append(
+                f"frozen, never adapted: {', '.join(self.unused)} (a text-only run never calls them; "
+                "the language model's blocks are the ones counted and chosen)"
+            )
         if self.tied_trainable:
             out.append(
                 f"{self.tied_trainable[0]} is tied to {self.tied_trainable[1]} (one tensor, named once): "
@@ -184,10 +190,48 @@ def is_plain_linear(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) and (type(mod).forward is nn.Linear.forward or _is_bnb_quantized(mod))
 
 
+def unused_by_text(model: nn.Module) -> list[str]:
+    """The modules a text-only forward never calls: on a multimodal checkpoint loaded as a causal LM
+    (Gemma 3, Qwen2-VL, ...), the vision tower and its projector.
+
+    They are the siblings of the modules on the way down to the language model (``get_decoder()``), less
+    any that holds the input embedding or the output head. A text-only model has none.
+    """
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return []
+    path = next((n for n, m in model.named_modules() if m is decoder), None)
+    if not path:  # not found, or the model itself
+        return []
+    keep = [
+        getattr(model, f)() for f in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, f)
+    ]
+    keep = [m for m in keep if isinstance(m, nn.Module)]
+    parts = path.split(".")
+    unused = []
+    for depth, on_path in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        parent = model.get_submodule(prefix) if prefix else model
+        for name, child in parent.named_children():
+            held = any(k is m for m in child.modules() for k in keep)
+            if name != on_path and not held and any(True for _ in child.parameters()):
+                unused.append(f"{prefix}.{name}" if prefix else name)
+    return unused
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every plain ``nn.Linear`` inside the transformer blocks (names with an integer layer index)."""
+    """Every plain ``nn.Linear`` inside the transformer blocks (names with an integer layer index) that a
+    text-only forward calls (not a vision tower's: :func:`unused_by_text`)."""
+    unused = unused_by_text(model)
     return {
-        name: mod for name, mod in model.named_modules() if is_plain_linear(mod) and _BLOCK_INDEX.search(name)
+        name: mod
+        for name, mod in model.named_modules()
+        if is_plain_linear(mod) and _BLOCK_INDEX.search(name) and not _under(name, unused)
     }
 
 
@@ -224,9 +268,17 @@ def select_targets(model: nn.Module, target_modules: list[str] | None) -> dict[s
                 f"lora.target_modules: the model has no Linear layers inside indexed blocks{why}"
             )
         return targets
+    unused = unused_by_text(model)
     linears = {n: m for n, m in model.named_modules() if is_plain_linear(m)}
     expert_names = list(experts.expert_weights(model))
-    targets = {n: m for n, m in linears.items() if _matches(n, target_modules)}
+    targets = {n: m for n, m in linears.items() if _matches(n, target_modules) and not _under(n, unused)}
+    never_called = [t for t in target_modules if not any(_matches(n, [t]) for n in targets)]
+    never_called = [t for t in never_called if any(_matches(n, [t]) for n in linears)]
+    if never_called and not any(_matches(n, never_called) for n in expert_names):
+        raise ConfigError(
+            f"lora.target_modules: {never_called} match only Linears that a text-only run never calls "
+            f"(in {', '.join(unused)})"
+        )
     special = {
         n: type(m).__name__
         for n, m in model.named_modules()
@@ -328,6 +380,7 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
     """
     backend, reason = choose_backend(cfg.kernels)
     report = AdaptReport(method=cfg.method, backend=backend, backend_reason=reason)
+    report.unused = unused_by_text(model)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -387,10 +440,10 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                     else "no q|k|v or gate|up that the parent calls on one input"
                 )
     elif cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not _under(name, report.unused))
     elif cfg.method == "partial":
-        _select_partial(model, cfg)
+        _select_partial(model, cfg, report.unused)
     report.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     report.tied_trainable = _tied_trainable(model)
     if not report.trainable_names:
@@ -531,17 +584,23 @@ def _is_bnb_quantized(linear: nn.Module) -> bool:
     )
 
 
-def _select_partial(model: nn.Module, cfg: Config) -> None:
+def _select_partial(model: nn.Module, cfg: Config, unused: list[str]) -> None:
     pc = cfg.partial
     try:
         patterns = [re.compile(p) for p in pc.patterns]
     except re.error as e:
         raise ConfigError(f"partial.patterns: invalid regular expression {e.pattern!r} ({e})") from None
     # Every name, tied ones included: with tied embeddings lm_head.weight IS embed_tokens.weight.
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    every = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names = [n for n in every if not _under(n, unused)]  # a vision tower's never get a gradient
     for pat in patterns:
         if not any(pat.search(n) for n in names):
-            raise ConfigError(f"partial.patterns: {pat.pattern!r} matches no parameter name")
+            where = (
+                f" that a text-only run uses (it matches only in {', '.join(unused)})"
+                if any(pat.search(n) for n in every)
+                else ""
+            )
+            raise ConfigError(f"partial.patterns: {pat.pattern!r} matches no parameter name{where}")
     last_blocks: set[str] = set()
     if pc.last_n_layers:
         indices = sorted({int(m.group(1)) for n in names if (m := _BLOCK_INDEX.search(n))})
@@ -554,6 +613,8 @@ def _select_partial(model: nn.Module, cfg: Config) -> None:
             )
         last_blocks = {str(i) for i in indices[-pc.last_n_layers :]}
     for name, p in model.named_parameters(remove_duplicate=False):
+        if _under(name, unused):
+            continue
         m = _BLOCK_INDEX.search(name)
         in_last = bool(m and m.group(1) in last_blocks)
         if in_last or any(pat.search(name) for pat in patterns):

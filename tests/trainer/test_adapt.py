@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -280,3 +282,71 @@ def test_no_plain_linears_names_the_layer_types_found():
         r"projections are Conv1D, not plain nn\.Linear \(LoRA wraps those only\)$",
     ):
         apply_method(model, load_config(None, ["kernels=torch"]), torch.device("cpu"))
+
+
+def _multimodal_gemma3():
+    """Gemma 3 as its real checkpoints load as a causal LM: a vision tower (4 blocks) beside the language
+    model (2 blocks), both with indexed blocks and q/k/v/o Linears."""
+    import transformers
+
+    text = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=16,
+                layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["method=lora"], ["method=lora", "lora.target_modules=[q_proj, down_proj]"], ["method=full"],
+     ["method=partial", "partial.last_n_layers=1"], ["method=partial", "partial.patterns=[norm]"],
+     ["method=qlora"]],
+)  # fmt: skip
+def test_a_vision_tower_is_never_trained(overrides):
+    """On a multimodal checkpoint a text-only run never calls the vision tower: whatever the method, nothing
+    there is adapted or trainable, the last N blocks are the language model's, and every trainable tensor
+    gets a gradient from a text batch."""
+    model = _multimodal_gemma3()
+    assert adapt.unused_by_text(model) == ["model.vision_tower", "model.multi_modal_projector"]
+    report = apply_method(model, _cfg(*overrides), CPU)
+    assert report.lines()[1].startswith(
+        "frozen, never adapted: model.vision_tower, model.multi_modal_projector"
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n in trainable if "vision" in n or "multi_modal" in n]
+    assert not [n for n in report.adapted if "vision" in n]
+    if "partial.last_n_layers=1" in overrides:
+        assert {n.split(".layers.")[1].split(".")[0] for n in trainable} == {"1"}
+        assert all(n.startswith("model.language_model.layers.1.") for n in trainable)
+    ids = torch.randint(0, 400, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=lora", "lora.target_modules=[out_proj]"],  # SigLIP's attention output: vision only
+         "lora.target_modules: ['out_proj'] match only Linears that a text-only run never calls (in "
+         "model.vision_tower, model.multi_modal_projector)"),
+        (["method=partial", "partial.patterns=[patch_embedding]"],
+         "partial.patterns: 'patch_embedding' matches no parameter name that a text-only run uses (it matches "
+         "only in model.vision_tower, model.multi_modal_projector)"),
+        (["method=partial", "partial.last_n_layers=3"],
+         "partial.last_n_layers: 3 is more than the model's 2 blocks"),
+    ],
+)  # fmt: skip
+def test_vision_only_selections_are_errors(overrides, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        apply_method(_multimodal_gemma3(), _cfg(*overrides), CPU)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2_moe"])
+def test_text_only_models_have_nothing_unused(tmp_path, arch):
+    from tiny import build_tiny_model
+
+    build_tiny_model(tmp_path, arch=arch)
+    assert adapt.unused_by_text(_model(tmp_path)) == []
