@@ -468,16 +468,41 @@ def check_manifest(path: Path, verify: bool = True) -> str | None:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        listed = {str(name): (int(meta["bytes"]), str(meta["sha256"])) for name, meta in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "unreadable manifest.json"
-    for name, meta in files.items():
+    for name, (size, sha256) in listed.items():
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != meta["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
-        if verify and _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+        if verify and _sha256(f) != sha256:
             return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+# What save_checkpoint writes into state.json itself, with its type: a checkpoint whose manifest checks
+# out but whose state lacks one of these (edited by hand, written by something else) is refused in one
+# line. The caller names the fields of its own state it reads (read_checkpoint's ``required``).
+_STATE_FIELDS = {"step": int, "rng": dict, "scheduler": dict, "trainable": dict}
+
+
+def _state_problem(state: object, required: dict[str, type] | None = None) -> str | None:
+    if not isinstance(state, dict):
+        return f"state.json holds a {type(state).__name__}, not an object"
+    for key, kind in {**_STATE_FIELDS, **(required or {})}.items():
+        if key not in state:
+            return f"state.json has no {key!r}"
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return (
+                f"state.json's {key!r} is {value!r:.40}, not {'an integer' if kind is int else 'an object'}"
+            )
+    if state["step"] < 1:
+        return f"state.json's step is {state['step']}, not a step number (1 or more)"
+    if state.get("metrics_bytes", 0) < 0:
+        return f"state.json's metrics_bytes is {state['metrics_bytes']}, a negative size"
     return None
 
 
@@ -526,8 +551,9 @@ def checkpoints_after(root: Path, step: int) -> list[Path]:
     return [p for p in valid_checkpoints(root, verify=False) if _step_of(p) > step]
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Verify a checkpoint directory against its manifest and read its ``state.json``.
+def read_checkpoint(path: Path, required: dict[str, type] | None = None) -> Checkpoint:
+    """Verify a checkpoint directory against its manifest and read its ``state.json``, which must hold
+    what :func:`save_checkpoint` writes and the caller's ``required`` fields (name -> type).
 
     Raises:
         CheckpointError: not a checkpoint, incomplete, or corrupted.
@@ -557,10 +583,15 @@ def read_checkpoint(path: Path) -> Checkpoint:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"resume: {path}/state.json is unreadable ({e})") from None
-    if state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"resume: {path} is not a usable checkpoint: {_state_problem(state)}")
+    found = state.get("format")
+    if found != CHECKPOINT_FORMAT or isinstance(found, bool):
         raise CheckpointError(
-            f"resume: {path} has checkpoint format {state.get('format')}, this trainer reads {CHECKPOINT_FORMAT}"
+            f"resume: {path} has checkpoint format {found!r}, this trainer reads {CHECKPOINT_FORMAT!r}"
         )
+    if (why := _state_problem(state, required)) is not None:
+        raise CheckpointError(f"resume: {path} is not a usable checkpoint: {why}")
     return Checkpoint(path=path, state=state)
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import sys
 import warnings
+from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, UserError
@@ -91,15 +93,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # key=value (the value may be a path: output_dir=runs/a.yaml)
+_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
+
+
 def _is_config_file(word: str) -> bool:
-    # `trainer run lora.rank=8` has no config file; `a=b.yaml` is a file (no override names a .yaml).
-    return "=" not in word or word.endswith((".yaml", ".yml"))
+    """A word without ``key=``, or one that is an existing .yaml file whose name holds an ``=``."""
+    if _OVERRIDE.match(word):
+        return word.endswith((".yaml", ".yml")) and Path(word).is_file()
+    return True
 
 
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """The config file and the overrides, in any order (`trainer run lora.rank=8 my.yaml` too)."""
     words = ([args.config] if args.config is not None else []) + list(args.overrides)
     files = [w for w in words if _is_config_file(w)]
+    from .config import Config
+
+    for word in files:  # `trainer run my.yaml lora.rank`: a key whose `=value` was forgotten
+        key = _KEY.fullmatch(word) and ("." in word or word in Config.model_fields)
+        if key and not word.endswith((".yaml", ".yml")) and not Path(word).exists():
+            raise ConfigError(f"{word}: an override needs a value (key=value, e.g. {word}=...)")
     if len(files) > 1:
         raise ConfigError(
             f"one config file at most, got {files[0]!r} and {files[1]!r} (overrides are key=value)"
@@ -111,6 +125,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("torchao").setLevel(
+        logging.ERROR
+    )  # "Skipping import of cpp extensions" (PEFT imports it)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -125,6 +142,16 @@ def _quiet_libraries() -> None:
         sys.modules["datasets"].disable_progress_bars()
         sys.modules["datasets"].logging.set_verbosity(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=".*[Pp]aged optimizers are not supported on CPU.*")
+    # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it loads an adapter (export)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _os_error(e: OSError) -> str:
+    """``path: reason`` on one line, the path shortened when it is very long."""
+    name = str(e.filename)
+    if len(name) > 120:
+        name = f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+    return f"{name}: {e.strerror or e}"
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
@@ -155,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return e.exit_code
+        except OSError as e:
+            if e.filename is None:
+                raise
+            print(f"error: {_os_error(e)}", file=sys.stderr)
+            return 2
         return 0
     args.overrides = [*args.overrides, *extra]
     try:
@@ -182,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the system refuses (name too long, no such device, ...): the user's to fix
+        if e.filename is None:
+            raise
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

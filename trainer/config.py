@@ -290,6 +290,7 @@ class Config(_Strict):
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
     quant: QuantConfig = Field(default_factory=QuantConfig)
     partial: PartialConfig = Field(default_factory=PartialConfig)
     data: DataConfig | None = Field(
@@ -297,6 +298,13 @@ class Config(_Strict):
     )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _no_stray_space(cls, v: str) -> str:
+        if v != v.strip():  # a blank name, or a space at either end: a typo, never a folder anyone meant
+            raise ValueError(f"{v!r} is blank or starts or ends with a space")
+        return v
 
     @model_validator(mode="after")
     def _method_needs(self) -> Config:

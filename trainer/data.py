@@ -121,7 +121,8 @@ class Row:
 
 
 def _json_error(path: str, e: json.JSONDecodeError, line: int | None = None) -> DataError:
-    return DataError(f"{path}:{line or e.lineno}: invalid JSON ({e.msg})")
+    where = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg}, column {e.colno}"
+    return DataError(f"{path}:{line or e.lineno}: invalid JSON ({where})")
 
 
 class _DuplicateKey(Exception):

@@ -716,10 +716,15 @@ def _meta_model(cfg: Config, dtype: torch.dtype):
         raise UserError(
             f"model.name_or_path: cannot read the config of {path} ({str(e).splitlines()[0]})"
         ) from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            hf_cfg, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
-        )
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                hf_cfg, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+            )
+    except ValueError as e:  # not a causal LM (T5, BERT, ...): transformers lists every class it knows
+        raise UserError(
+            f"model.name_or_path: {path} is not a causal LM ({str(e).splitlines()[0].split(' Model type should')[0]})"
+        ) from None
     return model, hf_cfg
 
 

@@ -13,7 +13,9 @@ quantization error of the base weights.
 
 from __future__ import annotations
 
+import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +23,15 @@ import torch
 from .config import ConfigError, load_config
 from .errors import UserError
 from .memory import dtype_label
-from .model import ModelError, load_model, load_tokenizer, resolve_model_path
+from .model import (
+    BASE_LAYOUT_FILE,
+    ModelError,
+    layout_difference,
+    load_model,
+    load_tokenizer,
+    parameter_layout,
+    resolve_model_path,
+)
 
 
 class ExportError(UserError):
@@ -52,6 +62,8 @@ def export(
     """
     run, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
     config_file = run / "config.yaml"
+    if not run.exists():
+        raise ExportError(f"export: {run} does not exist (a `trainer run` output directory)")
     if not config_file.is_file():
         raise ExportError(f"export: {run} holds no config.yaml: not a trainer run directory")
     try:
@@ -79,6 +91,7 @@ def export(
     except ModelError as e:
         hint = "" if base is not None else "; if the base model moved, pass its new place with --base PATH"
         raise ExportError(f"export: {e}{hint}") from None
+    _check_base(model, run, path)
     (_merge_peft_adapter if lora else _copy_trainable)(model, run, weights)
     model.config.use_cache = True  # the run turned it off for training; generation wants it
     created = not out.exists()
@@ -101,14 +114,57 @@ def export(
     return out
 
 
+def _check_base(model: torch.nn.Module, run: Path, path: str) -> None:
+    """The base model must be the one the run trained on: the same parameters, with the same shapes, as
+    the run recorded at its start (``base_model.json``; runs from before it get the adapter's own check)."""
+    record = run / BASE_LAYOUT_FILE
+    if not record.is_file():
+        return
+    try:
+        expected = json.loads(record.read_text())["parameters"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"export: {record} is damaged ({e})") from None
+    diff = layout_difference(expected, parameter_layout(model))
+    if diff is not None:
+        raise ExportError(
+            f"export: {path} is not the base model the run trained on (its parameters against the run's "
+            f"{record.name}: {diff})"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message on one line (load_state_dict lists every mismatch on its own line)."""
+    lines = str(e).strip().splitlines()
+    return (
+        (lines[0].rstrip(":. ") + (f" ... ({len(lines) - 1} more lines)" if len(lines) > 1 else ""))
+        if lines
+        else type(e).__name__
+    )
+
+
 def _merge_peft_adapter(model: torch.nn.Module, run: Path, weights: Path) -> None:
-    from peft import PeftModel
-    from safetensors import SafetensorError
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import SafetensorError, safe_open
 
     try:
-        peft_model = PeftModel.from_pretrained(model, str(run))
+        with warnings.catch_warnings():  # PEFT warns about missing keys over many lines: checked below
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(model, str(run))
+        with safe_open(str(weights), "pt") as f:
+            saved = set(f.keys())
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        raise ExportError(f"export: {weights} does not load onto the base model ({e})") from None
+        raise ExportError(f"export: {weights} does not load onto the base model ({_first_line(e)})") from None
+    # the adapter tensors both ways (PEFT's state dict may also carry a tied head's base weight)
+    made = {k for k in get_peft_model_state_dict(peft_model) if ".lora_" in k}
+    saved = {k for k in saved if ".lora_" in k}
+    if made != saved:  # layers the adapter names that the base lacks, or base layers it has no tensors for
+        unused, untrained = sorted(saved - made), sorted(made - saved)
+        detail = (
+            f"{len(unused)} of its tensors have no layer in the base ({unused[0]})"
+            if unused
+            else f"{len(untrained)} adapted base tensors have nothing in it ({untrained[0]})"
+        )
+        raise ExportError(f"export: {weights} does not fit the base model: {detail}")
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     head_base = getattr(head, "base_layer", None)  # PEFT wraps an adapted module
     if head_base is not None and embeddings is not None and head_base.weight is embeddings.weight:

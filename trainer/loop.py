@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +56,14 @@ from .errors import ConfigError, ModelError, UserError
 from .evaluate import heldout_loss, task_accuracy
 from .loss import loss_sum, target_tokens
 from .metrics import MetricsError, MetricsLog, plot_loss
-from .model import load_model, load_tokenizer, resolve_model_path, vocab_size_of
+from .model import (
+    BASE_LAYOUT_FILE,
+    load_model,
+    load_tokenizer,
+    parameter_layout,
+    resolve_model_path,
+    vocab_size_of,
+)
 from .optim import (
     build_optimizer,
     build_scheduler,
@@ -108,9 +116,20 @@ def unused_sections_note(cfg: Config) -> str | None:
         for key, field in type(getattr(cfg, section)).model_fields.items()
         if getattr(getattr(cfg, section), key) != field.get_default(call_default_factory=True)
     ]
-    if not keys:
-        return None
-    return f"config: {', '.join(keys)} set, but method {cfg.method} does not use them (ignored)"
+    data = cfg.data
+    task_only = [
+        f"data.{key}"
+        for key in ("num_train", "num_eval")
+        if data is not None
+        and data.task is None
+        and getattr(data, key) != type(data).model_fields[key].get_default()
+    ]
+    notes = []
+    if keys:
+        notes.append(f"{', '.join(keys)} set, but method {cfg.method} does not use them")
+    if task_only:
+        notes.append(f"{', '.join(task_only)} set, but with data.train (a file) every row is used")
+    return f"config: {'; '.join(notes)} (ignored)" if notes else None
 
 
 def training_device() -> torch.device:
@@ -310,6 +329,10 @@ class RunResult:
 _RUN_MARKERS = ("config.yaml", "metrics.jsonl", CHECKPOINTS)
 
 
+# What a resume reads from a checkpoint's state beside save_checkpoint's own fields (write_checkpoint)
+RESUME_STATE = {"config": dict, "data": dict, "data_fingerprint": str, "metrics_bytes": int}
+
+
 def check_output_dir(cfg: Config, resuming: bool = False) -> Path:
     """Refuse to write into a non-empty directory unless ``overwrite`` is set or the run resumes from a
     checkpoint in it (before anything runs)."""
@@ -331,13 +354,29 @@ def check_output_dir(cfg: Config, resuming: bool = False) -> Path:
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not probe.is_dir():
         raise UserError(f"output_dir: {out} cannot be created: {probe} is not a directory")
-    if not _writable(probe):
-        raise UserError(f"output_dir: {out} is not writable")
+    if (why := _cannot_write(out)) is not None:
+        raise UserError(f"output_dir: {out} is not writable ({why})")
     return out
 
 
-def _writable(path: Path) -> bool:
-    return os.access(path, os.W_OK | os.X_OK)
+def _cannot_write(out: Path) -> str | None:
+    """Why a file cannot be written in ``out`` (None: it can), found by trying: creating the missing
+    folders and a file, all removed again. ``os.access`` answers yes to root everywhere, /proc and /sys too."""
+    created: list[Path] = []
+    try:
+        for folder in reversed([p for p in (out, *out.parents) if not p.exists()]):
+            folder.mkdir()
+            created.append(folder)
+        fd, name = tempfile.mkstemp(dir=out, prefix=".fusedtune-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return None
 
 
 def evaluate(model, tokenizer, data: Datasets, cfg: Config, pad_id: int) -> dict:
@@ -397,7 +436,7 @@ def find_resume_checkpoint(cfg: Config, log=print) -> Checkpoint | None:
             return None
     else:
         path = Path(cfg.resume)
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, RESUME_STATE)
     saved_optimizer = ckpt.state["config"].get("optim", {}).get("name")
     if saved_optimizer is not None and saved_optimizer != cfg.optim.name:
         raise CheckpointError(
@@ -727,7 +766,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     if cfg.data.packing:
         train_examples = pack(train_examples, cfg.data.max_seq_len, tokenizer.eos_token_id)
     pad_id = tokenizer.pad_token_id
-    log(f"data: {len(train_examples)} training examples, {len(data.eval)} held-out ({data.format})")
+    n = len(train_examples)
+    log(f"data: {n} training example{'' if n == 1 else 's'}, {len(data.eval)} held-out ({data.format})")
     for line in data_loss_lines(data):
         log(line)
     fingerprint = data_fingerprint(train_examples)
@@ -743,6 +783,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     # Model, adapters, optimizer.
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
     model, dtype = load_model(model_path, cfg.model, device, load_device)
+    base_layout = {"name_or_path": model_path, "parameters": parameter_layout(model)}
     longest = max(len(e.input_ids) for e in (*train_examples, *data.eval))
     if (note := check_context_length(model, longest)) is not None:
         log(note)
@@ -769,6 +810,11 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
             "optim.name paged_adamw8bit: paging needs CUDA; here its state is ordinary memory, as adamw8bit's"
         )
     steps = total_steps(cfg, len(train_examples))
+    if cfg.optim.warmup_steps >= steps > 0:
+        log(
+            f"optim.warmup_steps: {cfg.optim.warmup_steps} is not fewer than the run's {steps} steps: the lr "
+            f"warms up over {max(steps - 1, 0)} and reaches its peak on the last step"
+        )
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     start_step = 0
     if ckpt is not None:
@@ -811,6 +857,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
             _remove_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
+        (out / BASE_LAYOUT_FILE).write_text(json.dumps(base_layout))
         metrics = MetricsLog(out / "metrics.jsonl")
         eval_before = evaluate(model, tokenizer, data, cfg, pad_id)
         log(_describe_eval("before", eval_before))
@@ -820,6 +867,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     else:
         metrics_path = out / "metrics.jsonl"
         out.mkdir(parents=True, exist_ok=True)
+        if not (out / BASE_LAYOUT_FILE).is_file():  # continued elsewhere, or written before there was one
+            (out / BASE_LAYOUT_FILE).write_text(json.dumps(base_layout))
         if inside:  # this run's own log: drop records logged after the checkpoint
             size = ckpt.state["metrics_bytes"]
             if metrics_path.exists() and metrics_path.stat().st_size > size:
@@ -1091,7 +1140,11 @@ class StopRequest:
         first = next(self._seen) == 0
         name = signal.Signals(signum).name
         if not first:
-            print(f"\n{name} again: exiting now; the last complete checkpoint is kept", file=sys.stderr)
+            print(
+                f"\n{name} again: exiting now; checkpoints already written are kept (a half-written one is "
+                "never taken for one)",
+                file=sys.stderr,
+            )
             sys.stderr.flush()
             os._exit(128 + signum)
         self.signum = signum

@@ -265,6 +265,28 @@ def load_model(path: str, cfg: ModelConfig, device: torch.device, load_device: t
     return model, dtype
 
 
+BASE_LAYOUT_FILE = "base_model.json"
+
+
+def parameter_layout(model) -> dict[str, list[int]]:
+    """Every parameter's name and shape (tied ones once), as loaded: what a run's base model is, for
+    ``trainer export`` to check a ``--base`` against (``base_model.json`` in the run directory)."""
+    return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
+def layout_difference(expected: dict[str, list[int]], found: dict[str, list[int]]) -> str | None:
+    """How ``found`` differs from ``expected`` (first names of each kind), or None when they are the same."""
+    only_expected = [n for n in expected if n not in found]
+    only_found = [n for n in found if n not in expected]
+    shapes = [f"{n} {found[n]} instead of {s}" for n, s in expected.items() if n in found and found[n] != s]
+    parts = []
+    for what, names in (("missing", only_expected), ("extra", only_found), ("of another shape", shapes)):
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            parts.append(f"{len(names)} {what} ({names[0]}{more})")
+    return "; ".join(parts) or None
+
+
 def enable_checkpointing(model) -> None:
     """Non-reentrant checkpointing of every decoder block, without HF's input-grad hook.
 

@@ -219,6 +219,19 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, checkpoint: Path) -> dict[str, 
     blob = bytearray((corrupt / "optimizer.safetensors").read_bytes())
     blob[-1] ^= 1
     (corrupt / "optimizer.safetensors").write_bytes(bytes(blob))
+    forged = {}  # checkpoints whose manifest checks out but whose state.json was edited, re-signed
+    for name, edit in {
+        "no data_fingerprint": lambda st: {k: v for k, v in st.items() if k != "data_fingerprint"},
+        "a string for a state": lambda st: "state",
+        "a negative step": lambda st: {**st, "step": -3},
+        "a string format": lambda st: {**st, "format": str(st["format"])},
+    }.items():
+        forged[name] = tmp_path / f"forged-{name.replace(' ', '-')}"
+        shutil.copytree(checkpoint, forged[name])
+        state = json.loads((forged[name] / "state.json").read_text())
+        (forged[name] / "state.json").write_text(json.dumps(edit(state)))
+        _resign_manifest(forged[name])
+    long = "a" * 300  # over the file system's 255 bytes a name
     return {
         "unknown key": (["optim.learning_rate=1e-3"], "unknown key 'optim.learning_rate' (did you mean"),
         "wrong type": (["train.max_steps=many"], "train.max_steps: Input should be a valid integer"),
@@ -330,7 +343,39 @@ def _bad_inputs(tmp_path: Path, model_dir: Path, checkpoint: Path) -> dict[str, 
             "was written for a different model or method",
         ),
         "corrupted checkpoint": ([f"resume={corrupt}"], "optimizer.safetensors does not match its sha256"),
+        "checkpoint state without a key": (
+            [f"resume={forged['no data_fingerprint']}"],
+            "is not a usable checkpoint: state.json has no 'data_fingerprint'",
+        ),
+        "checkpoint state not an object": (
+            [f"resume={forged['a string for a state']}"],
+            "is not a usable checkpoint: state.json holds a str, not an object",
+        ),
+        "checkpoint state with a negative step": (
+            [f"resume={forged['a negative step']}"],
+            "state.json's step is -3, not a step number (1 or more)",
+        ),
+        "checkpoint format as a string": (
+            [f"resume={forged['a string format']}"],
+            "has checkpoint format '1', this trainer reads 1",
+        ),
+        # names the system refuses: one line naming the path, not an OSError's traceback
+        "output_dir name too long": ([f"output_dir={tmp_path}/{long}"], "File name too long"),
+        "data file name too long": ([f"data.train={tmp_path}/{long}.jsonl"], "File name too long"),
+        "model path too long": ([f"model.name_or_path={tmp_path}/{long}"], "File name too long"),
+        # os.access says yes to root there; only trying to create it says no
+        "output_dir that cannot be created": (["output_dir=/proc/fusedtune-run"], "is not writable"),
     }
+
+
+def _resign_manifest(checkpoint: Path) -> None:
+    import hashlib
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for name, meta in manifest["files"].items():
+        blob = (checkpoint / name).read_bytes()
+        meta.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
 BAD_INPUT_NAMES = [
@@ -394,6 +439,14 @@ BAD_INPUT_NAMES = [
     "checkpoint of a different config",
     "checkpoint of a different model",
     "corrupted checkpoint",
+    "checkpoint state without a key",
+    "checkpoint state not an object",
+    "checkpoint state with a negative step",
+    "checkpoint format as a string",
+    "output_dir name too long",
+    "data file name too long",
+    "model path too long",
+    "output_dir that cannot be created",
 ]
 
 
@@ -627,3 +680,49 @@ def test_learned_positions_after_a_padding_index_count_two_fewer():
     assert check_context_length(model, 16) is None
     with pytest.raises(ConfigError, match=r"cover 16 positions; set data\.max_seq_len <= 16$"):
         check_context_length(model, 17)
+
+
+def test_a_key_without_its_value_and_values_that_end_in_yaml(tiny_model_dir, tmp_path, capsys):
+    """`trainer run my.yaml lora.rank` (the `=8` forgotten) says so; `output_dir=runs/a.yaml` is an override
+    whose value happens to end in .yaml, not a second config file."""
+    cfg = write_config(tmp_path, tiny_model_dir)
+    for key in ("lora.rank", "overwrite"):
+        assert main(["run", str(cfg), key]) == 2
+        assert (
+            capsys.readouterr().err
+            == f"error: {key}: an override needs a value (key=value, e.g. {key}=...)\n"
+        )
+    weird = tmp_path / "out.yaml"
+    assert main(["run", str(cfg), f"output_dir={weird}", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["output_dir"] == str(weird)
+    named = tmp_path / "lr=1e-4.yaml"  # a config file whose name holds an `=`
+    named.write_text(cfg.read_text())
+    assert main(["run", str(named), "--print-config"]) == 0
+    assert main(["run", str(cfg), 'output_dir=" "']) == 2
+    assert "output_dir: ' ' is blank or starts or ends with a space" in capsys.readouterr().err
+
+
+def test_estimate_of_a_model_that_is_no_causal_lm_is_one_line(tiny_model_dir, tmp_path, capsys):
+    import transformers
+
+    t5 = tmp_path / "t5"
+    transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    ).save_pretrained(t5)
+    cfg = write_config(tmp_path, tiny_model_dir)
+    assert main(["estimate", str(cfg), f"model.name_or_path={t5}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model.name_or_path: {t5} is not a causal LM (") and err.count("\n") == 1, (
+        err
+    )
+
+
+def test_notes_for_a_long_warmup_and_task_only_data_keys(tiny_model_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, train={"max_steps": 3, "micro_batch_size": 4})
+    assert main(["run", str(cfg), "optim.warmup_steps=50", "data.num_train=5"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "optim.warmup_steps: 50 is not fewer than the run's 3 steps: the lr warms up over 2 and reaches its "
+        "peak on the last step"
+    ) in out
+    assert "config: data.num_train set, but with data.train (a file) every row is used (ignored)" in out

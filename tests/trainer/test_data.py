@@ -276,7 +276,8 @@ LONG_LINE = json.dumps(LONG)
 
 BAD_INPUTS = {
     # id: (lines of train.jsonl, config overrides, vocab size, expected message (with {dir} for tmp_path))
-    "invalid json": ([GOOD] * 6 + ['{"text": "a" "b"}'], {}, VOCAB, "train.jsonl:7: invalid JSON (Expecting ',' delimiter)"),
+    "invalid json": ([GOOD] * 6 + ['{"text": "a" "b"}'], {}, VOCAB, "train.jsonl:7: invalid JSON (Expecting ',' delimiter, column 14)"),
+    "control character": ([GOOD, '{"text": "a\x00b"}'], {}, VOCAB, "train.jsonl:2: invalid JSON (Invalid control character at column 12)"),
     "not an object": ([GOOD, "[1, 2]"], {}, VOCAB, "train.jsonl:2: expected a JSON object per line, got list"),
     "alpaca no output": ([ALPACA, ALPACA, '{"instruction": "x"}'], {}, VOCAB, "train.jsonl:3: alpaca row's 'output' field is missing"),
     "alpaca output not str": ([ALPACA, '{"instruction": "x", "output": 5}'], {}, VOCAB, "train.jsonl:2: alpaca field 'output' must be a string, got int"),
@@ -413,7 +414,7 @@ def test_json_array_errors_name_the_line(tmp_path, tiny_tokenizer):
     with pytest.raises(DataError, match=r"train\.json:3: expected a JSON object, got str$"):
         build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
     path.write_text('[\n  {"text": "a"},\n  {"text": }\n]\n')
-    with pytest.raises(DataError, match=r"train\.json:3: invalid JSON \(Expecting value\)$"):
+    with pytest.raises(DataError, match=r"train\.json:3: invalid JSON \(Expecting value, column 12\)$"):
         build_datasets(DataConfig(train=str(path)), tiny_tokenizer, VOCAB)
     path.write_text('[\n  {"text": "a"},\n\n  {"text": "b",\n   "text": "c"}\n]\n')
     with pytest.raises(DataError, match=r"train\.json:4: duplicate key 'text' in one JSON object"):

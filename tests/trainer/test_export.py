@@ -104,6 +104,10 @@ def test_export_dtype_option(tiny_model_dir, tmp_path):
 
 
 def test_bad_export_arguments_get_one_line(tiny_model_dir, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: export: {tmp_path / 'nowhere'} does not exist (a `trainer run` output directory)"
+    )
     (tmp_path / "empty").mkdir()
     assert main(["export", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -154,3 +158,34 @@ def test_export_finds_a_moved_base_with_the_base_option(tmp_path, capsys):
     assert main(["export", str(run), str(tmp_path / "out2"), "--base", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert str(tmp_path / "nowhere") in err and "--base" not in err, err
+
+
+@pytest.mark.parametrize("method", ["lora", "partial"])
+def test_export_refuses_a_base_that_is_not_the_runs(tmp_path, capsys, method):
+    """--base pointing at another model (here one block more) is refused in one line, nothing written:
+    the run recorded its base's parameters (base_model.json), and export compares. Before that record,
+    an adapter checks itself against the base: every tensor it holds must find its layer, and every layer
+    PEFT adapts must find its tensors."""
+    from tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base")
+    other = build_tiny_model(tmp_path / "other", num_hidden_layers=3)
+    extra = ["method=partial", "partial.patterns=[norm]"] if method == "partial" else []
+    run = _train(tmp_path, base, *extra)
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "out"), "--base", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: export: {other} is not the base model the run trained on (its parameters against the "
+        "run's base_model.json: 9 extra (model.layers.2.self_attn.q_proj.weight and 8 more))"
+    )
+    assert not (tmp_path / "out").exists()
+    if method == "lora":
+        (run / "base_model.json").unlink()  # a run from before the record
+        assert main(["export", str(run), str(tmp_path / "out"), "--base", str(other)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"error: export: {run / 'adapter_model.safetensors'} does not fit the base model: 14 adapted base "
+            "tensors have nothing in it (base_model.model.model.layers.2.mlp.down_proj.lora_A.weight)"
+        )
+    assert main(["export", str(run), str(tmp_path / "out"), "--base", str(base)]) == 0  # its own base: fine
