@@ -26,10 +26,9 @@ from .memory import dtype_label
 from .model import (
     BASE_LAYOUT_FILE,
     ModelError,
-    layout_difference,
+    base_difference,
     load_model,
     load_tokenizer,
-    parameter_layout,
     resolve_model_path,
 )
 
@@ -121,14 +120,13 @@ def _check_base(model: torch.nn.Module, run: Path, path: str) -> None:
     if not record.is_file():
         return
     try:
-        expected = json.loads(record.read_text())["parameters"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"export: {record} is damaged ({e})") from None
-    diff = layout_difference(expected, parameter_layout(model))
+        expected = json.loads(record.read_text())
+        diff = base_difference(expected, model)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"export: {record} is damaged ({e!r})") from None
     if diff is not None:
         raise ExportError(
-            f"export: {path} is not the base model the run trained on (its parameters against the run's "
-            f"{record.name}: {diff})"
+            f"export: {path} is not the base model the run trained on ({diff}; the run's {record.name})"
         )
 
 

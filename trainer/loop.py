@@ -58,9 +58,9 @@ from .loss import loss_sum, target_tokens
 from .metrics import MetricsError, MetricsLog, plot_loss
 from .model import (
     BASE_LAYOUT_FILE,
+    base_record,
     load_model,
     load_tokenizer,
-    parameter_layout,
     resolve_model_path,
     vocab_size_of,
 )
@@ -783,7 +783,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     # Model, adapters, optimizer.
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
     model, dtype = load_model(model_path, cfg.model, device, load_device)
-    base_layout = {"name_or_path": model_path, "parameters": parameter_layout(model)}
+    base_layout = base_record(model, model_path)
     longest = max(len(e.input_ids) for e in (*train_examples, *data.eval))
     if (note := check_context_length(model, longest)) is not None:
         log(note)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -269,9 +270,49 @@ BASE_LAYOUT_FILE = "base_model.json"
 
 
 def parameter_layout(model) -> dict[str, list[int]]:
-    """Every parameter's name and shape (tied ones once), as loaded: what a run's base model is, for
-    ``trainer export`` to check a ``--base`` against (``base_model.json`` in the run directory)."""
+    """Every parameter's name and shape (tied ones once), as loaded."""
     return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
+def parameter_samples(model, n: int = 8) -> dict[str, list[float]]:
+    """The first ``n`` values of every parameter's first row (a view: nothing is copied but these)."""
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            t = p.detach()
+            while t.dim() > 1:
+                t = t[0]
+            out[name] = t.reshape(-1)[:n].float().tolist()
+    return out
+
+
+def base_record(model, name_or_path: str) -> dict:
+    """What a run's base model is, for ``trainer export`` to check a ``--base`` against
+    (``base_model.json`` in the run directory): every parameter's shape and first values, as loaded."""
+    return {
+        "name_or_path": name_or_path,
+        "parameters": parameter_layout(model),
+        "samples": parameter_samples(model),
+    }
+
+
+def base_difference(record: dict, model) -> str | None:
+    """How ``model`` differs from the base ``record`` describes (None: it does not)."""
+    diff = layout_difference(record["parameters"], parameter_layout(model))
+    if diff is not None:
+        return f"its parameters: {diff}"
+    found = parameter_samples(model)
+    for name, want in (record.get("samples") or {}).items():  # in any dtype: bf16 rounds to 2^-8
+        got = found.get(name, [])
+        if len(got) != len(want) or not all(
+            math.isclose(a, b, rel_tol=1e-2, abs_tol=1e-6) for a, b in zip(got, want, strict=True)
+        ):
+            shown = ", ".join(f"{v:.4g}" for v in got[:3])
+            return (
+                f"its weights: {name} starts [{shown}, ...], the run's base "
+                f"[{', '.join(f'{v:.4g}' for v in want[:3])}, ...]"
+            )
+    return None
 
 
 def layout_difference(expected: dict[str, list[int]], found: dict[str, list[int]]) -> str | None:

@@ -176,9 +176,18 @@ def test_export_refuses_a_base_that_is_not_the_runs(tmp_path, capsys, method):
     assert main(["export", str(run), str(tmp_path / "out"), "--base", str(other)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"error: export: {other} is not the base model the run trained on (its parameters against the "
-        "run's base_model.json: 9 extra (model.layers.2.self_attn.q_proj.weight and 8 more))"
+        f"error: export: {other} is not the base model the run trained on (its parameters: 9 extra "
+        "(model.layers.2.self_attn.q_proj.weight and 8 more); the run's base_model.json)"
     )
+    assert not (tmp_path / "out").exists()
+    # the same architecture, other weights (another seed: as a base model is to its instruct version)
+    twin = build_tiny_model(tmp_path / "twin", seed=1)
+    assert main(["export", str(run), str(tmp_path / "out"), "--base", str(twin)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"error: export: {twin} is not the base model the run trained on (its weights: "
+        "model.embed_tokens.weight starts ["
+    ), err
     assert not (tmp_path / "out").exists()
     if method == "lora":
         (run / "base_model.json").unlink()  # a run from before the record
