@@ -428,6 +428,8 @@ def torchtune_skip(path: str, method: str) -> str | None:
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type != "llama":
         return f"this provider builds torchtune's Llama; the model is {cfg.model_type}"
+    if (why := _not_plain_llama(cfg)) is not None:
+        return f"this provider builds torchtune's Llama with plain RoPE and no biases; {why}"
     if method == "qlora":
         h = cfg.hidden_size
         kv = cfg.num_key_value_heads * h // cfg.num_attention_heads
@@ -443,6 +445,18 @@ def torchtune_skip(path: str, method: str) -> str | None:
                 f"torchtune's QLoRA (torchao's NF4) takes weights of a multiple of {TORCHAO_NF4_MULTIPLE} elements only; "
                 f"{name} is {rows}x{h}"
             )
+    return None
+
+
+def _not_plain_llama(cfg) -> str | None:
+    """Why torchtune's Llama builder cannot hold this Llama config (None: it can)."""
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", None)}
+    if rope.get("rope_type", "default") != "default":
+        return f"this one's RoPE is {rope.get('rope_type')!r}"
+    if cfg.attention_bias or cfg.mlp_bias:
+        return "this one has biases"
+    if getattr(cfg, "head_dim", None) not in (None, cfg.hidden_size // cfg.num_attention_heads):
+        return f"this one's head_dim {cfg.head_dim} is not hidden_size / heads"
     return None
 
 
@@ -462,19 +476,10 @@ def build_torchtune_model(path: str, method: str, dtype: torch.dtype, seq: int) 
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path)
-    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}
-    theta = rope["rope_theta"]
+    if (why := torchtune_skip(path, method)) is not None:  # the driver skips these before they get here
+        raise BenchmarkFailed(f"torchtune provider: {why}")
+    theta = (getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta})["rope_theta"]
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    plain_llama = (
-        cfg.model_type == "llama"
-        and rope.get("rope_type", "default") == "default"
-        and not (cfg.attention_bias or cfg.mlp_bias)
-        and getattr(cfg, "head_dim", head_dim) == head_dim
-    )
-    if not plain_llama:
-        raise BenchmarkFailed(
-            f"torchtune provider: {path} is not a plain Llama ({cfg.model_type}, RoPE {rope})"
-        )
     # as torchtune's recipes build it (training.set_default_dtype): the adapters in the model's dtype too
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -112,6 +112,13 @@ def test_torchtune_skip_reasons(tmp_path):
     assert e2e.torchtune_skip(path, "lora") is None
     assert "q_proj is 64x64" in e2e.torchtune_skip(path, "qlora")
     assert "model is mixtral" in e2e.torchtune_skip(e2e.model_path("mixtral"), "lora")
+    import transformers  # Llama 3.1's frequency-scaled RoPE: a skip, not a failed benchmark
+
+    scaled = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}  # fmt: skip
+    transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, rope_scaling=scaled).save_pretrained(tmp_path)  # fmt: skip
+    assert e2e.torchtune_skip(str(tmp_path), "lora").endswith("this one's RoPE is 'llama3'")
 
 
 def _row(provider, losses, norms):

@@ -192,32 +192,40 @@ def is_plain_linear(mod: nn.Module) -> bool:
 
 def unused_by_text(model: nn.Module) -> list[str]:
     """The modules a text-only forward never calls: on a multimodal checkpoint loaded as a causal LM
-    (Gemma 3, Qwen2-VL, ...), the vision tower and its projector.
+    (Gemma 3 4B and up, ...), the vision tower and its projector.
 
-    They are the siblings of the modules on the way down to the language model (``get_decoder()``), less
-    any that holds the input embedding or the output head. A text-only model has none.
+    Only a model whose config has a non-text part (``vision_config``, ``audio_config``, ...) and whose
+    language model (``get_decoder()``) holds the input embedding has any: the siblings of the modules on
+    the way down to the language model that share no parameter with it or with the output head.
     """
+    config = getattr(model, "config", None)
+    if not any(getattr(config, f"{kind}_config", None) is not None for kind in _OTHER_MODALITIES):
+        return []
     try:
         decoder = model.get_decoder()
+        embeddings = model.get_input_embeddings()
     except (AttributeError, NotImplementedError, ValueError):
         return []
     path = next((n for n, m in model.named_modules() if m is decoder), None)
-    if not path:  # not found, or the model itself
+    if not path or not any(m is embeddings for m in decoder.modules()):
         return []
-    keep = [
-        getattr(model, f)() for f in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, f)
-    ]
-    keep = [m for m in keep if isinstance(m, nn.Module)]
+    used = {id(p) for p in decoder.parameters()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+        used |= {id(p) for p in head.parameters()}
     parts = path.split(".")
     unused = []
     for depth, on_path in enumerate(parts):
         prefix = ".".join(parts[:depth])
         parent = model.get_submodule(prefix) if prefix else model
         for name, child in parent.named_children():
-            held = any(k is m for m in child.modules() for k in keep)
-            if name != on_path and not held and any(True for _ in child.parameters()):
+            params = {id(p) for p in child.parameters()}
+            if name != on_path and params and not params & used:
                 unused.append(f"{prefix}.{name}" if prefix else name)
     return unused
+
+
+_OTHER_MODALITIES = ("vision", "audio", "speech", "image", "video")
 
 
 def _under(name: str, prefixes: list[str]) -> bool:

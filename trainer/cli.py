@@ -93,13 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # key=value (the value may be a path: output_dir=runs/a.yaml)
 _KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
 
 
 def _is_config_file(word: str) -> bool:
-    """A word without ``key=``, or one that is an existing .yaml file whose name holds an ``=``."""
-    if _OVERRIDE.match(word):
+    """A word without ``=``, or an existing .yaml file whose name holds one (``runs/lr=1e-4.yaml``); any
+    other ``a=b`` is an override, which names its key if that is wrong."""
+    if "=" in word:
         return word.endswith((".yaml", ".yml")) and Path(word).is_file()
     return True
 

@@ -721,10 +721,16 @@ def _meta_model(cfg: Config, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_config(
                 hf_cfg, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
             )
-    except ValueError as e:  # not a causal LM (T5, BERT, ...): transformers lists every class it knows
-        raise UserError(
-            f"model.name_or_path: {path} is not a causal LM ({str(e).splitlines()[0].split(' Model type should')[0]})"
-        ) from None
+    except ValueError as e:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        first = str(e).splitlines()[0].split(" Model type should")[0]  # not the list of every class known
+        what = (
+            "cannot be built"
+            if hf_cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            else "is not a causal LM"
+        )
+        raise UserError(f"model.name_or_path: {path} {what} ({first})") from None
     return model, hf_cfg
 
 

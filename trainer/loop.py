@@ -363,6 +363,7 @@ def _cannot_write(out: Path) -> str | None:
     """Why a file cannot be written in ``out`` (None: it can), found by trying: creating the missing
     folders and a file, all removed again. ``os.access`` answers yes to root everywhere, /proc and /sys too."""
     created: list[Path] = []
+    out = Path(os.path.abspath(out))  # `a/../b`: `a` need not exist
     try:
         for folder in reversed([p for p in (out, *out.parents) if not p.exists()]):
             folder.mkdir()
@@ -867,7 +868,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     else:
         metrics_path = out / "metrics.jsonl"
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / BASE_LAYOUT_FILE).is_file():  # continued elsewhere, or written before there was one
+        if not inside or not (out / BASE_LAYOUT_FILE).is_file():  # continued elsewhere, or an older run
             (out / BASE_LAYOUT_FILE).write_text(json.dumps(base_layout))
         if inside:  # this run's own log: drop records logged after the checkpoint
             size = ckpt.state["metrics_bytes"]

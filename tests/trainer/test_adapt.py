@@ -348,5 +348,27 @@ def test_vision_only_selections_are_errors(overrides, message):
 def test_text_only_models_have_nothing_unused(tmp_path, arch):
     from tiny import build_tiny_model
 
-    build_tiny_model(tmp_path, arch=arch)
+    build_tiny_model(tmp_path, arch=arch, tie=arch == "llama")
     assert adapt.unused_by_text(_model(tmp_path)) == []
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ("GPT2Config", dict(n_embd=32, n_layer=1, n_head=2, vocab_size=64)),
+        # its get_decoder() is the output Linear (named `decoder`), its head a dense + norm beside it
+        ("ModernBertDecoderConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=64, pad_token_id=0)),
+        ("ElectraConfig", dict(embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, vocab_size=64, is_decoder=True)),
+    ],
+)  # fmt: skip
+def test_text_only_models_with_odd_decoders_have_nothing_unused(config):
+    """No vision part in the config: nothing is frozen as unused, whatever get_decoder() returns."""
+    import transformers
+
+    name, kwargs = config
+    model = AutoModelForCausalLM.from_config(getattr(transformers, name)(**kwargs))
+    assert adapt.unused_by_text(model) == []
+    apply_method(model, _cfg("method=full"), CPU)
+    assert all(p.requires_grad for p in model.parameters())

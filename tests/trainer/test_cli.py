@@ -700,6 +700,19 @@ def test_a_key_without_its_value_and_values_that_end_in_yaml(tiny_model_dir, tmp
     assert main(["run", str(named), "--print-config"]) == 0
     assert main(["run", str(cfg), 'output_dir=" "']) == 2
     assert "output_dir: ' ' is blank or starts or ends with a space" in capsys.readouterr().err
+    assert main(["run", str(cfg), "lora-rank=8"]) == 2  # a mistyped key: named as one, not taken for a file
+    err = capsys.readouterr().err
+    assert "lora-rank" in err and "config file" not in err, err
+
+
+def test_output_dir_probe_takes_dot_dot_and_leaves_nothing(tmp_path):
+    from fusedtune.trainer.loop import _cannot_write
+
+    assert _cannot_write(tmp_path / "missing" / ".." / "run") is None
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    assert _cannot_write(tmp_path / "file" / "run") == "Not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_estimate_of_a_model_that_is_no_causal_lm_is_one_line(tiny_model_dir, tmp_path, capsys):
