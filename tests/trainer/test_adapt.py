@@ -372,3 +372,19 @@ def test_text_only_models_with_odd_decoders_have_nothing_unused(config):
     assert adapt.unused_by_text(model) == []
     apply_method(model, _cfg("method=full"), CPU)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_resuming_a_run_that_trained_the_vision_tower_says_why_it_cannot():
+    """Runs from before the vision tower was left frozen trained some of it: their checkpoints name it."""
+    from fusedtune.trainer.checkpoint import CheckpointError, restore_trainable
+
+    model = _multimodal_gemma3()
+    apply_method(model, _cfg("method=lora"), CPU)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    saved["model.vision_tower.vision_model.encoder.layers.3.self_attn.q_proj.lora_A"] = torch.zeros(16, 32)
+    with pytest.raises(
+        CheckpointError, match=r"trained 1 tensors in model\.vision_tower, model\.multi_modal_"
+    ):
+        restore_trainable(model, saved, "ckpt")
+    del saved["model.vision_tower.vision_model.encoder.layers.3.self_attn.q_proj.lora_A"]
+    restore_trainable(model, saved, "ckpt")  # the text tensors alone: fine
