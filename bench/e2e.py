@@ -288,9 +288,10 @@ def run_fusedtune(job: dict, batches: list[dict]) -> dict:
     return out
 
 
-def lora_b_norm(model) -> float:
-    """The L2 norm of every LoRA B after training: B starts at zero, so it is what the steps did."""
-    sq = sum(float(p.detach().float().square().sum()) for n, p in model.named_parameters() if "lora_B" in n)
+def lora_b_norm(model, key: str = "lora_B") -> float:
+    """The L2 norm of every LoRA B after training (parameters named with ``key``: torchtune's is
+    ``lora_b``): B starts at zero, so it is what the steps did."""
+    sq = sum(float(p.detach().float().square().sum()) for n, p in model.named_parameters() if key in n)
     return sq**0.5
 
 
@@ -526,8 +527,7 @@ def build_torchtune_model(path: str, method: str, dtype: torch.dtype, seq: int) 
     with torch.no_grad():  # the same initial A as the other providers (B starts at zero in all of them)
         for name, p in model.named_parameters():
             if name.endswith("lora_a.weight"):
-                head = name.removesuffix(".lora_a.weight")
-                layer, proj = head.split(".", 2)[1], head.split(".", 2)[2]
+                _, layer, proj = name.removesuffix(".lora_a.weight").split(".", 2)
                 key = f"layers.{layer}.{_TUNE_TO_HF[proj]}"
                 p.copy_(_init_lora_a(key, p.shape).to(p.dtype))
     return model
@@ -574,8 +574,12 @@ def run_torchtune(job: dict, batches: list[dict]) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(running / n_tokens)
         norms.append(float(norm))
-    sq = sum(float(p.detach().float().square().sum()) for n, p in model.named_parameters() if "lora_b" in n)
-    return {"times": times, "losses": losses, "grad_norms": norms, "lora_b_norm": sq**0.5}
+    return {
+        "times": times,
+        "losses": losses,
+        "grad_norms": norms,
+        "lora_b_norm": lora_b_norm(model, "lora_b"),
+    }
 
 
 def run_unsloth(job: dict, batches: list[dict]) -> dict:

@@ -228,7 +228,8 @@ def unused_by_text(model: nn.Module) -> list[str]:
 _OTHER_MODALITIES = ("vision", "audio", "speech", "image", "video")
 
 
-def _under(name: str, prefixes: list[str]) -> bool:
+def under(name: str, prefixes: list[str]) -> bool:
+    """Whether ``name`` is one of the modules ``prefixes`` names or inside one."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
@@ -239,7 +240,7 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {
         name: mod
         for name, mod in model.named_modules()
-        if is_plain_linear(mod) and _BLOCK_INDEX.search(name) and not _under(name, unused)
+        if is_plain_linear(mod) and _BLOCK_INDEX.search(name) and not under(name, unused)
     }
 
 
@@ -279,7 +280,7 @@ def select_targets(model: nn.Module, target_modules: list[str] | None) -> dict[s
     unused = unused_by_text(model)
     linears = {n: m for n, m in model.named_modules() if is_plain_linear(m)}
     expert_names = list(experts.expert_weights(model))
-    targets = {n: m for n, m in linears.items() if _matches(n, target_modules) and not _under(n, unused)}
+    targets = {n: m for n, m in linears.items() if _matches(n, target_modules) and not under(n, unused)}
     never_called = [t for t in target_modules if not any(_matches(n, [t]) for n in targets)]
     never_called = [t for t in never_called if any(_matches(n, [t]) for n in linears)]
     if never_called and not any(_matches(n, never_called) for n in expert_names):
@@ -449,7 +450,7 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                 )
     elif cfg.method == "full":
         for name, p in model.named_parameters():
-            p.requires_grad_(not _under(name, report.unused))
+            p.requires_grad_(not under(name, report.unused))
     elif cfg.method == "partial":
         _select_partial(model, cfg, report.unused)
     report.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -600,7 +601,7 @@ def _select_partial(model: nn.Module, cfg: Config, unused: list[str]) -> None:
         raise ConfigError(f"partial.patterns: invalid regular expression {e.pattern!r} ({e})") from None
     # Every name, tied ones included: with tied embeddings lm_head.weight IS embed_tokens.weight.
     every = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    names = [n for n in every if not _under(n, unused)]  # a vision tower's never get a gradient
+    names = [n for n in every if not under(n, unused)]  # a vision tower's never get a gradient
     for pat in patterns:
         if not any(pat.search(n) for n in names):
             where = (
@@ -621,7 +622,7 @@ def _select_partial(model: nn.Module, cfg: Config, unused: list[str]) -> None:
             )
         last_blocks = {str(i) for i in indices[-pc.last_n_layers :]}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if _under(name, unused):
+        if under(name, unused):
             continue
         m = _BLOCK_INDEX.search(name)
         in_last = bool(m and m.group(1) in last_blocks)

@@ -673,10 +673,10 @@ def restore_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where:
         if n in tensors and tensors[n].shape != p.shape
     ]
     if unexpected and not missing and not shapes:
-        from .adapt import unused_by_text
+        from .adapt import under, unused_by_text
 
         towers = unused_by_text(model)
-        if all(any(n.startswith(t + ".") for t in towers) for n in unexpected):
+        if all(under(n, towers) for n in unexpected):
             raise CheckpointError(
                 f"resume: {where} trained {len(unexpected)} tensors in {', '.join(towers)}, which this version "
                 "leaves frozen (a text-only run never calls them); finish that run with the version that "

@@ -125,9 +125,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("torchao").setLevel(
-        logging.ERROR
-    )  # "Skipping import of cpp extensions" (PEFT imports it)
+    # torchao's "Skipping import of cpp extensions" (PEFT imports torchao where it is installed)
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -146,12 +145,17 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def _os_error(e: OSError) -> str:
-    """``path: reason`` on one line, the path shortened when it is very long."""
+def _os_error_exit(e: OSError) -> int:
+    """A path the system refuses (name too long, no such device, ...), the user's to fix: ``error: path:
+    reason`` on one line (the path shortened when very long) and exit code 2. Without a path it is no
+    user's mistake: re-raised."""
+    if e.filename is None:
+        raise e
     name = str(e.filename)
     if len(name) > 120:
         name = f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
-    return f"{name}: {e.strerror or e}"
+    print(f"error: {name}: {e.strerror or e}", file=sys.stderr)
+    return 2
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
@@ -183,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return e.exit_code
         except OSError as e:
-            if e.filename is None:
-                raise
-            print(f"error: {_os_error(e)}", file=sys.stderr)
-            return 2
+            return _os_error_exit(e)
         return 0
     args.overrides = [*args.overrides, *extra]
     try:
@@ -214,11 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except OSError as e:  # a path the system refuses (name too long, no such device, ...): the user's to fix
-        if e.filename is None:
-            raise
-        print(f"error: {_os_error(e)}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        return _os_error_exit(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

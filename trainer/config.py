@@ -290,7 +290,6 @@ class Config(_Strict):
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
-
     quant: QuantConfig = Field(default_factory=QuantConfig)
     partial: PartialConfig = Field(default_factory=PartialConfig)
     data: DataConfig | None = Field(

@@ -114,7 +114,7 @@ def export(
 
 
 def _check_base(model: torch.nn.Module, run: Path, path: str) -> None:
-    """The base model must be the one the run trained on: the same parameters, with the same shapes, as
+    """The base model must be the one the run trained on: the same parameters, shapes and first values as
     the run recorded at its start (``base_model.json``; runs from before it get the adapter's own check)."""
     record = run / BASE_LAYOUT_FILE
     if not record.is_file():
