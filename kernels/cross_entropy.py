@@ -30,6 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import reference
+from ._autocast import autocast_dtype, autocast_off, cast_to
 from ._triton import cdiv, interpreter_active, next_power_of_2, tl, triton
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "chunk_rows", "cross_entropy_grad", "linear_cross_entropy"]
@@ -213,6 +214,18 @@ def linear_cross_entropy(
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     if target.shape != hidden.shape[:1]:
         raise ValueError(f"target must be [{hidden.shape[0]}], got {tuple(target.shape)}")
+    if (dt := autocast_dtype(hidden)) is not None:  # the head as autocast runs nn.Linear (_autocast.py)
+        hidden, weight, bias = cast_to(dt, hidden, weight, bias)
+        with autocast_off(hidden):
+            return linear_cross_entropy(
+                hidden,
+                weight,
+                target,
+                bias,
+                ignore_index=ignore_index,
+                backend=backend,
+                chunk_bytes=chunk_bytes,
+            )
     rows = chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(), chunk_bytes)
     return LinearCrossEntropyFunction.apply(
         hidden, weight, bias, target.to(torch.int64), ignore_index, backend, rows, torch.is_grad_enabled()

@@ -267,8 +267,11 @@ def grouped_lora(
     """
     if x.dim() != 2 or x.shape[1] != weights.shape[1]:
         raise ValueError(f"expected x [M, {weights.shape[1]}], got {tuple(x.shape)}")
-    if len(counts) != weights.num_experts or sum(counts) != x.shape[0]:
-        raise ValueError(f"counts must give {weights.num_experts} group sizes summing to {x.shape[0]}")
+    if len(counts) != weights.num_experts or sum(counts) != x.shape[0] or min(counts, default=0) < 0:
+        raise ValueError(
+            f"counts must give {weights.num_experts} group sizes, none negative, summing to {x.shape[0]}; "
+            f"got {list(counts)}"
+        )
     if bias is not None and bias.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("grouped LoRA never computes a gradient for the frozen expert bias")
     a = b = None

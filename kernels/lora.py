@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._autocast import autocast_dtype, autocast_off, cast_to
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
 from .dropout import apply_keep, apply_keep_, draw_keep, pack_keep, unpack_keep
 from .reference import dropout_threshold
@@ -626,7 +627,7 @@ def lora_forward(
         weight: frozen ``W [N, K]``, same dtype as x.
         lora_a: ``A [r, K]``; any float dtype (tiles are cast to x's dtype for the GEMM).
         lora_b: ``B [N, r]``.
-        bias: optional ``[N]``.
+        bias: optional ``[N]`` (any strides: the kernel reads a contiguous copy).
         config: scale, dropout probability and seed.
 
     Returns:
@@ -636,6 +637,10 @@ def lora_forward(
         ValueError, TypeError: on mismatched shapes, dtypes or devices.
     """
     m, n, k, r = _check_inputs(x, weight, lora_a, lora_b, bias)
+    if bias is not None:
+        bias = (
+            bias.contiguous()
+        )  # the kernel reads bias_ptr + n (a strided or expanded view would be misread)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     s = torch.empty((m, r), device=x.device, dtype=x.dtype)
     if m == 0:
@@ -888,6 +893,10 @@ def lora_linear_torch(
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if (dt := autocast_dtype(x)) is not None:  # as autocast runs nn.Linear: in its dtype (_autocast.py)
+        x, weight, bias = cast_to(dt, x, weight, bias)
+        with autocast_off(x):
+            return lora_linear_torch(x, weight, lora_a, lora_b, scale, bias, dropout_p)
     keep = draw_keep(x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     K = x.shape[-1]
     y = LoRALinearTorchFunction.apply(
@@ -997,6 +1006,10 @@ def lora_siblings_torch(
     biases = list(biases) if biases is not None else [None] * n
     if not n or not (len(lora_as) == len(lora_bs) == len(scales) == len(biases) == n):
         raise ValueError("lora_siblings_torch: one A, B, scale and bias (or None) per weight")
+    if (dt := autocast_dtype(x)) is not None:  # as autocast runs nn.Linear: in its dtype (_autocast.py)
+        x, *frozen = cast_to(dt, x, *weights, *biases)
+        with autocast_off(x):
+            return lora_siblings_torch(x, frozen[:n], lora_as, lora_bs, scales, frozen[n:])
     K = x.shape[-1]
     for w, a, b_ in zip(weights, lora_as, lora_bs, strict=True):
         if w.shape[1] != K or a.shape[1] != K or b_.shape != (w.shape[0], a.shape[0]):
@@ -1049,6 +1062,10 @@ def lora_linear(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("the fused LoRA path keeps weight and bias frozen: set requires_grad=False on them")
+    if (dt := autocast_dtype(x)) is not None:  # as autocast runs nn.Linear: in its dtype (_autocast.py)
+        x, weight, bias = cast_to(dt, x, weight, bias)
+        with autocast_off(x):
+            return lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout_p, dropout_seed=dropout_seed)
     seed = 0
     if dropout_p > 0.0:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_seed is None else int(dropout_seed)

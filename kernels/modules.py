@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import quant
+from ._autocast import autocast_dtype
 
 Backend = Literal["torch", "triton"]
 
@@ -170,7 +171,9 @@ class LoRASiblings:
     The first member called with an input computes every member's output through
     ``lora.lora_siblings_torch`` (one GEMM for all the A's, one dX buffer in backward); the others,
     called next with the same tensor, take theirs. Anything else computes afresh: another input, the
-    input or any member's A or B changed in place, grad mode switched, the same member called twice.
+    input or any member's weight, bias, A or B changed in place or replaced, its scaling changed, grad
+    mode switched, the same member called twice. A write through ``.data`` bypasses the version
+    counters this relies on: write under ``torch.no_grad()`` instead (as optimizers do).
     Inference mode, a module that is not a member (a ``DataParallel`` replica), dropout in training and
     the triton backend run the member as a single layer. Not a Module: members keep their own names,
     parameters and state-dict keys.
@@ -191,8 +194,9 @@ class LoRASiblings:
             m.siblings = self
 
     def _state_key(self, x: torch.Tensor) -> tuple:
-        versions = tuple(p._version for m in self.members for p in (m.lora_A, m.lora_B))
-        return (x._version, torch.is_grad_enabled(), versions)
+        tensors = [t for m in self.members for t in (m.weight, m.bias, m.lora_A, m.lora_B) if t is not None]
+        versions = tuple((id(t), t._version) for t in tensors)  # a tensor replaced or changed in place
+        return (x._version, torch.is_grad_enabled(), versions, tuple(m.scaling for m in self.members))
 
     def _index(self, member: LoRALinear) -> int | None:
         return next((j for j, m in enumerate(self.members) if m is member), None)
@@ -293,6 +297,24 @@ class PackedBuffers(nn.Module):
     @property
     def double_quant(self) -> bool:
         return getattr(self, "nested_absmax", None) is not None
+
+    def get_extra_state(self) -> dict:
+        """The format the buffers hold, saved beside them (``<prefix>._extra_state``): NF4 and FP4 codes at
+        one blocksize fill identical buffers, so without it one loads into the other in silence."""
+        return {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        theirs = (state.get("quant_type"), state.get("blocksize"))
+        if theirs != (self.quant_type, self.blocksize):
+            raise ValueError(
+                f"{type(self).__name__}: the state dict holds {theirs[0]} weights (blocksize {theirs[1]}), "
+                f"this module {self.quant_type} (blocksize {self.blocksize})"
+            )
+        self.weight_dtype = getattr(torch, state.get("weight_dtype", ""), self.weight_dtype)
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``, ``.half()``, ``.bfloat16()`` cast every floating buffer; the quantization state
@@ -441,8 +463,8 @@ class QuantLoRALinear(PackedBuffers):
         from .qmatmul import qlora_linear
 
         p = self.dropout if self.training else 0.0
-        inp_dtype = x.dtype
-        if self.compute_dtype is not None:
+        inp_dtype = autocast_dtype(x) or x.dtype  # under autocast: its dtype, as nn.Linear gives
+        if self.compute_dtype is not None and inp_dtype == x.dtype:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = qlora_linear(

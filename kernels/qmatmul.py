@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import quant
+from ._autocast import autocast_dtype, autocast_off, cast_to
 from ._triton import TORCH_TO_TL, cdiv, interpreter_active, next_power_of_2, tl, triton
 from .dropout import apply_keep, apply_keep_, draw_keep, pack_keep, unpack_keep
 from .lora import unflatten_rows
@@ -320,10 +321,11 @@ def use_dequant_gemm(m: int, n: int, k: int) -> bool:
 
 
 def _weight_args(pw: PackedWeight) -> tuple[list[torch.Tensor], dict]:
-    """Kernel pointer arguments and constexprs describing the packed weight."""
+    """Kernel pointer arguments and constexprs describing the packed weight (read as dense row-major
+    buffers: a strided view, such as a column slice of an int8 weight, is copied first)."""
     if isinstance(pw, PackedWeightInt8):
-        s = pw.scale
-        return [pw.qweight, s, s, s, s, s], {
+        s = pw.scale.contiguous()
+        return [pw.qweight.contiguous(), s, s, s, s, s], {
             "FORMAT": _FORMAT_INT8,
             "BLOCKSIZE": 64,
             "NESTED": False,
@@ -332,8 +334,8 @@ def _weight_args(pw: PackedWeight) -> tuple[list[torch.Tensor], dict]:
             "K_EVEN": False,
             "K_ALIGNED": False,
         }
-    nested_absmax, nested_code, offset = quant._nested_args(pw)
-    return [pw.packed, pw.absmax, nested_absmax, nested_code, offset, pw.code], {
+    nested = [t.contiguous() for t in quant._nested_args(pw)]
+    return [pw.packed.contiguous(), pw.absmax.contiguous(), *nested, pw.code.contiguous()], {
         "FORMAT": _FORMAT_4BIT,
         "BLOCKSIZE": pw.blocksize,
         "NESTED": pw.nested,
@@ -596,6 +598,14 @@ class QLoRAConfig:
     backend: Literal["torch", "triton"] = "triton"
     path: Literal["auto", "fused", "dequant"] = "auto"
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {self.dropout_p}")
+        if self.backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {self.backend!r}")
+        if self.path not in ("auto", "fused", "dequant"):
+            raise ValueError(f"path must be 'auto', 'fused' or 'dequant', got {self.path!r}")
+
 
 def _fused(cfg: QLoRAConfig, m: int, pw: PackedWeight) -> bool:
     if cfg.backend == "torch" or cfg.path == "dequant":
@@ -615,7 +625,12 @@ def _dense(pw: PackedWeight, dtype: torch.dtype, cfg: QLoRAConfig) -> torch.Tens
     straddles two rows (``K % blocksize != 0``: SmolLM2's K = 576 at blocksize 128). Such a weight is
     handed to it as one flat row, where the per-row lookup is the flat index's.
     """
-    if cfg.backend == "torch" and isinstance(pw, quant.PackedWeight4bit) and pw.packed.device.type == "cpu":
+    if (
+        cfg.backend == "torch"
+        and isinstance(pw, quant.PackedWeight4bit)
+        and pw.packed.device.type == "cpu"
+        and dtype in (torch.float16, torch.bfloat16, torch.float32)  # bnb's; fp64 (gradcheck): the reference
+    ):
         bnb_dequantize = _bnb_dequantize_4bit()
         if bnb_dequantize is not None:
             data, state = pw.to_bnb()
@@ -728,13 +743,31 @@ def qlora_linear(
         path: ``"auto"``, ``"fused"`` or ``"dequant"`` (see ``use_dequant_gemm``).
 
     Returns:
-        ``Y [..., N]`` in the dtype of x.
+        ``Y [..., N]`` in the dtype of x (under ``torch.autocast``: x and the bias are cast to its dtype
+        first, as for an ``nn.Linear``).
+
+    Raises:
+        ValueError: a dropout probability outside [0, 1), an unknown backend or path, or A/B shapes
+            that do not fit the weight.
+        RuntimeError: a bias that requires grad (the base stays frozen).
     """
     if bias is not None and bias.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(_BIAS_GRAD_ERROR)  # before any work: the backward has no gradient for it
-    keep = draw_keep(x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
+    if (dt := autocast_dtype(x)) is not None:  # as autocast runs nn.Linear: in its dtype (_autocast.py)
+        x, bias = cast_to(dt, x, bias)
+        with autocast_off(x):
+            return qlora_linear(x, pw, lora_a, lora_b, scale, bias, dropout_p, backend, path)
     cfg = QLoRAConfig(scale=float(scale), dropout_p=float(dropout_p), backend=backend, path=path)
-    K = x.shape[-1]
+    N, K = pw.shape
+    if x.shape[-1] != K or lora_a.dim() != 2 or lora_a.shape[1] != K:
+        raise ValueError(
+            f"in_features mismatch: x {tuple(x.shape)}, weight {tuple(pw.shape)}, A {tuple(lora_a.shape)}"
+        )
+    if tuple(lora_b.shape) != (N, lora_a.shape[0]):
+        raise ValueError(
+            f"lora_b must be [{N}, {lora_a.shape[0]}] (out_features, rank), got {tuple(lora_b.shape)}"
+        )
+    keep = draw_keep(x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     keep2 = None if keep is None else keep.reshape(-1, K)
     y = QLoRALinearFunction.apply(x.reshape(-1, K), lora_a, lora_b, bias, keep2, pw, cfg)
     return unflatten_rows(y, x)

@@ -164,6 +164,8 @@ def test_bad_counts_are_refused():
     x, counts, w, lora = _problem()
     with pytest.raises(ValueError, match="counts"):
         grouped_lora(x, [1, 2, 3], DenseExperts(w), lora)
+    with pytest.raises(ValueError, match="none negative"):  # sums to M, yet expert 2 would overwrite rows
+        grouped_lora(x, [counts[0] + 2, -2, *counts[2:]], DenseExperts(w), lora)
     with pytest.raises(ValueError, match="expected x"):
         grouped_lora(x[:, :5], counts, DenseExperts(w), lora)
 

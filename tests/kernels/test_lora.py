@@ -587,12 +587,20 @@ def test_sibling_cache_never_serves_a_stale_output():
         nn.init.normal_(m.lora_B, std=0.3)
     LoRASiblings(mods)
     x = torch.randn(3, 9)
-    with torch.no_grad():
-        mods[0](x)  # member 1's output now waits in the cache
-        mods[1].lora_B.add_(1.0)  # ... and is stale
-        got = mods[1](x)
-    want = lora_mod.lora_linear_torch(x, mods[1].weight, mods[1].lora_A, mods[1].lora_B, mods[1].scaling)
-    torch.testing.assert_close(got, want)
+    changes = {  # each makes member 1's cached output stale
+        "B in place": lambda m: m.lora_B.add_(1.0),
+        "frozen weight in place": lambda m: m.weight.mul_(1.5),
+        "weight replaced": lambda m: setattr(m, "weight", nn.Parameter(m.weight * 2, requires_grad=False)),
+        "scaling": lambda m: setattr(m, "scaling", m.scaling * 3),
+    }
+    for what, change in changes.items():
+        with torch.no_grad():
+            mods[0](x)  # member 1's output now waits in the cache
+            change(mods[1])  # ... and is stale
+            got = mods[1](x)
+        m1 = mods[1]
+        want = lora_mod.lora_linear_torch(x, m1.weight, m1.lora_A, m1.lora_B, m1.scaling)
+        torch.testing.assert_close(got, want, msg=what)
     with torch.inference_mode():  # no version counters: each member alone
         xi = torch.randn(3, 9)
         ys = [m(xi) for m in mods]
@@ -605,6 +613,23 @@ def test_sibling_cache_never_serves_a_stale_output():
     torch.testing.assert_close(
         stranger(x), lora_mod.lora_linear_torch(x, stranger.weight, stranger.lora_A, stranger.lora_B, 2.0)
     )
+
+
+def test_strided_and_expanded_bias():
+    """A bias that is a view (every other element, a column, one value expanded): the kernel reads a
+    dense copy (it read bias_ptr + n, so a stride-0 view ran past its one element)."""
+    x, w, a, b, _ = make_problem(5, 24, 10, 4, torch.float32)
+    for bias in (
+        torch.randn(20, device=DEVICE)[::2],
+        torch.randn(10, 3, device=DEVICE)[:, 1],
+        torch.tensor([3.0], device=DEVICE).expand(10),
+    ):
+        assert_close(
+            lora_linear(x, w, a, b, 0.5, bias=bias),
+            lora_mod.lora_linear_torch(x, w, a, b, 0.5, bias=bias),
+            torch.float32,
+            name=f"bias stride {bias.stride()}",
+        )
 
 
 def test_bias_in_another_dtype_than_x():

@@ -383,6 +383,69 @@ def test_launchers_refuse_mismatched_inputs(case):
         _bad_launch(case)()
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dropout_p": 1.0}, "dropout_p"),
+        ({"dropout_p": -0.5}, "dropout_p"),
+        ({"backend": "cuda"}, "backend"),
+        ({"path": "foo"}, "path"),
+        ({"b_rows": 47}, "lora_b"),
+        ({"a_cols": 32}, "in_features"),
+    ],
+)
+def test_qlora_linear_refuses_bad_arguments(kwargs, match):
+    """As lora_linear does: a dropout of 1 returned NaN, and an unknown backend or path ran the fused one."""
+    pw = quant.quantize(torch.randn(48, 64, device=DEVICE) * 0.05, "nf4", 64, True)
+    a, b = lora_tensors(kwargs.pop("b_rows", 48), kwargs.pop("a_cols", 64), 4)
+    with pytest.raises(ValueError, match=match):
+        qmatmul.qlora_linear(
+            torch.randn(3, 64, device=DEVICE), pw, a, b, 1.0, **{"backend": "torch", **kwargs}
+        )
+
+
+def test_strided_int8_weight_reads_as_its_copy():
+    """An int8 weight that is a column slice of a wider one: the fused kernel indexed rows K apart."""
+    torch.manual_seed(0)
+    wide = quant.quantize(torch.randn(24, 64, device=DEVICE), "int8")
+    pw = quant.PackedWeightInt8(wide.qweight[:, :32], wide.scale, torch.float16)
+    assert not pw.qweight.is_contiguous()
+    x, (a, b) = torch.randn(5, 32, device=DEVICE), lora_tensors(24, 32, 2)
+    want = qmatmul.qlora_linear(x, pw, a, b, 1.0, backend="torch")
+    for path in ("fused", "dequant"):
+        got = qmatmul.qlora_linear(x, pw, a, b, 1.0, backend="triton", path=path)
+        assert_close(got, want, torch.float32, name=path)
+
+
+def test_state_dict_records_the_format():
+    """NF4 and FP4 at one blocksize fill identical buffers: the state dict carries the format, and a
+    module of another format refuses it instead of decoding the codes with the wrong table."""
+    lin = nn.Linear(64, 48).to(DEVICE)
+    nf4 = QuantLoRALinear.from_linear(lin, 4, 8.0, quant_type="nf4")
+    fp4 = QuantLoRALinear.from_linear(lin, 4, 8.0, quant_type="fp4")
+    state = nf4.state_dict()
+    assert state["_extra_state"]["quant_type"] == "nf4"
+    with pytest.raises(ValueError, match="holds nf4 weights"):
+        fp4.load_state_dict(state)
+    other = QuantLoRALinear.from_linear(nn.Linear(64, 48).to(DEVICE, torch.float16), 4, 8.0, quant_type="nf4")
+    other.load_state_dict(state)
+    assert other.weight_dtype == nf4.weight_dtype == torch.float32
+    assert torch.equal(other.dequantized_weight(), nf4.dequantized_weight())
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="fp64 on the torch path: the CPU's (bnb serves 16/32-bit only)")
+def test_torch_path_gradcheck_float64_with_bitsandbytes_installed():
+    """The torch path's dequantize goes to bitsandbytes on the CPU, which has no fp64: fp64 uses the
+    reference, so gradcheck runs."""
+    pw = quant.quantize(torch.randn(6, 64) * 0.1, "nf4", 64, True)
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    a = (torch.randn(2, 64, dtype=torch.float64) * 0.1).requires_grad_()
+    b = (torch.randn(6, 2, dtype=torch.float64) * 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: qmatmul.qlora_linear(x, pw, a, b, 0.5, backend="torch"), (x, a, b)
+    )
+
+
 def test_qlora_function_refuses_a_bias_gradient():
     pw = quant.quantize(torch.randn(16, 64, device=DEVICE) * 0.05, "nf4", 64, True)
     a, b = lora_tensors(16, 64, 4)
