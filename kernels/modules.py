@@ -500,7 +500,10 @@ class QuantLoRALinear(PackedBuffers):
                 packed base weight is handed over as is, sharing storage.
 
         Returns:
-            A bitsandbytes layer computing the base (or merged) weight.
+            A bitsandbytes layer computing the base (or merged) weight. The layout is bnb's own, but
+            bitsandbytes 0.50's CPU kernel decodes it wrongly when ``in_features`` is not a multiple of
+            the block size (it looks the scale up per row; ``_dense`` in qmatmul.py works around it for
+            fusedtune's own path): on the CPU, compare against :meth:`dequantized_weight` for such shapes.
         """
         import bitsandbytes as bnb
 
