@@ -89,6 +89,10 @@ class QuantExperts(PackedBuffers):
         self.shape = tuple(experts[0].shape)
         self._register_packed(experts, stacked=True)
 
+    @property
+    def weight_numel(self) -> int:
+        return self.num_experts * self.shape[0] * self.shape[1]
+
     @classmethod
     @torch.no_grad()
     def from_dense(

@@ -298,6 +298,11 @@ class PackedBuffers(nn.Module):
     def double_quant(self) -> bool:
         return getattr(self, "nested_absmax", None) is not None
 
+    @property
+    def weight_numel(self) -> int:
+        """Parameters the packed weight(s) stand for (``N·K`` each), not elements of their storage."""
+        raise NotImplementedError
+
     def get_extra_state(self) -> dict:
         """The format the buffers hold, saved beside them (``<prefix>._extra_state``): NF4 and FP4 codes at
         one blocksize fill identical buffers, so without it one loads into the other in silence."""
@@ -377,6 +382,10 @@ class QuantLoRALinear(PackedBuffers):
         """PEFT's default init: A ~ kaiming-uniform(a=√5), B = 0, so the adapter starts as a no-op."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    @property
+    def weight_numel(self) -> int:
+        return self.out_features * self.in_features
 
     @property
     def packed_weight(self) -> quant.PackedWeight:

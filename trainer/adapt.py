@@ -450,9 +450,12 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                 )
     elif cfg.method == "full":
         for name, p in model.named_parameters():
-            p.requires_grad_(not under(name, report.unused))
+            if not under(name, report.unused):
+                _require_trainable(name, p, cfg)
+                p.requires_grad_(True)
     elif cfg.method == "partial":
         _select_partial(model, cfg, report.unused)
+    _keep_bnb_differentiable(model)
     report.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     report.tied_trainable = _tied_trainable(model)
     if not report.trainable_names:
@@ -582,6 +585,33 @@ def _quantize_linear(linear: nn.Linear, cfg: Config, backend: str, device: torch
     )
 
 
+def _require_trainable(name: str, p: nn.Parameter, cfg: Config) -> None:
+    """A parameter ``full``/``partial`` selected must be one a gradient can update: a bitsandbytes-packed
+    weight (a quantized checkpoint's) is integer storage."""
+    if not (p.is_floating_point() or p.is_complex()):
+        what = "full" if cfg.method == "full" else "partial: the selection"
+        raise ConfigError(
+            f"method {what} includes {name}, which this checkpoint stores quantized ({p.dtype}, "
+            "bitsandbytes): train it from the unquantized checkpoint, or use method: qlora"
+        )
+
+
+def _keep_bnb_differentiable(model: nn.Module) -> None:
+    """Keep a quantized checkpoint's remaining bitsandbytes 4-bit Linears (partial training, or QLoRA
+    targets that leave some out) on bitsandbytes' differentiable path.
+
+    On an AVX512-BF16 CPU, bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place the first time
+    it runs in eval mode on an input that needs no gradient (the held-out evaluation before training),
+    and from then on computes it with ``gemv_4bit``, an op without autograd: backward goes through it as
+    if it were constant, so every trainable tensor below it silently gets no gradient (measured: after
+    one evaluation, partial training of the norms left only the final norm with a gradient). Turning
+    off that repacking keeps the training path.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _is_bnb_quantized(linear: nn.Module) -> bool:
     """True for bitsandbytes' Linear4bit / Linear8bitLt (both subclass nn.Linear)."""
     cls = type(linear)
@@ -627,4 +657,5 @@ def _select_partial(model: nn.Module, cfg: Config, unused: list[str]) -> None:
         m = _BLOCK_INDEX.search(name)
         in_last = bool(m and m.group(1) in last_blocks)
         if in_last or any(pat.search(name) for pat in patterns):
+            _require_trainable(name, p, cfg)
             p.requires_grad_(True)

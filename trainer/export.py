@@ -91,6 +91,7 @@ def export(
         hint = "" if base is not None else "; if the base model moved, pass its new place with --base PATH"
         raise ExportError(f"export: {e}{hint}") from None
     _check_base(model, run, path)
+    prequantized = _dequantize_bnb(model, loaded_dtype)
     (_merge_peft_adapter if lora else _copy_trainable)(model, run, weights)
     model.config.use_cache = True  # the run turned it off for training; generation wants it
     created = not out.exists()
@@ -98,15 +99,22 @@ def export(
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-    except OSError as e:
-        if created:  # no half-written model left behind
+    except BaseException as e:
+        if created:  # no half-written model left behind, whatever went wrong
             shutil.rmtree(out, ignore_errors=True)
-        raise ExportError(f"export: cannot write {out}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise ExportError(f"export: cannot write {out}: {e.strerror or e}") from None
+        raise
     what = {
         "lora": "LoRA adapter merged into the base",
         "qlora": "QLoRA adapter merged into the unquantized base (the run trained against its "
         f"{cfg.quant.quant_type} weights)",
     }.get(cfg.method, f"{cfg.method} run's trained tensors in the base")
+    if prequantized:
+        what = (
+            f"{what.split(' (')[0].replace('unquantized ', '')}, its {prequantized} bitsandbytes-quantized "
+            "Linears decoded first (the checkpoint has no unquantized weights)"
+        )
     log(
         f"export: {what}, {dtype_label(loaded_dtype)}, written to {out}/ (load it with AutoModelForCausalLM.from_pretrained)"
     )
@@ -128,6 +136,32 @@ def _check_base(model: torch.nn.Module, run: Path, path: str) -> None:
         raise ExportError(
             f"export: {path} is not the base model the run trained on ({diff}; the run's {record.name})"
         )
+
+
+def _dequantize_bnb(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """A bitsandbytes-quantized checkpoint's Linears replaced by plain ones holding the decoded weights
+    (fusedtune's dequantize, bit-exact with bitsandbytes' own, whose CPU kernel misreads rows that are
+    not whole blocks), and its quantization config dropped, so that the adapter merges into plain
+    weights and ``save_pretrained`` writes an unquantized model. Returns how many were decoded."""
+    from fusedtune.kernels import QuantLoRALinear
+
+    from .adapt import _is_bnb_quantized
+
+    names = [name for name, m in model.named_modules() if _is_bnb_quantized(m)]
+    for name in names:
+        layer = model.get_submodule(name)
+        weight = QuantLoRALinear.from_bnb(layer, 1, 1.0).dequantized_weight(dtype)
+        linear = torch.nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
+        )
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = torch.nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        model.set_submodule(name, linear)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if names and quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return len(names)
 
 
 def _first_line(e: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -41,7 +42,8 @@ def tensor_bytes(tensors) -> int:
 
 @dataclass
 class ParamAccounting:
-    """Parameter counts and bytes, trainable vs frozen (frozen includes buffers: packed weights)."""
+    """Parameter counts and bytes, trainable vs frozen (frozen bytes include buffers: packed weights; a
+    packed weight counts the parameters it stands for)."""
 
     trainable_params: int
     trainable_bytes: int
@@ -53,16 +55,31 @@ class ParamAccounting:
         return self.trainable_params + self.frozen_params
 
 
+def _weight_numel(p: torch.Tensor) -> int:
+    """Parameters a tensor stands for: a bitsandbytes 4-bit parameter's logical shape, not its packed bytes."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
 def param_accounting(model: nn.Module) -> ParamAccounting:
-    """Count the model's trainable and frozen tensors (shared tensors once)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    frozen += [b for name, b in model.named_buffers() if not name.endswith("inv_freq")]
-    trainable, frozen = _unique_tensors(trainable), _unique_tensors(frozen)
+    """Count the model's trainable and frozen tensors (shared tensors once).
+
+    Bytes count every frozen tensor, buffers included (packed weights and their scales, tables).
+    Parameter counts are of weights: a packed weight counts the ``N·K`` it stands for, and other
+    buffers (scales, RoPE tables, Gemma's ``embed_scale``) count none, as PEFT and transformers count.
+    """
+    from fusedtune.kernels.modules import PackedBuffers
+
+    trainable = _unique_tensors([p for p in model.parameters() if p.requires_grad])
+    frozen_params = _unique_tensors([p for p in model.parameters() if not p.requires_grad])
+    frozen = _unique_tensors(
+        frozen_params + [b for name, b in model.named_buffers() if not name.endswith("inv_freq")]
+    )
+    packed = sum(m.weight_numel for m in model.modules() if isinstance(m, PackedBuffers))
     return ParamAccounting(
         trainable_params=sum(p.numel() for p in trainable),
         trainable_bytes=sum(p.nbytes for p in trainable),
-        frozen_params=sum(p.numel() for p in frozen),
+        frozen_params=sum(_weight_numel(p) for p in frozen_params) + packed,
         frozen_bytes=sum(p.nbytes for p in frozen),
     )
 

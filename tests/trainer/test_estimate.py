@@ -75,6 +75,11 @@ def test_exact_parts_equal_live_tensors(tmp_path, tiny_model_dir, overrides):
     acc = memory.param_accounting(model)
     assert est.frozen_bytes == acc.frozen_bytes  # an independent count of the same tensors
     assert est.trainable_params == acc.trainable_params
+    # the parameter count is of weights, as PEFT's: a packed weight counts its N·K (it counted bytes of
+    # storage and scales), buffers none; base + adapters whatever the method and format
+    base = load_model(cfg.model.name_or_path, cfg.model, torch.device("cpu"))[0]
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert acc.frozen_params + acc.trainable_params == sum(p.numel() for p in base.parameters()) + adapters
     assert est.trainable_bytes == acc.trainable_bytes
     assert est.gradient_bytes == grads
     assert est.optimizer_state_bytes == memory.optimizer_state_bytes(optimizer)

@@ -53,12 +53,74 @@ def test_takes_over_bnb_weights_without_requantizing(bnb_quantized_dir):
         torch.testing.assert_close(model(input_ids=ids).logits, logits_bnb, rtol=1e-4, atol=1e-4)
 
 
-def test_cli_qlora_on_prequantized_checkpoint(bnb_quantized_dir, tmp_path):
+def test_cli_qlora_on_prequantized_checkpoint_and_its_export(bnb_quantized_dir, tmp_path, capsys):
+    """The run trains; export decodes the checkpoint's packed Linears and merges the adapter into them
+    (it crashed in save_pretrained and left a half-written folder): a plain model whose logits are the
+    quantized base + adapter's through PEFT."""
+    from peft import PeftModel
+
     cfg = write_config(tmp_path, bnb_quantized_dir, method="qlora")
     assert main(["run", str(cfg)]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["eval_after"]["eval_loss"] < summary["eval_before"]["eval_loss"]
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    assert "14 bitsandbytes-quantized Linears decoded first" in capsys.readouterr().out
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(p.is_floating_point() for p in merged.parameters())
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(bnb_quantized_dir), tmp_path / "run"
+    )
+    peft.train()  # bitsandbytes' exact (dequantize + matmul) CPU path; no dropout in this config
+    ids = torch.randint(4, merged.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["method=partial", "partial.patterns=[norm]"], ["method=qlora", "lora.target_modules=[q_proj]"]],
+)
+def test_frozen_bnb_linears_stay_differentiable_after_an_evaluation(bnb_quantized_dir, overrides):
+    """bitsandbytes' CPU Linear4bit, once run in eval mode without grad (the held-out evaluation before
+    training), switched to an op without autograd: every tensor below it got no gradient (only the
+    final norm trained). The gradients after an evaluation are those of a model that never ran one."""
+    cfg = load_config(None, ["kernels=torch", "lora.rank=4", *overrides])
+    ids = torch.randint(4, 300, (2, 9))
+
+    def gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(bnb_quantized_dir)
+        torch.manual_seed(0)  # the same LoRA A
+        apply_method(model, cfg, CPU)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, after = gradients(False), gradients(True)
+    assert len(fresh) >= 4 and all(g is not None for g in fresh.values())
+    for name, g in fresh.items():
+        assert after[name] is not None, f"{name} lost its gradient"
+        torch.testing.assert_close(after[name], g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides", [["method=full"], ["method=partial", "partial.last_n_layers=1"]])
+def test_full_and_partial_refuse_quantized_weights(bnb_quantized_dir, tmp_path, capsys, overrides):
+    """A traceback ("only Tensors of floating point dtype can require gradients") before; a norm-only
+    partial run of the same checkpoint is fine."""
+    cfg = write_config(tmp_path, bnb_quantized_dir)
+    assert main(["run", str(cfg), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "stores quantized" in err and "use method: qlora" in err, err
+    assert main(["run", str(cfg), "method=partial", "partial.patterns=[norm]", "train.max_steps=1"]) == 0
 
 
 def test_lora_on_quantized_checkpoint_is_refused(bnb_quantized_dir, tmp_path, capsys):
