@@ -62,6 +62,9 @@ class AdaptReport:
     fused: list[str] = field(default_factory=list)
     not_fused: dict[str, str] = field(default_factory=dict)  # layer name -> why not
     quantized: list[str] = field(default_factory=list)
+    # a bnb-quantized checkpoint's Linears, taken over as stored: their format ("nf4, blocksize 64, ...")
+    taken_over: dict[str, str] = field(default_factory=dict)
+    quant_mismatch: str | None = None  # the config's quant.* settings such a checkpoint overrides
     trainable_names: list[str] = field(default_factory=list)
     siblings: list[str] = field(default_factory=list)  # "parent: q_proj|k_proj|v_proj" per group
     siblings_why_not: str | None = None
@@ -100,8 +103,15 @@ class AdaptReport:
                 f"kernels {self.backend} ({self.backend_reason}): {len(self.fused)}/{len(self.adapted)} "
                 "adapted layers on the fused Triton path"
             )
-            if self.quantized:
-                out.append(f"{len(self.quantized)} frozen Linear weights quantized")
+            if requantized := len(self.quantized) - len(self.taken_over):
+                out.append(f"{requantized} frozen Linear weights quantized")
+            if self.taken_over:
+                formats = sorted(set(self.taken_over.values()))
+                out.append(
+                    f"{len(self.taken_over)} frozen Linear weights taken over as the checkpoint stores them "
+                    f"({'; '.join(formats)}; not re-quantized)"
+                    + (f": {self.quant_mismatch} does not apply" if self.quant_mismatch else "")
+                )
             if self.method == "qlora" and self.fused:
                 out.append(
                     f"  QLoRA matmuls on the Triton path: the fused dequantize-in-GEMM kernel below "
@@ -421,8 +431,12 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                     lora_dtype=adapter_dtype(linear.weight.dtype),
                 )
             else:
+                prequantized = _is_bnb_quantized(linear)
                 new = _quantize_linear(linear, cfg, layer_backend, device)
                 report.quantized.append(name)
+                if prequantized:
+                    report.taken_over[name] = _format_of(new)
+                    report.quant_mismatch = report.quant_mismatch or _quant_mismatch(new, cfg)
             _set_module(model, name, new)
             del linear, new
             report.adapted.append(name)
@@ -585,15 +599,42 @@ def _quantize_linear(linear: nn.Linear, cfg: Config, backend: str, device: torch
     )
 
 
+def _format_of(layer: nn.Module) -> str:
+    """A QuantLoRALinear's storage format in words: ``nf4, blocksize 64, double quant``."""
+    if layer.quant_type == "int8":
+        return "int8 row-wise"
+    return f"{layer.quant_type}, blocksize {layer.blocksize}" + (
+        ", double quant" if layer.double_quant else ""
+    )
+
+
+def _quant_mismatch(layer: nn.Module, cfg: Config) -> str | None:
+    """The config's ``quant.*`` values a taken-over layer does not have (``quant.quant_type=int8``)."""
+    qc = cfg.quant
+    wanted = {"quant_type": qc.quant_type}
+    if layer.quant_type != "int8" and qc.quant_type != "int8":
+        wanted |= {"blocksize": qc.blocksize, "double_quant": qc.double_quant}
+    has = {"quant_type": layer.quant_type, "blocksize": layer.blocksize, "double_quant": layer.double_quant}
+    diff = [
+        f"quant.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in wanted.items() if has[k] != v
+    ]
+    return ", ".join(diff) or None
+
+
 def _require_trainable(name: str, p: nn.Parameter, cfg: Config) -> None:
     """A parameter ``full``/``partial`` selected must be one a gradient can update: a bitsandbytes-packed
     weight (a quantized checkpoint's) is integer storage."""
     if not (p.is_floating_point() or p.is_complex()):
-        what = "full" if cfg.method == "full" else "partial: the selection"
-        raise ConfigError(
-            f"method {what} includes {name}, which this checkpoint stores quantized ({p.dtype}, "
-            "bitsandbytes): train it from the unquantized checkpoint, or use method: qlora"
-        )
+        raise ConfigError(quantized_selection_error(cfg.method, name, f"{p.dtype}, bitsandbytes"))
+
+
+def quantized_selection_error(method: str, name: str, how: str) -> str:
+    """The message for a full/partial selection that includes a quantized checkpoint's packed weight."""
+    what = "full" if method == "full" else "partial: the selection"
+    return (
+        f"method {what} includes {name}, which this checkpoint stores quantized ({how}): train it from "
+        "the unquantized checkpoint, or use method: qlora"
+    )
 
 
 def _keep_bnb_differentiable(model: nn.Module) -> None:

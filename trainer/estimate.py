@@ -90,7 +90,7 @@ from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 
 from . import experts, memory, padding_free
 from .config import Config
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .optim import half_precision_trainable
 
 GIB = 1024**3
@@ -734,6 +734,34 @@ def _meta_model(cfg: Config, dtype: torch.dtype):
     return model, hf_cfg
 
 
+def _bnb_checkpoint_quant(hf_cfg) -> dict | None:
+    """The ``quantization_config`` of a bitsandbytes-quantized checkpoint (as a dict), else None."""
+    qc = getattr(hf_cfg, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    if not qc or qc.get("quant_method") != "bitsandbytes":
+        return None
+    return qc if qc.get("load_in_4bit") or qc.get("load_in_8bit") else None
+
+
+def _on_quantized_checkpoint(cfg: Config, model, stored: dict) -> Config:
+    """``cfg`` as a run applies it to a bitsandbytes-quantized checkpoint: lora refused (as
+    adapt.apply_method does), qlora taking the checkpoint's format over instead of ``quant.*``."""
+    if cfg.method == "lora":
+        raise ConfigError(
+            "method: the checkpoint is bitsandbytes-quantized; use method: qlora for this checkpoint"
+        )
+    if stored.get("load_in_8bit"):
+        fmt = {"quant_type": "int8"}
+    else:
+        fmt = {
+            "quant_type": stored.get("bnb_4bit_quant_type", "nf4"),
+            "double_quant": bool(stored.get("bnb_4bit_use_double_quant", False)),
+            "blocksize": 64,  # bitsandbytes' 4-bit blocksize when transformers quantizes
+        }
+    return cfg.model_copy(update={"quant": cfg.quant.model_copy(update=fmt)})
+
+
 def estimate(
     cfg: Config,
     on_gpu: bool | None = None,
@@ -757,7 +785,7 @@ def estimate(
     Raises:
         UserError: a model that cannot be found or adapted.
     """
-    from .adapt import apply_method, lora_targets
+    from .adapt import apply_method, lora_targets, quantized_selection_error
     from .model import DTYPES, resolve_dtype
     from .patches import fuse_rmsnorm, fuse_swiglu
 
@@ -773,10 +801,22 @@ def estimate(
     shape = DecoderShape.from_hf_config(hf_cfg)
 
     quantized: dict[str, tuple[int, int]] = {}
+    shared_codes = 0  # an expert stack keeps one double-quant code table for all its experts
+    stored = _bnb_checkpoint_quant(hf_cfg)
+    if (
+        stored is not None
+    ):  # a bitsandbytes-quantized checkpoint: its Linears load packed, whatever the method
+        cfg = _on_quantized_checkpoint(cfg, model, stored)
+        skip = set(stored.get("llm_int8_skip_modules") or ())
+        head = model.get_output_embeddings()
+        quantized = {
+            name: (m.out_features, m.in_features)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head and name.rsplit(".", 1)[-1] not in skip
+        }
     if cfg.method == "qlora":
         targets, _ = lora_targets(model, cfg.lora.target_modules, cfg.lora.rank)
-        quantized = {name: (lin.out_features, lin.in_features) for name, lin in targets.items()}
-        shared_codes = 0  # an expert stack keeps one double-quant code table for all its experts
+        quantized |= {name: (lin.out_features, lin.in_features) for name, lin in targets.items()}
         for name, (module, weight) in experts.expert_weights(model).items():  # adapt packs every expert
             n_experts, k, n = experts.shape(module, weight)
             quantized.update({f"{name}[{e}]": (n, k) for e in range(n_experts)})
@@ -786,6 +826,9 @@ def estimate(
         apply_method(model, lora_cfg, torch.device("meta"))
     else:
         apply_method(model, cfg, torch.device("meta"))
+        for name, p in model.named_parameters():  # what the run refuses (adapt._require_trainable)
+            if p.requires_grad and name.rsplit(".", 1)[0] in quantized:
+                raise ConfigError(quantized_selection_error(cfg.method, name, "bitsandbytes"))
 
     by_format = memory.frozen_bytes_by_format(model)
     if quantized:

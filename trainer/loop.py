@@ -58,6 +58,7 @@ from .loss import loss_sum, target_tokens
 from .metrics import MetricsError, MetricsLog, plot_loss
 from .model import (
     BASE_LAYOUT_FILE,
+    base_difference,
     base_record,
     load_model,
     load_tokenizer,
@@ -639,6 +640,29 @@ def _remove_outputs(out: Path) -> None:
     remove_checkpoints(checkpoint_root(out))
 
 
+def _resumed_base_changed(model: nn.Module, model_path: str, ckpt, cfg: Config, log) -> bool:
+    """Whether the base model loaded to resume ``ckpt`` differs from the one its run recorded
+    (``base_model.json`` beside its ``checkpoints/``): refused unless ``resume_allow_config_changes``,
+    as changed data are. A run from before the record has nothing to compare."""
+    record = ckpt.path.parent.parent / BASE_LAYOUT_FILE
+    try:
+        diff = base_difference(json.loads(record.read_text()), model)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log(f"resume: {record} is unreadable ({e!r}); the base model is not compared")
+        return False
+    if diff is None:
+        return False
+    if not cfg.resume_allow_config_changes:
+        raise CheckpointError(
+            f"resume: {model_path} is not the base model {ckpt.path} was trained on ({diff}); restore it, "
+            "or set resume_allow_config_changes=true"
+        )
+    log(f"resume: the base model differs from the one {ckpt.path} was trained on (allowed): {diff}")
+    return True
+
+
 def _finished_run(out: Path, ckpt: Checkpoint, steps: int) -> RunResult | None:
     """The run's ``summary.json`` as a result, when the run that wrote it ended with ``ckpt``.
 
@@ -785,6 +809,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     load_device = torch.device("cpu") if cfg.method == "qlora" else device
     model, dtype = load_model(model_path, cfg.model, device, load_device)
     base_layout = base_record(model, model_path)
+    base_changed = ckpt is not None and _resumed_base_changed(model, model_path, ckpt, cfg, log)
     longest = max(len(e.input_ids) for e in (*train_examples, *data.eval))
     if (note := check_context_length(model, longest)) is not None:
         log(note)
@@ -868,7 +893,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     else:
         metrics_path = out / "metrics.jsonl"
         out.mkdir(parents=True, exist_ok=True)
-        if not inside or not (out / BASE_LAYOUT_FILE).is_file():  # continued elsewhere, or an older run
+        if not inside or base_changed or not (out / BASE_LAYOUT_FILE).is_file():  # elsewhere, or older
             (out / BASE_LAYOUT_FILE).write_text(json.dumps(base_layout))
         if inside:  # this run's own log: drop records logged after the checkpoint
             size = ckpt.state["metrics_bytes"]

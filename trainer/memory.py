@@ -61,6 +61,27 @@ def _weight_numel(p: torch.Tensor) -> int:
     return math.prod(shape) if shape is not None else p.numel()
 
 
+def _bnb_packed(model: nn.Module) -> list[tuple[torch.Tensor, str]]:
+    """The tensors of a bitsandbytes-quantized checkpoint's Linears with their format label: the packed
+    weight (a parameter) and its quantization state, which bitsandbytes keeps as plain attributes, neither
+    parameters nor buffers (the same tensors a QuantLoRALinear holds as buffers when it takes one over)."""
+    out = []
+    for mod in model.modules():
+        cls = type(mod)
+        if not cls.__module__.startswith("bitsandbytes"):
+            continue
+        weight = getattr(mod, "weight", None)
+        qs = getattr(weight, "quant_state", None)
+        if qs is not None:  # Linear4bit
+            label = f"{qs.quant_type} + double quant" if qs.nested else qs.quant_type
+            out += [(weight, label), (qs.absmax, label)]
+            if qs.nested:
+                out += [(qs.offset, label), (qs.state2.absmax, label), (qs.state2.code, label)]
+        elif getattr(weight, "SCB", None) is not None:  # Linear8bitLt
+            out += [(weight, "int8"), (weight.SCB, "int8")]
+    return out
+
+
 def param_accounting(model: nn.Module) -> ParamAccounting:
     """Count the model's trainable and frozen tensors (shared tensors once).
 
@@ -73,7 +94,9 @@ def param_accounting(model: nn.Module) -> ParamAccounting:
     trainable = _unique_tensors([p for p in model.parameters() if p.requires_grad])
     frozen_params = _unique_tensors([p for p in model.parameters() if not p.requires_grad])
     frozen = _unique_tensors(
-        frozen_params + [b for name, b in model.named_buffers() if not name.endswith("inv_freq")]
+        frozen_params
+        + [b for name, b in model.named_buffers() if not name.endswith("inv_freq")]
+        + [t for t, _ in _bnb_packed(model)]
     )
     packed = sum(m.weight_numel for m in model.modules() if isinstance(m, PackedBuffers))
     return ParamAccounting(
@@ -223,7 +246,8 @@ def dtype_label(dtype: torch.dtype) -> str:
 def frozen_bytes_by_format(model: nn.Module) -> dict[str, int]:
     """Frozen parameter and buffer bytes of a live (or meta) model, by storage format.
 
-    Packed weights of ``QuantLoRALinear`` and ``QuantExperts`` modules count under their format (``nf4 + double quant``...);
+    Packed weights of ``QuantLoRALinear`` and ``QuantExperts`` modules, and of a bitsandbytes-quantized
+    checkpoint's Linears, count under their format (``nf4 + double quant``...);
     every other frozen tensor under its dtype. Shared storage counts once, RoPE tables not at all
     (as :func:`memory.param_accounting`).
     """
@@ -241,8 +265,11 @@ def frozen_bytes_by_format(model: nn.Module) -> dict[str, int]:
             )
             for _, buf in mod.named_buffers(recurse=False):
                 fmt_of[id(buf)] = label
+    bnb = _bnb_packed(model)
+    fmt_of |= {id(t): label for t, label in bnb}
     frozen = [p for p in model.parameters() if not p.requires_grad]
     frozen += [b for name, b in model.named_buffers() if not name.endswith("inv_freq")]
+    frozen += [t for t, _ in bnb]
     out: dict[str, int] = {}
     for t in _unique_any(frozen):
         label = fmt_of.get(id(t)) or dtype_label(t.dtype)

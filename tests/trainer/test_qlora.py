@@ -232,3 +232,35 @@ def test_qlora_on_the_cpu_lets_go_of_the_checkpoint_mapping(tmp_path, tie):
         if name in params:
             torch.testing.assert_close(params[name].detach(), value, rtol=0, atol=0, msg=name)
     assert memory.release_host_memory(model) == 0  # nothing left to copy
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["method=qlora", "quant.quant_type=int8"], ["method=partial", "partial.patterns=[norm]"]],
+)
+def test_estimate_on_a_prequantized_checkpoint_counts_what_loads(bnb_quantized_dir, tmp_path, overrides):
+    """The estimate counted such a checkpoint's Linears as dense (or in the config's quant format, which
+    the run does not use): now in the stored format, equal to the live tensors bitsandbytes keeps."""
+    from fusedtune.trainer import estimate, memory
+
+    cfg = load_config(write_config(tmp_path, bnb_quantized_dir), ["kernels=torch", "lora.rank=4", *overrides])
+    est = estimate.estimate(cfg, on_gpu=False)
+    model = AutoModelForCausalLM.from_pretrained(bnb_quantized_dir)
+    report = apply_method(model, cfg, CPU)
+    assert est.frozen_by_format == memory.frozen_bytes_by_format(model)
+    assert "nf4 + double quant" in est.frozen_by_format
+    acc = memory.param_accounting(model)
+    assert est.frozen_bytes == acc.frozen_bytes
+    if "method=qlora" in overrides:
+        line = next(x for x in report.lines() if "taken over" in x)
+        assert "nf4, blocksize 64, double quant" in line and "quant.quant_type=int8 does not apply" in line
+
+
+@pytest.mark.parametrize(("method", "match"), [("lora", "use method: qlora"), ("full", "stores quantized")])
+def test_estimate_refuses_what_the_run_refuses_on_a_prequantized_checkpoint(
+    bnb_quantized_dir, tmp_path, capsys, method, match
+):
+    cfg = write_config(tmp_path, bnb_quantized_dir)
+    assert main(["estimate", str(cfg), f"method={method}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1, err

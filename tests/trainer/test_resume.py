@@ -611,6 +611,37 @@ def test_resume_from_another_directorys_checkpoint_over_an_unrelated_run(tiny_mo
     assert _tree(src) == source
 
 
+def test_resume_refuses_another_base_model_unless_allowed(tiny_model_dir, tmp_path, capsys):
+    """The model at name_or_path changed between the run and its resume (another snapshot in the cache,
+    a copied-over folder): the adapter would go on training half on one base and half on another, in
+    silence. Refused like changed data, in this directory and from another one; allowed, the run says
+    so and its base record follows the new base, so that export takes it."""
+    import shutil
+
+    from tiny import build_tiny_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    cfg = _config(tmp_path, base, "lora", "adamw_torch", max_steps=4, save_every=2)
+    assert main(["run", str(cfg)]) == 0
+    run = tmp_path / "run"
+    other = build_tiny_model(tmp_path / "other-weights", seed=5)
+    shutil.copy(other / "model.safetensors", base / "model.safetensors")
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    capsys.readouterr()
+    for extra in (
+        ["resume=auto"],
+        [f"output_dir={tmp_path / 'elsewhere'}", f"resume={run / 'checkpoints' / 'step-2'}"],
+    ):
+        assert main(["run", str(cfg), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "is not the base model" in err and "its weights" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "elsewhere").exists()
+    assert main(["run", str(cfg), "resume=auto", "resume_allow_config_changes=true"]) == 0
+    assert "the base model differs from the one" in capsys.readouterr().out
+    assert main(["export", str(run), str(tmp_path / "merged")]) == 0
+
+
 def test_resuming_a_final_checkpoint_elsewhere_runs_no_step_and_says_so(tiny_model_dir, tmp_path, capsys):
     """The last checkpoint resumed into a new directory: no step runs there, and the summary says the
     saved activations were not measured (it printed a micro-batch of 0 tokens)."""
