@@ -20,13 +20,17 @@ __all__ = ["autocast_dtype", "autocast_off", "cast_to"]
 def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype in force for ``t``'s device type, or None when autocast is off there."""
     kind = t.device.type
+    if not torch.amp.is_autocast_available(kind):  # meta (shape tracing) and others autocast never covers
+        return None
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def cast_to(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Floating tensors cast to ``dtype`` (differentiably); None and other tensors as they are."""
+    """Floating tensors cast to ``dtype`` (differentiably); None, fp64 (which autocast leaves alone) and
+    other tensors as they are."""
     return tuple(
-        t if t is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype) for t in tensors
+        t if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64) else t.to(dtype)
+        for t in tensors
     )
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import quant
+from ._autocast import autocast_dtype, autocast_off, cast_to
 from .modules import PackedBuffers
 from .qmatmul import MAX_RANK, QLoRAConfig, _dense, _fused, qmatmul_backward_dx, qmatmul_forward
 
@@ -278,6 +279,10 @@ def grouped_lora(
         )
     if bias is not None and bias.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("grouped LoRA never computes a gradient for the frozen expert bias")
+    if (dt := autocast_dtype(x)) is not None:  # as autocast runs nn.Linear: in its dtype (_autocast.py)
+        (x,) = cast_to(dt, x)  # the experts' weights and bias follow x's dtype inside
+        with autocast_off(x):
+            return grouped_lora(x, counts, weights, lora, bias, backend)
     a = b = None
     scale = 0.0
     if lora is not None:

@@ -303,23 +303,43 @@ class PackedBuffers(nn.Module):
         """Parameters the packed weight(s) stand for (``N·K`` each), not elements of their storage."""
         raise NotImplementedError
 
-    def get_extra_state(self) -> dict:
-        """The format the buffers hold, saved beside them (``<prefix>._extra_state``): NF4 and FP4 codes at
-        one blocksize fill identical buffers, so without it one loads into the other in silence."""
-        return {
-            "quant_type": self.quant_type,
-            "blocksize": self.blocksize,
-            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
-        }
+    _FORMAT_KEY = "quant_format"  # [type, blocksize, weight dtype] in the state dict (not a buffer)
+    _TYPES = ("nf4", "fp4", "int8")
+    _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-    def set_extra_state(self, state: dict) -> None:
-        theirs = (state.get("quant_type"), state.get("blocksize"))
-        if theirs != (self.quant_type, self.blocksize):
-            raise ValueError(
-                f"{type(self).__name__}: the state dict holds {theirs[0]} weights (blocksize {theirs[1]}), "
-                f"this module {self.quant_type} (blocksize {self.blocksize})"
-            )
-        self.weight_dtype = getattr(torch, state.get("weight_dtype", ""), self.weight_dtype)
+    def _format_code(self) -> torch.Tensor:
+        dtype = self._DTYPES.index(self.weight_dtype) if self.weight_dtype in self._DTYPES else -1
+        return torch.tensor(
+            [self._TYPES.index(self.quant_type), self.blocksize or 0, dtype], dtype=torch.int32
+        )
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The buffers, and beside them the format they hold (``<prefix>quant_format``, a small int32 tensor
+        rather than extra state, so that safetensors and ``save_pretrained`` take it): NF4 and FP4 codes at
+        one blocksize fill identical buffers, and without it one loaded into the other in silence."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + self._FORMAT_KEY] = self._format_code()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        """Checks the saved format before any buffer is copied (a state dict from before the record has
+        none: loaded as before)."""
+        saved = state_dict.get(prefix + self._FORMAT_KEY)
+        if saved is not None:
+            code = [int(v) for v in saved.reshape(-1).tolist()]
+            mine = self._format_code().tolist()
+            if code[:2] != mine[:2]:
+                kind = self._TYPES[code[0]] if 0 <= code[0] < len(self._TYPES) else f"format {code[0]}"
+                errors.append(
+                    f"{type(self).__name__} {prefix.rstrip('.') or '(root)'}: the state dict holds {kind} "
+                    f"weights (blocksize {code[1]}), this module {self.quant_type} (blocksize {self.blocksize})"
+                )
+                return  # nothing copied: the module keeps its own weight
+            if 0 <= code[2] < len(self._DTYPES):
+                self.weight_dtype = self._DTYPES[code[2]]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        key = prefix + self._FORMAT_KEY
+        if key in unexpected:
+            unexpected.remove(key)
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``, ``.half()``, ``.bfloat16()`` cast every floating buffer; the quantization state
@@ -472,8 +492,9 @@ class QuantLoRALinear(PackedBuffers):
         from .qmatmul import qlora_linear
 
         p = self.dropout if self.training else 0.0
-        inp_dtype = autocast_dtype(x) or x.dtype  # under autocast: its dtype, as nn.Linear gives
-        if self.compute_dtype is not None and inp_dtype == x.dtype:
+        autocast = autocast_dtype(x)
+        inp_dtype = x.dtype if autocast is None or x.dtype == torch.float64 else autocast  # as nn.Linear's
+        if self.compute_dtype is not None and autocast is None:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = qlora_linear(

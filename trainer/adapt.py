@@ -110,7 +110,7 @@ class AdaptReport:
                 out.append(
                     f"{len(self.taken_over)} frozen Linear weights taken over as the checkpoint stores them "
                     f"({'; '.join(formats)}; not re-quantized)"
-                    + (f": {self.quant_mismatch} does not apply" if self.quant_mismatch else "")
+                    + (f": {self.quant_mismatch} does not apply to them" if self.quant_mismatch else "")
                 )
             if self.method == "qlora" and self.fused:
                 out.append(

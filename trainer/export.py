@@ -100,8 +100,12 @@ def export(
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
     except BaseException as e:
-        if created:  # no half-written model left behind, whatever went wrong
+        # no half-written model left behind, whatever went wrong: the folder was new or empty
+        if created:
             shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise ExportError(f"export: cannot write {out}: {e.strerror or e}") from None
         raise

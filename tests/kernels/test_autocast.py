@@ -146,3 +146,47 @@ def test_linear_cross_entropy(backend):
         plain,
         dt,
     )
+
+
+def test_grouped_experts():
+    """MoE experts' grouped LoRA raised on mixed dtypes under autocast, as the Linears' did."""
+    from fusedtune.kernels.experts import DenseExperts, ExpertsLoRA, grouped_lora
+
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    w = torch.randn(3, 12, 16, device=DEVICE) / 4
+    lora = ExpertsLoRA(3, 16, 12, 4, 8.0).to(DEVICE)
+    nn.init.normal_(lora.lora_B, std=0.1)
+    x, counts = torch.randn(7, 16, device=DEVICE), [2, 0, 5]
+    xu, xp = _leaves(x)[0], _leaves(x)[0]
+    with torch.autocast(DEVICE, dtype=dt):
+        y = grouped_lora(xu, counts, DenseExperts(w), lora)
+    y_ref = grouped_lora(xp.to(dt), counts, DenseExperts(w), lora)
+    assert y.dtype == dt
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+def test_fp64_and_meta_tensors_are_left_alone():
+    """Autocast never touches fp64, and has no meta device (shape tracing raised there)."""
+    w, a, b = torch.randn(6, 8, dtype=torch.float64), torch.randn(2, 8), torch.randn(6, 2)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lora_linear_torch(x, w, a, b, 1.0).dtype == torch.float64
+    meta = [t.to("meta") for t in (x.float(), w.float(), a, b)]
+    assert lora_linear_torch(*meta, 1.0).shape == (3, 6)
+    h, head = torch.randn(4, 8, device="meta"), torch.randn(10, 8, device="meta")
+    assert linear_cross_entropy(
+        h, head, torch.zeros(4, dtype=torch.long, device="meta"), backend="torch"
+    ).is_meta
+
+
+def test_compute_dtype_gives_way_to_autocast():
+    """A QuantLoRALinear with an fp16 compute dtype (a bnb checkpoint's) under a bf16 autocast computes in
+    bf16 whatever its input's dtype: a bf16 input went through fp16 and overflowed."""
+    torch.manual_seed(0)
+    q = QuantLoRALinear.from_linear(nn.Linear(32, 8).to(DEVICE), 4, 8.0, quant_type="nf4")
+    q.compute_dtype = torch.float16
+    x = torch.full((2, 32), 1e5, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y32, y16 = q(x), q(x.bfloat16())
+    assert torch.isfinite(y32).all() and torch.equal(y32, y16)

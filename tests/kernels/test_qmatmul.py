@@ -418,19 +418,28 @@ def test_strided_int8_weight_reads_as_its_copy():
 
 
 def test_state_dict_records_the_format():
-    """NF4 and FP4 at one blocksize fill identical buffers: the state dict carries the format, and a
-    module of another format refuses it instead of decoding the codes with the wrong table."""
+    """NF4 and FP4 at one blocksize fill identical buffers: the state dict carries the format (a small
+    tensor, so safetensors takes it), and a module of another format refuses it before copying anything,
+    strict or not, instead of decoding the codes with the wrong table. A state dict from before the
+    record loads as before."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
     lin = nn.Linear(64, 48).to(DEVICE)
     nf4 = QuantLoRALinear.from_linear(lin, 4, 8.0, quant_type="nf4")
     fp4 = QuantLoRALinear.from_linear(lin, 4, 8.0, quant_type="fp4")
-    state = nf4.state_dict()
-    assert state["_extra_state"]["quant_type"] == "nf4"
-    with pytest.raises(ValueError, match="holds nf4 weights"):
-        fp4.load_state_dict(state)
+    fp4_before = fp4.dequantized_weight()
+    state = st_load(st_save({k: v.contiguous() for k, v in nf4.state_dict().items()}))
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="holds nf4 weights"):
+            fp4.load_state_dict(state, strict=strict)
+        assert torch.equal(fp4.dequantized_weight(), fp4_before), "a refused load copied nothing"
     other = QuantLoRALinear.from_linear(nn.Linear(64, 48).to(DEVICE, torch.float16), 4, 8.0, quant_type="nf4")
-    other.load_state_dict(state)
+    assert not other.load_state_dict(state).unexpected_keys
     assert other.weight_dtype == nf4.weight_dtype == torch.float32
     assert torch.equal(other.dequantized_weight(), nf4.dequantized_weight())
+    older = {k: v for k, v in state.items() if k != "quant_format"}
+    assert not other.load_state_dict(older).missing_keys
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="fp64 on the torch path: the CPU's (bnb serves 16/32-bit only)")

@@ -103,6 +103,30 @@ def test_export_dtype_option(tiny_model_dir, tmp_path):
     assert {p.dtype for p in exported.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_a_failed_write_leaves_no_half_written_model(tiny_model_dir, tmp_path, monkeypatch, out_exists):
+    """save_pretrained failing halfway (an error of any kind, not only OSError): the output folder is
+    as it was, absent or empty, so the same command can run again."""
+    from transformers import PreTrainedModel
+
+    run = _train(tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    if out_exists:
+        out.mkdir()
+    real = PreTrainedModel.save_pretrained
+
+    def half(self, path, *args, **kwargs):
+        self.config.save_pretrained(path)  # config.json written, then the weights fail
+        raise NotImplementedError("weights cannot be written")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", half)
+    with pytest.raises(NotImplementedError):
+        main(["export", str(run), str(out)])
+    assert (out.is_dir() and not any(out.iterdir())) if out_exists else not out.exists()
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    assert main(["export", str(run), str(out)]) == 0
+
+
 def test_bad_export_arguments_get_one_line(tiny_model_dir, tmp_path, capsys):
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == (

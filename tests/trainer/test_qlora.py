@@ -253,7 +253,32 @@ def test_estimate_on_a_prequantized_checkpoint_counts_what_loads(bnb_quantized_d
     assert est.frozen_bytes == acc.frozen_bytes
     if "method=qlora" in overrides:
         line = next(x for x in report.lines() if "taken over" in x)
-        assert "nf4, blocksize 64, double quant" in line and "quant.quant_type=int8 does not apply" in line
+        assert (
+            "nf4, blocksize 64, double quant" in line
+            and "quant.quant_type=int8 does not apply to them" in line
+        )
+
+
+def test_estimate_of_a_bias_only_run_on_a_prequantized_checkpoint(tiny_model_dir_bias, tmp_path):
+    """Biases of quantized Linears stay floating point and train (the estimate refused them as packed)."""
+    from fusedtune.trainer import estimate, memory
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir_bias, quantization_config=quant).save_pretrained(
+        tmp_path / "m"
+    )
+    AutoTokenizer.from_pretrained(tiny_model_dir_bias).save_pretrained(tmp_path / "m")
+    cfg = load_config(
+        write_config(tmp_path, tmp_path / "m"), ["method=partial", "partial.patterns=['\\.bias$']"]
+    )
+    est = estimate.estimate(cfg, on_gpu=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    report = apply_method(model, cfg, CPU)
+    assert len(report.trainable_names) == 14 and all(n.endswith(".bias") for n in report.trainable_names)
+    assert est.frozen_by_format == memory.frozen_bytes_by_format(model)
+    assert est.trainable_params == memory.param_accounting(model).trainable_params
 
 
 @pytest.mark.parametrize(("method", "match"), [("lora", "use method: qlora"), ("full", "stores quantized")])
