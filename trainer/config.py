@@ -145,7 +145,11 @@ class DataConfig(_Strict):
         "truncate", description="what to do with an example longer than max_seq_len"
     )
     completion_only: bool = Field(True, description="loss on the response tokens only")
-    packing: bool = Field(False, description="concatenate examples into max_seq_len sequences")
+    packing: bool = Field(
+        False,
+        description="concatenate whole examples into sequences of at most max_seq_len tokens (attention "
+        "runs across the examples of a sequence; train.padding_free alone already skips padding)",
+    )
     seed: int = Field(0, description="seed of the eval split and of built-in task generation")
 
     @model_validator(mode="after")

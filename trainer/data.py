@@ -435,6 +435,20 @@ def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+_SPECIAL_TAILS: dict[int, list[int]] = {}
+
+
+def _special_tail(tokenizer) -> list[int]:
+    """The special tokens the tokenizer itself appends to a text (``add_special_tokens=True``): none for
+    most, EOS for those whose post-processor adds it (Llama's ``add_eos_token``, some T5-style ones)."""
+    key = id(tokenizer)
+    if key not in _SPECIAL_TAILS:
+        plain, full = _tokenize(tokenizer, "a", False), _tokenize(tokenizer, "a", True)
+        starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+        _SPECIAL_TAILS[key] = full[starts[-1] + len(plain) :] if plain and starts else []
+    return _SPECIAL_TAILS[key]
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, source: str) -> str:
     try:
         return tokenizer.apply_chat_template(
@@ -480,6 +494,18 @@ def encode_messages(
     return ids, labels
 
 
+def _opening_turn_start(tokenizer, message: dict, through: str, source: str) -> int:
+    """Where an assistant turn that opens the conversation starts its content in ``through``: found by
+    rendering a placeholder in its place (searching for the content itself matched inside the template's
+    own markup when the reply was, say, ``end``: ``<|im_end|>``)."""
+    mark = "\ufff0fusedtune\ufff0"
+    probe = _render(tokenizer, [{**message, "content": mark}], False, source)
+    at = probe.find(mark)
+    if at >= 0 and through.startswith(probe[:at]) and through[at:].startswith(message["content"]):
+        return at
+    return max(through.rfind(message["content"]), 0)
+
+
 def _not_a_prefix(source: str, n: int, unit: str) -> DataError:
     return DataError(
         f"{source}: the chat template does not render messages[:{n}] as a {unit}prefix of the whole "
@@ -501,7 +527,9 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str, source: str) ->
         for prefix in (before, through):
             if prefix is not None and not text.startswith(prefix):
                 raise _not_a_prefix(source, i + (prefix is through), "")
-        start = len(before) if before is not None else max(through.rfind(message["content"]), 0)
+        start = (
+            len(before) if before is not None else _opening_turn_start(tokenizer, message, through, source)
+        )
         spans.append((start, len(through)))
     return spans
 
@@ -547,8 +575,10 @@ def encode_row(row: Row, fmt: str, tokenizer, completion_only: bool) -> tuple[li
         DataError: missing or mistyped fields, unknown roles, chat-template problems.
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    tail = _special_tail(tokenizer)  # what the tokenizer appends itself (EOS, for some)
     if fmt == "text":
-        ids = _tokenize(tokenizer, _string_field(row, "text", "text"), add_special_tokens=True) + eos
+        ids = _tokenize(tokenizer, _string_field(row, "text", "text"), add_special_tokens=True)
+        ids += [] if eos and tail[-1:] == eos else eos  # one EOS, the tokenizer's or ours
         return ids, list(ids)
     if fmt == "messages":
         if not tokenizer.chat_template:
@@ -565,6 +595,8 @@ def encode_row(row: Row, fmt: str, tokenizer, completion_only: bool) -> tuple[li
     extra = _string_field(row, "input", "alpaca", required=False)
     template = ALPACA_PROMPT_WITH_INPUT if extra.strip() else ALPACA_PROMPT
     prompt_ids = _tokenize(tokenizer, template.format(instruction=instruction, input=extra), True)
+    if tail and prompt_ids[-len(tail) :] == tail:  # the prompt keeps its BOS, not an EOS before the response
+        prompt_ids = prompt_ids[: -len(tail)]
     response_ids = _tokenize(tokenizer, messages[1]["content"], add_special_tokens=False) + eos
     ids = prompt_ids + response_ids
     if not completion_only:
@@ -709,6 +741,8 @@ def build_datasets(cfg: DataConfig, tokenizer, vocab_size: int) -> Datasets:
             eval_rows = read_rows(cfg.eval, "data.eval")
         elif cfg.eval_fraction > 0:
             train_rows, eval_rows = split_rows(train_rows, cfg.eval_fraction, cfg.seed, cfg.train)
+            train_name = f"{cfg.train} (its training split)"
+            eval_name = f"{cfg.train} (its held-out split, data.eval_fraction={cfg.eval_fraction:g})"
 
     fmt = "messages" if task is not None else cfg.format
     if fmt == "auto":
@@ -782,50 +816,58 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def pack(examples: list[Example], max_seq_len: int, eos_id: int) -> list[Example]:
-    """Concatenate examples and cut the stream into sequences of exactly ``max_seq_len`` tokens.
+    """Concatenate whole examples, in the given order, into sequences of at most ``max_seq_len`` tokens.
 
-    Examples are joined in the given order. Those from :func:`build_datasets` already end with their
-    end tokens (EOS, or the chat template's end of turn); one that does not end with ``eos_id`` (a
-    truncated one, a chat turn ending in a newline) is followed by ``eos_id`` as a separator that carries
-    no loss, so the model is never taught to emit it there. The last sequence may be shorter.
-    Labels travel with their tokens. Sequences in which no token after the first carries loss add
-    nothing to training and are left out.
+    An example is never cut across two sequences: a sequence closes before the example that would not
+    fit (each example is at most ``max_seq_len`` already: :func:`build_datasets` truncates or drops
+    longer ones). Cutting the stream at fixed lengths instead put answers at the start of a sequence
+    whose question was in the previous one, trained to be produced from nothing.
 
-    This is the simple packing: attention is NOT blocked at example boundaries, so a token may attend
-    to the end of the previous, unrelated example, and the first token of each sequence has no
-    predecessor to be predicted from.
+    Examples from :func:`build_datasets` end with their end tokens (EOS, or the chat template's end of
+    turn); between one that does not end with ``eos_id`` (a chat turn ending in a newline, a truncated
+    one) and the next, ``eos_id`` is inserted as a separator without loss. The first token of every
+    later example in a sequence carries no loss either: it would be predicted from the previous,
+    unrelated example. Labels travel with their tokens. Sequences in which no token after the first
+    carries loss are left out.
+
+    This is simple packing: within a sequence, attention and position ids run on across the examples
+    (the run says so). ``train.padding_free`` alone already skips padding, with attention within each
+    example.
 
     Args:
         examples: tokenized examples.
-        max_seq_len: the length of every packed sequence but the last.
-        eos_id: the end-of-sequence id that separates examples.
+        max_seq_len: the most tokens of a packed sequence.
+        eos_id: the end-of-sequence id that separates examples (None: no separator).
 
     Returns:
         Packed examples, with a ``source`` like ``packed#3 [a.jsonl:7 .. a.jsonl:12]``.
     """
+    packed: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
-    owners: list[int] = []  # the example each token came from, for the packed source names
-    for k, example in enumerate(examples):
-        ids.extend(example.input_ids)
-        labels.extend(example.labels)
-        owners.extend([k] * len(example.input_ids))
-        if eos_id is not None and example.input_ids and example.input_ids[-1] != eos_id:
+    members: list[Example] = []
+
+    def close() -> None:
+        if members and any(label != IGNORE_INDEX for label in labels[1:]):
+            first, last = members[0].source, members[-1].source
+            span = first if len(members) == 1 else f"{first} .. {last}"
+            packed.append(Example(list(ids), list(labels), f"packed#{len(packed)} [{span}]"))
+        ids.clear()
+        labels.clear()
+        members.clear()
+
+    for example in examples:
+        if not example.input_ids:
+            continue
+        sep = bool(ids) and eos_id is not None and ids[-1] != eos_id
+        if ids and len(ids) + sep + len(example.input_ids) > max_seq_len:
+            close()
+            sep = False
+        if sep:
             ids.append(eos_id)
             labels.append(IGNORE_INDEX)
-            owners.append(k)
-    packed = []
-    for start in range(0, len(ids), max_seq_len):
-        chunk_labels = labels[start : start + max_seq_len]
-        if all(label == IGNORE_INDEX for label in chunk_labels[1:]):
-            continue
-        first, last = owners[start], owners[min(start + max_seq_len, len(ids)) - 1]
-        span = (
-            examples[first].source
-            if first == last
-            else f"{examples[first].source} .. {examples[last].source}"
-        )
-        packed.append(
-            Example(ids[start : start + max_seq_len], chunk_labels, f"packed#{len(packed)} [{span}]")
-        )
+        ids.extend(example.input_ids)
+        labels.extend([IGNORE_INDEX, *example.labels[1:]] if members else example.labels)
+        members.append(example)
+    close()
     return packed

@@ -640,6 +640,15 @@ def _remove_outputs(out: Path) -> None:
     remove_checkpoints(checkpoint_root(out))
 
 
+def packing_line(examples: int, sequences: int, max_seq_len: int) -> str:
+    """What ``data.packing`` did, and what it costs."""
+    return (
+        f"data.packing: {examples} examples in {sequences} sequences of at most {max_seq_len} tokens, whole "
+        "examples each; attention and positions run on across the examples of a sequence "
+        "(train.padding_free alone skips padding and keeps attention within each example)"
+    )
+
+
 def _resumed_base_changed(model: nn.Module, model_path: str, ckpt, cfg: Config, log) -> bool:
     """Whether the base model loaded to resume ``ckpt`` differs from the one its run recorded
     (``base_model.json`` beside its ``checkpoints/``): refused unless ``resume_allow_config_changes``,
@@ -790,6 +799,7 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     train_examples = data.train
     if cfg.data.packing:
         train_examples = pack(train_examples, cfg.data.max_seq_len, tokenizer.eos_token_id)
+        log(packing_line(len(data.train), len(train_examples), cfg.data.max_seq_len))
     pad_id = tokenizer.pad_token_id
     n = len(train_examples)
     log(f"data: {n} training example{'' if n == 1 else 's'}, {len(data.eval)} held-out ({data.format})")

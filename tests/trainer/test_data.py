@@ -528,14 +528,44 @@ def test_epoch_order_is_a_deterministic_permutation_per_seed_and_epoch():
     assert epoch_order(0, 0, 0) == [] and epoch_order(1, 0, 0) == [0]
 
 
-def test_pack_preserves_every_token_and_label(tmp_path, tiny_tokenizer):
+def _members(packed, examples, eos):
+    """Each packed sequence split back into the examples it holds (separators dropped)."""
+    out, it = [], iter(examples)
+    for p in packed:
+        ids, members = list(p.input_ids), []
+        while ids:
+            e = next(it)
+            if ids[: len(e.input_ids)] != e.input_ids:
+                raise AssertionError(f"{p.source}: {e.source} is not whole at its place")
+            members.append(e)
+            ids = ids[len(e.input_ids) :]
+            if ids and ids[0] == eos and e.input_ids[-1] != eos:
+                ids = ids[1:]
+        out.append(members)
+    return out
+
+
+def test_pack_keeps_examples_whole_in_order(tmp_path, tiny_tokenizer):
+    """Whole examples, never cut across sequences (an answer used to start a sequence whose question
+    was in the previous one); every token kept, in order; labels travel with their tokens, except the
+    first token of a later example, which would be predicted from the one before it."""
     rows = [{"text": "fox " * (i % 4 + 1)} for i in range(9)]  # text examples end with EOS
     examples = build(tmp_path, tiny_tokenizer, rows).train
     eos = tiny_tokenizer.eos_token_id
     packed = pack(examples, max_seq_len=16, eos_id=eos)
-    assert all(len(p.input_ids) == 16 for p in packed[:-1]) and 0 < len(packed[-1].input_ids) <= 16
-    assert [t for p in packed for t in p.input_ids] == [t for e in examples for t in e.input_ids]
-    assert [t for p in packed for t in p.labels] == [t for e in examples for t in e.labels]
+    assert all(len(p.input_ids) <= 16 for p in packed) and len(packed) > 1
+    groups = _members(packed, examples, eos)
+    assert [e for g in groups for e in g] == examples
+    for p, group in zip(packed, groups, strict=True):
+        assert p.labels == [
+            t for i, e in enumerate(group) for t in ([-100, *e.labels[1:]] if i else e.labels)
+        ]
+        nxt = (
+            len(p.input_ids) + len(examples[examples.index(group[-1]) + 1].input_ids)
+            if group[-1] is not examples[-1]
+            else 0
+        )
+        assert nxt == 0 or nxt > 16, "a sequence closes only before an example that does not fit"
     assert packed[0].source.startswith("packed#0 [") and "train.jsonl:1 .. " in packed[0].source
 
 
@@ -543,20 +573,72 @@ def test_pack_separates_examples_not_ending_in_eos_without_loss(tmp_path, tiny_t
     rows = [{"instruction": f"Sort {i}", "output": "done"} for i in range(5)]
     examples = build(tmp_path, tiny_tokenizer, rows).train  # chat turns end "<|im_end|>\n"
     eos = tiny_tokenizer.eos_token_id
-    # every window of 48 tokens holds a response, so no sequence is left out for lack of targets
     assert max(len(e.input_ids) for e in examples) < 40
     packed = pack(examples, max_seq_len=48, eos_id=eos)
     assert len(packed) > 1
-    ids = [t for p in packed for t in p.input_ids]
-    labels = [t for p in packed for t in p.labels]
-    expected_ids = [t for e in examples for t in [*e.input_ids, eos]]
-    expected_labels = [t for e in examples for t in [*e.labels, IGNORE_INDEX]]
-    assert ids == expected_ids and labels == expected_labels
+    for p, group in zip(packed, _members(packed, examples, eos), strict=True):
+        expected_ids = [t for i, e in enumerate(group) for t in ([eos] if i else []) + e.input_ids]
+        expected_labels = [
+            t for i, e in enumerate(group) for t in ([-100, -100] if i else e.labels[:1]) + e.labels[1:]
+        ]
+        assert p.input_ids == expected_ids and p.labels == expected_labels
 
 
 def test_pack_leaves_out_sequences_without_targets():
-    prompt_only = Example([10] * 20 + [11, 2], [-100] * 20 + [11, 2], "long prompt")
-    packed = pack([prompt_only], max_seq_len=8, eos_id=2)
-    # chunks [0:8] and [8:16] carry no loss; [16:22] has the response
-    assert [p.input_ids for p in packed] == [[10, 10, 10, 10, 11, 2]]
-    assert packed[0].labels == [-100, -100, -100, -100, 11, 2]
+    prompt_only = Example([10] * 6, [-100] * 6, "prompt only")
+    answered = Example([10, 10, 11, 2], [-100, -100, 11, 2], "answered")
+    packed = pack([prompt_only, prompt_only, answered], max_seq_len=8, eos_id=2)
+    # none fits beside another (6 + separator + 6, 6 + 1 + 4): the two prompt-only sequences carry no loss
+    assert [(p.input_ids, p.labels) for p in packed] == [([10, 10, 11, 2], [-100, -100, 11, 2])]
+    assert packed[0].source == "packed#0 [answered]"
+
+
+def test_a_tokenizer_that_appends_eos_itself_gets_one_eos_at_the_end(tmp_path, tiny_tokenizer):
+    """A post-processor that appends EOS (Llama's add_eos_token): text rows got two EOS (the second with
+    loss) and alpaca prompts without a chat template an EOS before the response."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    eos = tok.eos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {tok.eos_token}", special_tokens=[(tok.eos_token, eos)]
+    )
+    assert tok("hi")["input_ids"][-1] == eos
+    text = build(tmp_path, tok, [{"text": "hello world"}]).train[0]
+    assert text.input_ids.count(eos) == 1 and text.input_ids[-1] == eos
+    tok.chat_template = None
+    rows = [{"instruction": "Say hi", "output": "hi there"}]
+    alpaca = build(tmp_path, tok, rows, name="alpaca.jsonl").train[0]
+    assert alpaca.input_ids.count(eos) == 1 and alpaca.input_ids[-1] == eos
+    assert tok.decode([t for t, label in zip(alpaca.input_ids, alpaca.labels) if label != IGNORE_INDEX]) == (
+        f"hi there{tok.eos_token}"
+    )
+
+
+def test_an_opening_assistant_turn_is_found_by_position_not_by_its_text(tiny_tokenizer):
+    """A reply that also occurs in the template's markup ("end" in <|im_end|>) was located at the markup."""
+    from fusedtune.trainer.data import encode_messages
+
+    messages = [{"role": "assistant", "content": "end"}, {"role": "user", "content": "q"}]
+    ids, labels = encode_messages(tiny_tokenizer, messages, True, "x")
+    trained = tiny_tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert trained == "end<|im_end|>\n"
+
+
+def test_an_emptied_held_out_split_is_named_as_such(tmp_path, tiny_tokenizer):
+    """It said "train.jsonl: no examples left" about the held-out half of a split file."""
+    rows = [{"text": "a b c"}, {"text": "fox " * 40}]
+    messages = set()
+    for seed in range(8):  # the long row lands in one half or the other
+        with pytest.raises(DataError) as e:
+            build(
+                tmp_path,
+                tiny_tokenizer,
+                rows,
+                eval_fraction=0.5,
+                max_seq_len=12,
+                overlength="drop",
+                seed=seed,
+            )
+        messages.add(str(e.value).split(": no examples left")[0].split("train.jsonl ")[1])
+    assert messages == {"(its training split)", "(its held-out split, data.eval_fraction=0.5)"}

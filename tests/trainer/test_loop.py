@@ -217,3 +217,25 @@ def test_epochs_see_each_example_as_often_as_configured(examples, micro, accum, 
     assert all(n == accum for n in taken[:-1]) and 1 <= taken[-1] <= accum
     fixed = load_config(None, [f"train.grad_accum={accum}", "train.max_steps=5"])
     assert [micro_batches_in_step(fixed, examples, s) for s in range(1, 6)] == [accum] * 5
+
+
+def test_a_packed_run_says_what_packing_does(tiny_model_dir, tmp_path, capsys):
+    import re
+
+    from tiny import write_alpaca, write_config
+
+    from fusedtune.trainer.cli import main
+
+    data = write_alpaca(tmp_path / "rows12.jsonl", 12)
+    cfg = write_config(
+        tmp_path,
+        tiny_model_dir,
+        data={"train": str(data), "packing": True, "max_seq_len": 256},
+        train={"max_steps": 2},
+    )
+    assert main(["run", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("data.packing:"))
+    sequences = int(re.search(r"12 examples in (\d+) sequences", line).group(1))
+    assert 1 < sequences < 12, line  # several whole examples a sequence
+    assert "whole examples each" in line and "attention and positions run on" in line
