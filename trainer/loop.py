@@ -547,6 +547,21 @@ _WEIGHT_OUTPUTS = ("adapter_model.safetensors", "trainable.safetensors")
 _END_OUTPUTS = (*_WEIGHT_OUTPUTS, "adapter_config.json", "summary.json")
 
 
+def missing_eos_note(tokenizer, fmt: str) -> str | None:
+    """A tokenizer without an EOS token leaves text and (template-less) alpaca examples without an end:
+    the model is never shown where to stop, and packed examples run into each other."""
+    if (
+        tokenizer.eos_token_id is not None
+        or fmt == "messages"
+        or (fmt == "alpaca" and tokenizer.chat_template)
+    ):
+        return None
+    return (
+        f"tokenizer: no EOS token, so the {fmt} examples end without one and the model is not taught where to "
+        "stop (set eos_token in the tokenizer's config)"
+    )
+
+
 def data_loss_lines(data) -> list[str]:
     """``data: train: N rows, K truncated ...`` for each split that lost rows or tokens on the way."""
     return [
@@ -805,6 +820,8 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
     log(f"data: {n} training example{'' if n == 1 else 's'}, {len(data.eval)} held-out ({data.format})")
     for line in data_loss_lines(data):
         log(line)
+    if (note := missing_eos_note(tokenizer, data.format)) is not None:
+        log(note)
     fingerprint = data_fingerprint(train_examples)
     if ckpt is not None and ckpt.state["data_fingerprint"] != fingerprint:
         if not cfg.resume_allow_config_changes:

@@ -239,3 +239,19 @@ def test_a_packed_run_says_what_packing_does(tiny_model_dir, tmp_path, capsys):
     sequences = int(re.search(r"12 examples in (\d+) sequences", line).group(1))
     assert 1 < sequences < 12, line  # several whole examples a sequence
     assert "whole examples each" in line and "attention and positions run on" in line
+
+
+def test_a_tokenizer_without_eos_is_named(tiny_tokenizer):
+    import copy
+
+    from fusedtune.trainer.loop import missing_eos_note
+
+    assert missing_eos_note(tiny_tokenizer, "text") is None
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    assert "no EOS token" in missing_eos_note(tok, "text")
+    assert missing_eos_note(tok, "messages") is None  # the chat template's end of turn ends them
+    assert missing_eos_note(tok, "alpaca") is None  # rendered with the chat template too
+    tok.chat_template = None
+    assert "alpaca examples end without one" in missing_eos_note(tok, "alpaca")
