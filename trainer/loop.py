@@ -51,7 +51,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config
-from .data import Datasets, Example, build_datasets, collate, epoch_order, pack
+from .data import IGNORE_INDEX, Datasets, Example, build_datasets, collate, epoch_order, pack
 from .errors import ConfigError, ModelError, UserError
 from .evaluate import heldout_loss, task_accuracy
 from .loss import loss_sum, target_tokens
@@ -817,7 +817,12 @@ def run(cfg: Config, log=print, should_stop: Callable[[int], bool] | None = None
         log(packing_line(len(data.train), len(train_examples), cfg.data.max_seq_len))
     pad_id = tokenizer.pad_token_id
     n = len(train_examples)
-    log(f"data: {n} training example{'' if n == 1 else 's'}, {len(data.eval)} held-out ({data.format})")
+    tokens = sum(len(e.input_ids) for e in train_examples)
+    targets = sum(sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in train_examples)
+    log(
+        f"data: {n} training example{'' if n == 1 else 's'} ({tokens:,} tokens, {targets:,} of them carrying loss), "
+        f"{len(data.eval)} held-out ({data.format})"
+    )
     for line in data_loss_lines(data):
         log(line)
     if (note := missing_eos_note(tokenizer, data.format)) is not None:

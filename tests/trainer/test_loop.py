@@ -239,6 +239,18 @@ def test_a_packed_run_says_what_packing_does(tiny_model_dir, tmp_path, capsys):
     sequences = int(re.search(r"12 examples in (\d+) sequences", line).group(1))
     assert 1 < sequences < 12, line  # several whole examples a sequence
     assert "whole examples each" in line and "attention and positions run on" in line
+    # the data line counts the packed sequences' tokens and those that carry loss, as the loss does
+    from fusedtune.trainer.config import load_config as load
+    from fusedtune.trainer.data import build_datasets, pack
+    from fusedtune.trainer.loss import target_tokens
+    from fusedtune.trainer.model import load_tokenizer
+
+    conf = load(cfg)
+    tok = load_tokenizer(str(tiny_model_dir), conf.model)
+    seqs = pack(build_datasets(conf.data, tok, 400).train, 256, tok.eos_token_id)
+    labels = [torch.tensor([e.labels]) for e in seqs]
+    want = f"({sum(len(e.input_ids) for e in seqs):,} tokens, {sum(target_tokens({'labels': x}) for x in labels):,} of"
+    assert want in next(x for x in out.splitlines() if x.startswith("data: ")), out
 
 
 def test_a_tokenizer_without_eos_is_named(tiny_tokenizer):
