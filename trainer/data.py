@@ -391,7 +391,9 @@ def _string_field(row: Row, key: str, fmt: str, required: bool = True) -> str:
 def _absent(row: Row, key: str, fmt: str) -> DataError:
     """A required field that is missing, or null (an empty CSV/parquet cell)."""
     what = "is empty" if key in row.data else "is missing"
-    return DataError(f"{row.source}: {fmt} row's {key!r} field {what}")
+    near = [k for k in row.data if isinstance(k, str) and k != key and k.strip().lower() == key]
+    hint = f" (there is a column {near[0]!r}: mind the spaces or case in the header)" if near else ""
+    return DataError(f"{row.source}: {fmt} row's {key!r} field {what}{hint}")
 
 
 def _check_unicode(text: str, source: str, what: str) -> None:

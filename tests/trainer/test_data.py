@@ -335,6 +335,7 @@ FILE_SHAPES = {
     "csv bad quoting": ("t.csv", 'text,x\na,b\n"c"d,e\n', "{path}:3: malformed .csv ("),
     "csv duplicate column": ("t.csv", "text,text\na,b\n", "{path}:1: duplicate column 'text' in the header"),
     "csv header only": ("t.csv", "instruction,output\n", "{path}: no examples"),
+    "csv header with a space": ("t.csv", "instruction, output\na,b\n", "{path}:2: alpaca row's 'output' field is missing (there is a column ' output': mind the spaces or case in the header)"),
     "csv empty": ("t.csv", "", "{path}: no examples"),
     "csv not utf-8": ("t.csv", b"text\nok\n\xff\n", "{path}:3: not UTF-8 text"),
     "json object": ("t.json", '{\n  "data": [\n    {"text": "a"}\n  ]\n}\n', "{path}:1: expected a JSON array of objects (or JSON Lines, one object per line), got an object with keys 'data'; are the rows the list under 'data'?"),
