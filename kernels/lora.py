@@ -637,10 +637,8 @@ def lora_forward(
         ValueError, TypeError: on mismatched shapes, dtypes or devices.
     """
     m, n, k, r = _check_inputs(x, weight, lora_a, lora_b, bias)
-    if bias is not None:
-        bias = (
-            bias.contiguous()
-        )  # the kernel reads bias_ptr + n (a strided or expanded view would be misread)
+    if bias is not None:  # the kernel reads bias_ptr + n: a strided or expanded view would be misread
+        bias = bias.contiguous()
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     s = torch.empty((m, r), device=x.device, dtype=x.dtype)
     if m == 0:

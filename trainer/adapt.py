@@ -24,6 +24,7 @@ from fusedtune.kernels.qmatmul import DEQUANT_MIN_TOKENS
 from . import experts, memory
 from .config import Config
 from .errors import ConfigError
+from .memory import is_bnb_quantized
 
 # A Linear is "in a transformer block" when its name has an integer index component: model.layers.3.mlp
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -197,7 +198,7 @@ def is_plain_linear(mod: nn.Module) -> bool:
     """An ``nn.Linear`` whose forward is ``nn.Linear``'s (or bitsandbytes' quantized one): what LoRA can
     wrap. A subclass with its own forward is something else in a Linear's clothes, e.g. an MoE router
     returning (logits, weights, indices) (Phi-3.5-MoE's, Llama 4's)."""
-    return isinstance(mod, nn.Linear) and (type(mod).forward is nn.Linear.forward or _is_bnb_quantized(mod))
+    return isinstance(mod, nn.Linear) and (type(mod).forward is nn.Linear.forward or is_bnb_quantized(mod))
 
 
 def unused_by_text(model: nn.Module) -> list[str]:
@@ -375,7 +376,7 @@ def _why_not_fused(linear: nn.Linear, rank: int, backend: str, reason: str) -> s
     if backend != "triton":
         return reason
     # a bitsandbytes layer's weight is its packed storage (uint8/int8): the Triton path reads it as is
-    if not _is_bnb_quantized(linear) and linear.weight.dtype not in FUSED_DTYPES:
+    if not is_bnb_quantized(linear) and linear.weight.dtype not in FUSED_DTYPES:
         return f"weight dtype {linear.weight.dtype} is not fp32/fp16/bf16"
     if rank > FUSED_MAX_RANK:
         return f"rank {rank} > {FUSED_MAX_RANK}, the fused kernel's limit"
@@ -417,10 +418,8 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
             linear = targets.pop(name)
             why = _why_not_fused(linear, lc.rank, method_backend, method_reason)
             layer_backend = "triton" if why is None else "torch"
-            if cfg.method == "lora" and _is_bnb_quantized(linear):
-                raise ConfigError(
-                    f"method: {name} is bitsandbytes-quantized; use method: qlora for this checkpoint"
-                )
+            if cfg.method == "lora" and is_bnb_quantized(linear):
+                raise ConfigError(lora_on_quantized_error(name))
             if cfg.method == "lora":
                 new = LoRALinear.from_linear(
                     linear,
@@ -431,7 +430,7 @@ def apply_method(model: nn.Module, cfg: Config, device: torch.device) -> AdaptRe
                     lora_dtype=adapter_dtype(linear.weight.dtype),
                 )
             else:
-                prequantized = _is_bnb_quantized(linear)
+                prequantized = is_bnb_quantized(linear)
                 new = _quantize_linear(linear, cfg, layer_backend, device)
                 report.quantized.append(name)
                 if prequantized:
@@ -576,7 +575,7 @@ def _quantize_linear(linear: nn.Linear, cfg: Config, backend: str, device: torch
     from fusedtune.kernels import QuantLoRALinear
 
     lc, qc = cfg.lora, cfg.quant
-    if _is_bnb_quantized(linear):  # an already bnb-quantized checkpoint: take the packed data over
+    if is_bnb_quantized(linear):  # an already bnb-quantized checkpoint: take the packed data over
         return QuantLoRALinear.from_bnb(
             linear.to(device),
             lc.rank,
@@ -628,6 +627,11 @@ def _require_trainable(name: str, p: nn.Parameter, cfg: Config) -> None:
         raise ConfigError(quantized_selection_error(cfg.method, name, f"{p.dtype}, bitsandbytes"))
 
 
+def lora_on_quantized_error(what: str) -> str:
+    """The message for method lora on a bitsandbytes-quantized checkpoint (``what``: a layer, or it)."""
+    return f"method: {what} is bitsandbytes-quantized; use method: qlora for this checkpoint"
+
+
 def quantized_selection_error(method: str, name: str, how: str) -> str:
     """The message for a full/partial selection that includes a quantized checkpoint's packed weight."""
     what = "full" if method == "full" else "partial: the selection"
@@ -651,17 +655,6 @@ def _keep_bnb_differentiable(model: nn.Module) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-
-
-def _is_bnb_quantized(linear: nn.Module) -> bool:
-    """True for bitsandbytes' Linear4bit / Linear8bitLt (both subclass nn.Linear)."""
-    cls = type(linear)
-    return cls.__module__.startswith("bitsandbytes") and cls.__name__ in (
-        "Linear4bit",
-        "Linear8bitLt",
-        "LinearNF4",
-        "LinearFP4",
-    )
 
 
 def _select_partial(model: nn.Module, cfg: Config, unused: list[str]) -> None:

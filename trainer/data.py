@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import random
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -437,18 +438,17 @@ def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-_SPECIAL_TAILS: dict[int, list[int]] = {}
+_SPECIAL_TAILS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its tail
 
 
 def _special_tail(tokenizer) -> list[int]:
     """The special tokens the tokenizer itself appends to a text (``add_special_tokens=True``): none for
     most, EOS for those whose post-processor adds it (Llama's ``add_eos_token``, some T5-style ones)."""
-    key = id(tokenizer)
-    if key not in _SPECIAL_TAILS:
+    if tokenizer not in _SPECIAL_TAILS:  # held weakly: an id() key could be reused by another tokenizer
         plain, full = _tokenize(tokenizer, "a", False), _tokenize(tokenizer, "a", True)
         starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
-        _SPECIAL_TAILS[key] = full[starts[-1] + len(plain) :] if plain and starts else []
-    return _SPECIAL_TAILS[key]
+        _SPECIAL_TAILS[tokenizer] = full[starts[-1] + len(plain) :] if plain and starts else []
+    return _SPECIAL_TAILS[tokenizer]
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, source: str) -> str:

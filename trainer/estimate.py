@@ -618,13 +618,6 @@ def packed_weight_bytes(n: int, k: int, quant_type: str, blocksize: int, double_
     return packed + blocks + 4 + 4 * (-(-blocks // NESTED_BLOCKS)) + NESTED_CODE_BYTES
 
 
-def quant_format_label(quant_type: str, double_quant: bool) -> str:
-    """``nf4 + double quant``, ``int8``..."""
-    if quant_type == "int8":
-        return "int8"
-    return f"{quant_type} + double quant" if double_quant else quant_type
-
-
 # ---------------------------------------------------------------------------------------------------
 # The estimate
 # ---------------------------------------------------------------------------------------------------
@@ -745,12 +738,7 @@ def _bnb_checkpoint_quant(hf_cfg) -> dict | None:
 
 
 def _stored_format(cfg: Config, stored: dict) -> QuantConfig:
-    """The format a bitsandbytes-quantized checkpoint's Linears are stored in (as ``quant.*`` would say it);
-    lora on it is refused, as adapt.apply_method does."""
-    if cfg.method == "lora":
-        raise ConfigError(
-            "method: the checkpoint is bitsandbytes-quantized; use method: qlora for this checkpoint"
-        )
+    """The format a bitsandbytes-quantized checkpoint's Linears are stored in (as ``quant.*`` would say it)."""
     if stored.get("load_in_8bit"):
         return cfg.quant.model_copy(update={"quant_type": "int8"})
     return cfg.quant.model_copy(
@@ -785,7 +773,7 @@ def estimate(
     Raises:
         UserError: a model that cannot be found or adapted.
     """
-    from .adapt import apply_method, lora_targets, quantized_selection_error
+    from .adapt import apply_method, lora_on_quantized_error, lora_targets, quantized_selection_error
     from .model import DTYPES, resolve_dtype
     from .patches import fuse_rmsnorm, fuse_swiglu
 
@@ -804,10 +792,13 @@ def estimate(
     # bitsandbytes-quantized checkpoint (every Linear but the head and its skip list, whatever the method)
     quantized: dict[str, tuple[int, int]] = {}
     stored_q: dict[str, tuple[int, int]] = {}
+    decoded: dict[str, tuple[int, int]] = {}  # what the QLoRA layers decode for a GEMM: packed or taken over
     shared_codes = 0  # an expert stack keeps one double-quant code table for all its experts
     stored = _bnb_checkpoint_quant(hf_cfg)
     stored_fmt = None if stored is None else _stored_format(cfg, stored)
     if stored is not None:
+        if cfg.method == "lora":  # as adapt.apply_method refuses it
+            raise ConfigError(lora_on_quantized_error("the checkpoint"))
         skip = set(stored.get("llm_int8_skip_modules") or ())
         head = model.get_output_embeddings()
         stored_q = {
@@ -825,6 +816,7 @@ def estimate(
             quantized.update({f"{name}[{e}]": (n, k) for e in range(n_experts)})
             if cfg.quant.double_quant and cfg.quant.quant_type != "int8":
                 shared_codes += (n_experts - 1) * NESTED_CODE_BYTES
+        decoded = quantized | {n: stored_q[n] for n in targets if n in stored_q}
         lora_cfg = cfg.model_copy(update={"method": "lora"})
         apply_method(model, lora_cfg, torch.device("meta"))
     else:
@@ -838,7 +830,7 @@ def estimate(
     for qc, group, codes in ((cfg.quant, quantized, shared_codes), (stored_fmt, stored_q, 0)):
         if not group:
             continue
-        label = quant_format_label(qc.quant_type, qc.double_quant)
+        label = memory.quant_format_label(qc.quant_type, qc.double_quant)
         for n, k in group.values():
             by_format[dense] -= n * k * (torch.finfo(dtype).bits // 8)
             by_format[label] = by_format.get(label, 0) + packed_weight_bytes(
@@ -846,9 +838,7 @@ def estimate(
             )
         by_format[label] -= codes
     by_format = {k: v for k, v in by_format.items() if v}
-    # the QLoRA layers decode their weight for a GEMM (the run's packed ones and the taken-over ones)
-    decoded = quantized | {n: s for n, s in stored_q.items() if cfg.method == "qlora" and n in targets}
-    qc = cfg.quant if quantized or stored_fmt is None else stored_fmt
+    qc = cfg.quant if quantized or stored_fmt is None else stored_fmt  # the decoded weights' format
 
     params = [p for p in model.parameters() if p.requires_grad]
     training = Training.of(model, shape.layers, cfg.lora.rank, cfg.lora.dropout)

@@ -109,16 +109,18 @@ def export(
         if isinstance(e, OSError):
             raise ExportError(f"export: cannot write {out}: {e.strerror or e}") from None
         raise
-    what = {
-        "lora": "LoRA adapter merged into the base",
-        "qlora": "QLoRA adapter merged into the unquantized base (the run trained against its "
-        f"{cfg.quant.quant_type} weights)",
-    }.get(cfg.method, f"{cfg.method} run's trained tensors in the base")
+    into = {"lora": "LoRA adapter merged into", "qlora": "QLoRA adapter merged into"}.get(
+        cfg.method, f"{cfg.method} run's trained tensors in"
+    )
     if prequantized:
         what = (
-            f"{what.split(' (')[0].replace('unquantized ', '')}, its {prequantized} bitsandbytes-quantized "
-            "Linears decoded first (the checkpoint has no unquantized weights)"
+            f"{into} the base, its {prequantized} bitsandbytes-quantized Linears decoded first (the "
+            "checkpoint has no unquantized weights)"
         )
+    elif cfg.method == "qlora":
+        what = f"{into} the unquantized base (the run trained against its {cfg.quant.quant_type} weights)"
+    else:
+        what = f"{into} the base"
     log(
         f"export: {what}, {dtype_label(loaded_dtype)}, written to {out}/ (load it with AutoModelForCausalLM.from_pretrained)"
     )
@@ -149,9 +151,9 @@ def _dequantize_bnb(model: torch.nn.Module, dtype: torch.dtype) -> int:
     weights and ``save_pretrained`` writes an unquantized model. Returns how many were decoded."""
     from fusedtune.kernels import QuantLoRALinear
 
-    from .adapt import _is_bnb_quantized
+    from .memory import is_bnb_quantized
 
-    names = [name for name, m in model.named_modules() if _is_bnb_quantized(m)]
+    names = [name for name, m in model.named_modules() if is_bnb_quantized(m)]
     for name in names:
         layer = model.get_submodule(name)
         weight = QuantLoRALinear.from_bnb(layer, 1, 1.0).dequantized_weight(dtype)

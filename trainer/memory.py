@@ -55,6 +55,24 @@ class ParamAccounting:
         return self.trainable_params + self.frozen_params
 
 
+def quant_format_label(quant_type: str, double_quant: bool) -> str:
+    """``nf4 + double quant``, ``int8``..."""
+    if quant_type == "int8":
+        return "int8"
+    return f"{quant_type} + double quant" if double_quant else quant_type
+
+
+def is_bnb_quantized(module: nn.Module) -> bool:
+    """True for bitsandbytes' Linear4bit / Linear8bitLt (both subclass nn.Linear)."""
+    cls = type(module)
+    return cls.__module__.startswith("bitsandbytes") and cls.__name__ in (
+        "Linear4bit",
+        "Linear8bitLt",
+        "LinearNF4",
+        "LinearFP4",
+    )
+
+
 def _weight_numel(p: torch.Tensor) -> int:
     """Parameters a tensor stands for: a bitsandbytes 4-bit parameter's logical shape, not its packed bytes."""
     shape = getattr(getattr(p, "quant_state", None), "shape", None)
@@ -67,13 +85,12 @@ def _bnb_packed(model: nn.Module) -> list[tuple[torch.Tensor, str]]:
     parameters nor buffers (the same tensors a QuantLoRALinear holds as buffers when it takes one over)."""
     out = []
     for mod in model.modules():
-        cls = type(mod)
-        if not cls.__module__.startswith("bitsandbytes"):
+        if not is_bnb_quantized(mod):
             continue
-        weight = getattr(mod, "weight", None)
+        weight = mod.weight
         qs = getattr(weight, "quant_state", None)
         if qs is not None:  # Linear4bit
-            label = f"{qs.quant_type} + double quant" if qs.nested else qs.quant_type
+            label = quant_format_label(qs.quant_type, qs.nested)
             out += [(weight, label), (qs.absmax, label)]
             if qs.nested:
                 out += [(qs.offset, label), (qs.state2.absmax, label), (qs.state2.code, label)]
@@ -257,12 +274,7 @@ def frozen_bytes_by_format(model: nn.Module) -> dict[str, int]:
     fmt_of: dict[int, str] = {}
     for mod in model.modules():
         if isinstance(mod, QuantLoRALinear | QuantExperts):
-            nested = getattr(mod, "nested_absmax", None) is not None
-            label = (
-                mod.quant_type
-                if mod.quant_type == "int8" or not nested
-                else f"{mod.quant_type} + double quant"
-            )
+            label = quant_format_label(mod.quant_type, mod.double_quant)
             for _, buf in mod.named_buffers(recurse=False):
                 fmt_of[id(buf)] = label
     bnb = _bnb_packed(model)
